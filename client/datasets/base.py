@@ -1,0 +1,73 @@
+"""The in-memory form every loader returns, and the error every loader raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DataFormatError(ValueError):
+    """A data file or field is not what fedpriv expects. The message names the file/field."""
+
+
+@dataclass
+class LabeledArrays:
+    """A labelled dataset held as arrays.
+
+    x: examples stacked on axis 0 — vision (N, C, H, W) float32 in [0, 1]; speech
+       (N, T, n_mels) float32 log-mel frames; text (N, L) int64 byte ids (0 = padding).
+    y: (N,) int64 class indices into `classes`.
+    record_ids: N stable identities (e.g. relative file names), used for the privacy
+       ledger's dataset fingerprint.
+    groups: optional (N,) natural partition ids (e.g. the FSDD speaker), or None.
+    """
+
+    task: str
+    x: np.ndarray
+    y: np.ndarray
+    classes: list[str]
+    record_ids: list[str]
+    groups: np.ndarray | None = None
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.x)
+        if len(self.y) != n or len(self.record_ids) != n or (self.groups is not None and len(self.groups) != n):
+            raise DataFormatError(
+                f"{self.source or 'dataset'}: x, y, record_ids and groups must have the same length "
+                f"(got {n}, {len(self.y)}, {len(self.record_ids)}, "
+                f"{None if self.groups is None else len(self.groups)})"
+            )
+        if n and (self.y.min() < 0 or self.y.max() >= len(self.classes)):
+            raise DataFormatError(
+                f"{self.source or 'dataset'}: labels must be in [0, {len(self.classes) - 1}] "
+                f"for classes {self.classes}, got range [{self.y.min()}, {self.y.max()}]"
+            )
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape, without the batch axis."""
+        return tuple(self.x.shape[1:])
+
+    def subset(self, indices: np.ndarray) -> LabeledArrays:
+        """The examples at `indices` (int array), same classes and task."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return LabeledArrays(
+            task=self.task,
+            x=self.x[indices],
+            y=self.y[indices],
+            classes=self.classes,
+            record_ids=[self.record_ids[i] for i in indices],
+            groups=None if self.groups is None else self.groups[indices],
+            source=self.source,
+            meta=dict(self.meta),
+        )

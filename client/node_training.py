@@ -1,0 +1,175 @@
+"""One node's round of federated DP training, independent of Flower's message types.
+
+Order of a round (DESIGN 4.1):
+1. compute the noise multiplier for the whole run once: Opacus's RDP search for the run's
+   `epsilon` over `rounds * local_steps` steps at this node's sampling rate (constant per
+   node, so the ledger's history stays one entry per run);
+2. ask the ledger what epsilon training *would* reach; if that exceeds the owner's
+   `max-epsilon`, decline (a reply, not an error) and train nothing;
+3. otherwise charge the ledger first (write-ahead), then train, then check that Opacus ran
+   exactly the steps charged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from client.config import NodeIdentity, TrainingPlan
+from client.datasets import LabeledArrays, load_local
+from privacy.accountants import NodePrivacyLedger, calibrate_noise_multiplier, dataset_fingerprint
+from privacy.dp_sgd import LocalTrainingSession, evaluate, poisson_sample_rate, steps_per_epoch
+from shared_models import build_model
+
+log = logging.getLogger("fedpriv.client")
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """A node's data: the training share (used by DP-SGD) and its validation share."""
+
+    train: LabeledArrays
+    val: LabeledArrays
+    fingerprint: str  # of the training records: the privacy ledger's key
+
+
+@dataclass
+class RoundOutcome:
+    """What a node sends back after a training request."""
+
+    node: str
+    declined: bool
+    reason: str
+    state: dict[str, torch.Tensor] | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def split_validation(data: LabeledArrays, fraction: float, seed: int) -> tuple[LabeledArrays, LabeledArrays]:
+    """Seeded random (train, validation) split of a node's records."""
+    order = np.random.default_rng(seed).permutation(len(data))
+    n_val = int(round(fraction * len(data)))
+    if len(data) - n_val < 1:
+        raise ValueError(f"node has {len(data)} records: too few to keep a validation share of {fraction}")
+    return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
+
+
+def load_node_data(node: NodeIdentity, plan: TrainingPlan) -> NodeData:
+    """The node's data: its local `data-path`, or in simulation its partition of the run's dataset."""
+    return _load_node_data_cached(node.data_path, node.partition_id, node.num_partitions, plan.task, plan.dataset,
+                                  plan.partition, plan.alpha, plan.seed, plan.val_fraction)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_node_data_cached(data_path, partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction):
+    if data_path is not None:
+        records = load_local(data_path, task)
+    else:
+        from simulations.datasets import load_dataset
+        from simulations.partitioning import partition_indices
+
+        train = load_dataset(dataset, task)["train"]
+        parts = partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed)
+        records = train.subset(parts[partition_id])
+    local_train, val = split_validation(records, val_fraction, seed + (partition_id or 0))
+    if len(local_train) == 0:
+        raise ValueError("node's training share is empty")
+    return NodeData(train=local_train, val=val, fingerprint=dataset_fingerprint(local_train.record_ids))
+
+
+def device() -> torch.device:
+    """The local GPU if there is one (CUDA), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# Sessions survive across rounds in this process: make_private once per (node, data, plan).
+_SESSIONS: OrderedDict[tuple, LocalTrainingSession] = OrderedDict()
+_MAX_SESSIONS = 16
+
+
+def _session(key: tuple, factory) -> LocalTrainingSession:
+    if key in _SESSIONS:
+        _SESSIONS.move_to_end(key)
+        return _SESSIONS[key]
+    session = factory()
+    _SESSIONS[key] = session
+    if len(_SESSIONS) > _MAX_SESSIONS:
+        _SESSIONS.popitem(last=False)
+    return session
+
+
+def plan_noise(plan: TrainingPlan, num_train: int, delta: float) -> tuple[float, float, int]:
+    """(noise_multiplier, sample_rate, local_steps per round) for this node and plan.
+
+    The noise is chosen so that all `plan.rounds` rounds together spend `plan.epsilon` at
+    `delta` (the node's own delta, at which its ledger reports).
+    """
+    q = poisson_sample_rate(num_train, plan.batch_size)
+    local_steps = plan.local_epochs * steps_per_epoch(num_train, plan.batch_size)
+    sigma = calibrate_noise_multiplier(plan.epsilon, delta, q, plan.rounds * local_steps)
+    return sigma, q, local_steps
+
+
+def train_round(
+    node: NodeIdentity,
+    plan: TrainingPlan,
+    data: NodeData,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
+    run_id: str,
+) -> RoundOutcome:
+    """Train one round on the node's data starting from `global_state`.
+
+    Returns a RoundOutcome whose `state` is the new local weights, or `declined=True` with
+    the reason when the node's budget would be exceeded. Raises ValueError when delta is not
+    below 1/n for the node's n training records (DESIGN 4.1).
+    """
+    n = len(data.train)
+    metrics: dict[str, float] = {"num-examples": float(n)}
+    dev = device()
+    ledger = None
+    if plan.dp:
+        if node.delta >= 1.0 / n:
+            raise ValueError(f"delta={node.delta} must be < 1/n = {1.0 / n:.3g} for this node's {n} records")
+        sigma, q, local_steps = plan_noise(plan, n, node.delta)
+        ledger = NodePrivacyLedger(node.state_dir, node.name, data.fingerprint, node.delta)
+        entry = ledger.charge(
+            noise_multiplier=sigma, sample_rate=q, steps=local_steps,
+            max_epsilon=node.max_epsilon, run=run_id, round=server_round,
+        )
+        metrics.update({
+            "epsilon": entry.epsilon_after, "delta": node.delta, "max-epsilon": node.max_epsilon,
+            "noise-multiplier": sigma, "sample-rate": q, "steps-total": float(ledger.steps()),
+        })
+        if entry.declined:
+            log.info("%s declines round %s: %s", node.name, server_round, entry.reason)
+            return RoundOutcome(node=node.name, declined=True, reason=entry.reason, state=None, metrics=metrics)
+    else:
+        sigma, q = None, poisson_sample_rate(n, plan.batch_size)
+
+    key = (node.name, data.fingerprint, plan, sigma)
+    session = _session(key, lambda: LocalTrainingSession(
+        build_model(plan.task, plan.model or None, data.train.input_shape, data.train.num_classes),
+        data.train, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer,
+        noise_multiplier=sigma, max_grad_norm=plan.max_grad_norm, device=dev,
+    ))
+    session.load_global(global_state)
+    if len(data.val):
+        val = evaluate(session.module, data.val, dev)  # the incoming global model on local validation
+        metrics.update({"val-loss": val["loss"], "val-accuracy": val["accuracy"], "num-val-examples": float(len(data.val))})
+    before = session.opacus_steps()
+    torch.manual_seed(plan.seed * 1_000_003 + server_round * 1009 + (node.partition_id or 0))
+    result = session.train_epochs(plan.local_epochs)
+    if plan.dp and session.opacus_steps() - before != local_steps:
+        raise RuntimeError(
+            f"ledger charged {local_steps} steps but Opacus ran {session.opacus_steps() - before}; refusing to send"
+        )
+    metrics.update({"train-loss": result.train_loss, "round-steps": float(result.steps)})
+    for name, tensor in result.state.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"local update has NaN/Inf in '{name}'; refusing to send it")
+    return RoundOutcome(node=node.name, declined=False, reason="", state=result.state, metrics=metrics)

@@ -1,0 +1,17 @@
+"""Privacy accountants: how much (epsilon, delta) a history of DP-SGD steps has spent."""
+
+from .sample_level import (
+    PrivacyBudgetError,
+    calibrate_noise_multiplier,
+    epsilon_for_history,
+)
+from .ledger import LedgerEntry, NodePrivacyLedger, dataset_fingerprint
+
+__all__ = [
+    "PrivacyBudgetError",
+    "calibrate_noise_multiplier",
+    "epsilon_for_history",
+    "LedgerEntry",
+    "NodePrivacyLedger",
+    "dataset_fingerprint",
+]

@@ -1,0 +1,61 @@
+"""The coordinator's privacy ledger: what every node reported, round by round.
+
+Nodes are the source of truth for their own sample-level epsilon (their ledgers persist
+on their disks); the coordinator records what each reply said, plus the rounds each node
+declined or failed, so the run's summary and report can show every node's budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class NodeRecord:
+    """One node's standing in this run. epsilon is at `delta`; None until it reports."""
+
+    epsilon: float | None = None
+    delta: float | None = None
+    max_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int = 0
+    num_examples: int = 0
+    rounds_trained: list[int] = field(default_factory=list)
+    declined_rounds: list[int] = field(default_factory=list)
+    failed_rounds: list[int] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    epsilon_by_round: dict[str, float] = field(default_factory=dict)
+
+
+class CoordinatorLedger:
+    """Per-node records keyed by the node's name (as it reports itself)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeRecord] = {}
+
+    def _node(self, name: str) -> NodeRecord:
+        return self.nodes.setdefault(name, NodeRecord())
+
+    def record_reply(self, name: str, server_round: int, metrics: dict[str, float], declined: bool) -> None:
+        """Record a train reply's metrics (keys as sent by `client.client_app.train`)."""
+        rec = self._node(name)
+        if "epsilon" in metrics:
+            rec.epsilon = float(metrics["epsilon"])
+            rec.delta = float(metrics["delta"])
+            rec.max_epsilon = float(metrics["max-epsilon"])
+            rec.noise_multiplier = float(metrics["noise-multiplier"])
+            rec.sample_rate = float(metrics["sample-rate"])
+            rec.steps = int(metrics["steps-total"])
+            rec.epsilon_by_round[str(server_round)] = rec.epsilon
+        rec.num_examples = int(metrics.get("num-examples", rec.num_examples))
+        (rec.declined_rounds if declined else rec.rounds_trained).append(server_round)
+
+    def record_failure(self, name: str, server_round: int, error: str) -> None:
+        """A node that raised, timed out or sent an invalid reply in `server_round`."""
+        rec = self._node(name)
+        rec.failed_rounds.append(server_round)
+        rec.failures.append(f"round {server_round}: {error}")
+
+    def to_dict(self) -> dict[str, dict]:
+        return {name: asdict(rec) for name, rec in sorted(self.nodes.items())}

@@ -1,0 +1,79 @@
+"""A run's output folder (DESIGN 8).
+
+    config.json      resolved run configuration
+    metrics.jsonl    one JSON object per round
+    ledger.json      the coordinator's privacy ledger (per node and round)
+    checkpoint.pt    global model + round + ledger after the last complete round
+    final_model.pt   the final global model's state_dict
+    summary.json     headline numbers (keys promised in issue 2; add, never rename)
+    report.md        a short human-readable report
+
+Every file is written atomically (temp file, then rename), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _clean(value: Any) -> Any:
+    """Replace NaN/Inf by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunFolder:
+    """Writes one run's outputs under `path` (created if missing)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _atomic_write(self, name: str, write) -> Path:
+        target = self.path / name
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def write_json(self, name: str, data: Any) -> Path:
+        text = json.dumps(_clean(data), indent=2, default=_json_default).encode()
+        return self._atomic_write(name, lambda h: h.write(text))
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self._atomic_write(name, lambda h: h.write(text.encode()))
+
+    def write_torch(self, name: str, obj: Any) -> Path:
+        return self._atomic_write(name, lambda h: torch.save(obj, h))
+
+    def append_metrics(self, record: dict) -> None:
+        """Append one round's metrics as a JSON line (flushed and fsynced)."""
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_clean(record), default=_json_default) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())

@@ -1,0 +1,74 @@
+"""fedpriv's ServerApp: FedAvg over DP-trained client updates, with a privacy ledger.
+
+Reads the run-config, builds the global model from the shared model family, runs the round
+loop (`server.federation`), evaluates centrally on the dataset's test split (reporting
+only), and writes the run folder (`server.run_folder`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from client.config import TrainingPlan
+from privacy.dp_sgd import evaluate
+from server.federation import FederationSettings, run_federation
+from server.ledger import CoordinatorLedger
+from server.run_folder import RunFolder
+from server.summary import build_summary, write_report
+from shared_models import build_model
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = dict(context.run_config)
+    plan = TrainingPlan.from_run_config(cfg)
+    folder = RunFolder(Path(str(cfg["out-dir"])).expanduser())
+    folder.write_json("config.json", cfg)
+    started = time.time()
+
+    from simulations.datasets import load_dataset
+
+    test = load_dataset(plan.dataset, plan.task)["test"]
+    torch.manual_seed(plan.seed)
+    model = build_model(plan.task, plan.model or None, test.input_shape, test.num_classes)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate(model.to(dev), test, dev)
+
+    ledger = CoordinatorLedger()
+
+    def checkpoint(report, arrays: ArrayRecord) -> None:
+        folder.write_torch("checkpoint.pt", {
+            "round": report.round, "arrays": arrays.to_torch_state_dict(), "ledger": ledger.to_dict(),
+        })
+        folder.write_json("ledger.json", ledger.to_dict())
+
+    settings = FederationSettings(
+        rounds=plan.rounds,
+        fraction_train=float(cfg.get("fraction-train", 1.0)),
+        min_nodes=int(cfg.get("min-nodes", 1)),
+        round_timeout=float(cfg.get("round-timeout", 3600.0)),
+        seed=plan.seed,
+        run_id=f"{plan.run_name}-{context.run_id}",
+    )
+    initial = ArrayRecord(model.state_dict())
+    initial_test = evaluate_global(initial)
+    final, reports = run_federation(grid, initial, settings, evaluate_global, folder, ledger, checkpoint)
+    folder.write_torch("final_model.pt", final.to_torch_state_dict())
+    folder.write_json("ledger.json", ledger.to_dict())
+    summary = build_summary(
+        plan, cfg, reports, ledger, initial_test,
+        majority_rate=float(np.bincount(test.y).max() / len(test)), seconds=time.time() - started,
+    )
+    folder.write_json("summary.json", summary)
+    write_report(folder, summary)

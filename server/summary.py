@@ -1,0 +1,85 @@
+"""summary.json and report.md of a run.
+
+summary.json keys promised to users (issue 2; add keys, never rename): `rounds_completed`,
+`final.test_accuracy`, `clients.<node>.epsilon`, `.delta`, `.declined_rounds`.
+"""
+
+from __future__ import annotations
+
+from client.config import TrainingPlan
+from server.ledger import CoordinatorLedger
+from server.run_folder import RunFolder
+
+
+def build_summary(plan: TrainingPlan, cfg: dict, reports, ledger: CoordinatorLedger, initial_test: dict,
+                  majority_rate: float, seconds: float) -> dict:
+    """The run's headline numbers as a JSON-ready dict."""
+    last = reports[-1].test if reports else initial_test
+    clients = {}
+    for name, rec in ledger.to_dict().items():
+        clients[name] = {
+            "epsilon": rec["epsilon"],
+            "delta": rec["delta"],
+            "max_epsilon": rec["max_epsilon"],
+            "declined_rounds": rec["declined_rounds"],
+            "failed_rounds": rec["failed_rounds"],
+            "rounds_trained": rec["rounds_trained"],
+            "steps": rec["steps"],
+            "noise_multiplier": rec["noise_multiplier"],
+            "sample_rate": rec["sample_rate"],
+            "num_examples": rec["num_examples"],
+            "failures": rec["failures"],
+        }
+    return {
+        "run_name": plan.run_name,
+        "task": plan.task,
+        "dataset": plan.dataset,
+        "model": plan.model or "default",
+        "dp": plan.dp,
+        "target_epsilon": plan.epsilon if plan.dp else None,
+        "delta": plan.delta if plan.dp else None,
+        "rounds_planned": plan.rounds,
+        "rounds_completed": len(reports),
+        "rounds_aggregated": sum(r.aggregated for r in reports),
+        "initial": {"test_accuracy": initial_test.get("accuracy"), "test_loss": initial_test.get("loss")},
+        "final": {
+            "test_accuracy": last.get("accuracy"),
+            "test_loss": last.get("loss"),
+            **({"test_auc": last["auc"]} if "auc" in last else {}),
+        },
+        "majority_class_rate": majority_rate,
+        "max_client_epsilon": max((c["epsilon"] for c in clients.values() if c["epsilon"] is not None), default=None),
+        "clients": clients,
+        "seconds": seconds,
+    }
+
+
+def write_report(folder: RunFolder, summary: dict) -> None:
+    """A short Markdown report of the run beside summary.json."""
+    final = summary["final"]
+    lines = [
+        f"# fedpriv run `{summary['run_name']}`",
+        "",
+        f"- task **{summary['task']}**, dataset **{summary['dataset']}**, model {summary['model']}",
+        f"- rounds completed: {summary['rounds_completed']} of {summary['rounds_planned']}",
+        f"- final test accuracy: **{final['test_accuracy']:.4f}** (majority class {summary['majority_class_rate']:.4f})"
+        + (f", AUC {final['test_auc']:.4f}" if "test_auc" in final else ""),
+        f"- differential privacy: {'DP-SGD, target epsilon %g at delta %g per node' % (summary['target_epsilon'], summary['delta']) if summary['dp'] else 'off'}",
+        "",
+        "| node | epsilon | delta | budget | rounds trained | declined | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, c in summary["clients"].items():
+        eps = "-" if c["epsilon"] is None else f"{c['epsilon']:.3f}"
+        lines.append(
+            f"| {name} | {eps} | {c['delta'] if c['delta'] is not None else '-'} | "
+            f"{c['max_epsilon'] if c['max_epsilon'] is not None else '-'} | {len(c['rounds_trained'])} | "
+            f"{c['declined_rounds'] or '-'} | {c['failed_rounds'] or '-'} |"
+        )
+    lines += [
+        "",
+        "Threat model: the server is honest-but-curious and the released model and metrics are public;",
+        "each node's epsilon bounds what they reveal about any one of its records (sample-level DP).",
+        "Record counts per node are reported for weighting and are treated as public metadata.",
+    ]
+    folder.write_text("report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,154 @@
+"""The `fedpriv` command line.
+
+    fedpriv simulate [options]   a whole federation on this machine (Flower simulation engine)
+
+`fedpriv simulate --help` lists the options. Flag names are a promise to users: add, never
+rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from shared_models import TASKS
+from simulations.datasets import DATASET_TASKS
+from simulations.partitioning import PARTITIONS
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpriv", description="Privacy-preserving federated learning on Flower + Opacus.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a federation of simulated nodes on this machine",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sim.add_argument("--task", choices=TASKS, help="model family; inferred for named datasets")
+    sim.add_argument("--dataset", default="digits",
+                     help=f"a named dataset ({', '.join(DATASET_TASKS)}) or a local path (folder, .csv, .npz)")
+    sim.add_argument("--clients", type=_positive_int, default=5, help="number of simulated nodes (SuperNodes)")
+    sim.add_argument("--rounds", type=_positive_int, default=5, help="federated rounds")
+    sim.add_argument("--partition", choices=PARTITIONS, default="iid", help="how the training set is split across nodes")
+    sim.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (with --partition dirichlet)")
+    sim.add_argument("--epsilon", type=_positive_float, default=8.0,
+                     help="epsilon each node may spend in this run (sets the DP-SGD noise multiplier)")
+    sim.add_argument("--max-epsilon", type=_positive_float, default=None,
+                     help="each node's lifetime budget on its data; rounds that would exceed it are declined (default: --epsilon)")
+    sim.add_argument("--delta", type=_positive_float, default=1e-5, help="DP delta; must be < 1/(records per node)")
+    sim.add_argument("--no-dp", action="store_true", help="train without differential privacy (for comparison)")
+    sim.add_argument("--clipping-norm", type=_positive_float, default=1.0, help="DP-SGD per-sample clipping norm C")
+    sim.add_argument("--local-epochs", type=_positive_int, default=1, help="passes over local data per round")
+    sim.add_argument("--batch-size", type=_positive_int, default=64, help="(expected, under Poisson sampling) batch size")
+    sim.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: 0.1 for sgd, 0.002 for adam)")
+    sim.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    sim.add_argument("--model", default="", help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: conv, lstm, gru)")
+    sim.add_argument("--val-fraction", type=float, default=0.1, help="share of each node's records kept for validation")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<dataset>-<time>)")
+    sim.add_argument("--state-dir", type=Path, default=None,
+                     help="where simulated nodes keep their privacy ledgers (default: a per-user folder)")
+    sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
+    sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
+    return parser
+
+
+def simulate(args: argparse.Namespace, console: Console) -> int:
+    from client.config import default_state_dir
+    from simulations.datasets import dataset_task
+    from simulations.runner import SimulationError, run_simulation_job
+    from shared_models import model_names
+
+    try:
+        task = dataset_task(args.dataset, args.task)
+        if args.model and args.model not in model_names(task):
+            raise ValueError(f"--model for task {task!r} must be one of {model_names(task)}, got {args.model!r}")
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = Path(args.dataset).name
+    out = (args.out or Path("runs") / f"{name}-{stamp}").resolve()
+    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 0.002)
+    run_config = {
+        "task": task,
+        "dataset": args.dataset if args.dataset in DATASET_TASKS else str(Path(args.dataset).resolve()),
+        "model": args.model,
+        "num-server-rounds": args.rounds,
+        "local-epochs": args.local_epochs,
+        "batch-size": args.batch_size,
+        "lr": lr,
+        "optimizer": args.optimizer,
+        "dp": not args.no_dp,
+        "epsilon": args.epsilon,
+        "max-epsilon": args.max_epsilon or args.epsilon,
+        "delta": args.delta,
+        "clipping-norm": args.clipping_norm,
+        "val-fraction": args.val_fraction,
+        "partition": args.partition,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "run-name": out.name,
+        "state-dir": str((args.state_dir or default_state_dir()).resolve()),
+    }
+    console.print(f"fedpriv: {args.clients} nodes, {args.rounds} rounds, {task} on {args.dataset} "
+                  f"({'DP-SGD epsilon %g, delta %g per node' % (args.epsilon, args.delta) if not args.no_dp else 'no DP'}) -> {out}")
+    try:
+        summary = run_simulation_job(run_config, args.clients, out, cpus_per_client=args.cpus_per_client,
+                                     gpus_per_client=args.gpus_per_client, console=console)
+    except SimulationError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 1
+    print_summary(summary, out, console)
+    return 0
+
+
+def print_summary(summary: dict, out: Path, console: Console) -> None:
+    final = summary["final"]
+    line = f"final test accuracy {final['test_accuracy']:.4f} (majority class {summary['majority_class_rate']:.4f})"
+    if "test_auc" in final:
+        line += f", AUC {final['test_auc']:.4f}"
+    console.print(f"[bold]{line}[/bold] after {summary['rounds_completed']} rounds")
+    table = Table(title="privacy ledger (sample-level DP per node)")
+    for col in ("node", "epsilon", "delta", "budget", "rounds trained", "declined", "failed"):
+        table.add_column(col)
+    for node, c in summary["clients"].items():
+        table.add_row(
+            node,
+            "-" if c["epsilon"] is None else f"{c['epsilon']:.3f}",
+            "-" if c["delta"] is None else f"{c['delta']:g}",
+            "-" if c["max_epsilon"] is None else f"{c['max_epsilon']:g}",
+            str(len(c["rounds_trained"])),
+            ",".join(map(str, c["declined_rounds"])) or "-",
+            ",".join(map(str, c["failed_rounds"])) or "-",
+        )
+    console.print(table)
+    console.print(f"run folder: {out} (summary.json, metrics.jsonl, ledger.json, report.md, final_model.pt)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if args.command == "simulate":
+        return simulate(args, console)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

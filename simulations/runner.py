@@ -1,0 +1,179 @@
+"""Run a whole federation on one machine on Flower's simulation engine.
+
+`run_simulation_job` starts a private SuperLink in simulation mode (Ray backend) on a free
+loopback port, submits this project as a Flower App with `flwr run` (run-config from a TOML
+file, federation-config with the number of SuperNodes and their resources), shows a
+per-round progress bar by following the run folder's `metrics.jsonl`, and stops the
+SuperLink when the run ends. Nothing here trains or aggregates: the ServerApp and
+ClientApps do, inside Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import tomli_w
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml
+SUPERLINK_START_TIMEOUT_S = 60.0
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not be started or did not finish; the message says where to look."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """A console script of the running interpreter's environment (works without an activated venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path) -> None:
+    deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SimulationError(f"flower-superlink did not become healthy within {SUPERLINK_START_TIMEOUT_S:.0f} s; see {log_file}")
+
+
+def _stop(process: subprocess.Popen | None) -> None:
+    """SIGTERM the process group (SuperLink and the ServerApp/Ray it spawned), then SIGKILL."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
+
+
+def _rounds_done(metrics_file: Path) -> list[dict]:
+    if not metrics_file.exists():
+        return []
+    rows = []
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written
+    return rows
+
+
+def run_simulation_job(
+    run_config: dict,
+    num_supernodes: int,
+    out_dir: Path,
+    *,
+    cpus_per_client: int = 1,
+    gpus_per_client: float = 0.0,
+    console: Console | None = None,
+) -> dict:
+    """Run the federation described by `run_config`; returns the parsed summary.json.
+
+    run_config: the app's run-config keys (see pyproject's [tool.flwr.app.config]); its
+    `out-dir` is set to `out_dir`. Raises SimulationError when Flower fails or the run ends
+    without writing summary.json (the message names the log to read).
+    """
+    console = console or Console(stderr=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "summary.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    run_config = {**run_config, "out-dir": str(out_dir)}
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
+    port = _free_port()
+    (flwr_home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "fedpriv-sim", "fedpriv-sim": {"address": f"127.0.0.1:{port}", "insecure": True}}})
+    )
+    run_toml = flwr_home / "run-config.toml"
+    run_toml.write_text(tomli_w.dumps(run_config))
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Ray's dashboard/usage reporting are of no use offline and slow its start.
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+    }
+    superlink_log = out_dir / "superlink.log"
+    flwr_log = out_dir / "flower.log"
+    superlink = None
+    try:
+        superlink = subprocess.Popen(
+            [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
+             "--log-file", str(superlink_log)],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(out_dir / "superlink.stderr", "wb"),
+            start_new_session=True,
+        )
+        _wait_healthy(port, superlink, superlink_log)
+        # Flower wants whole CPUs (an integer); GPUs may be a fraction.
+        federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
+                      f"client-resources-num-gpus={gpus_per_client}")
+        with open(flwr_log, "wb") as log_handle:
+            runner = subprocess.Popen(
+                [_bin("flwr"), "run", str(APP_DIR), "fedpriv-sim", "--run-config", str(run_toml),
+                 "--federation-config", federation, "--stream"],
+                env=env, stdout=log_handle, stderr=subprocess.STDOUT, cwd=str(APP_DIR),
+            )
+            _follow(runner, out_dir, int(run_config["num-server-rounds"]), console)
+        if runner.returncode != 0:
+            raise SimulationError(f"`flwr run` exited with code {runner.returncode}; see {flwr_log}")
+    finally:
+        _stop(superlink)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    summary_file = out_dir / "summary.json"
+    if not summary_file.exists():
+        raise SimulationError(f"the run ended without writing {summary_file}; see {flwr_log}")
+    return json.loads(summary_file.read_text())
+
+
+def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Console) -> None:
+    """Progress bar over rounds while `flwr run --stream` runs."""
+    metrics_file = out_dir / "metrics.jsonl"
+    with Progress(
+        TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:
+        task = progress.add_task("rounds", total=rounds, status="starting SuperLink and simulated SuperNodes")
+        while runner.poll() is None:
+            done = _rounds_done(metrics_file)
+            if done:
+                last = done[-1]
+                acc = (last.get("test") or {}).get("accuracy")
+                eps = [e for e in (last.get("epsilon") or {}).values() if e is not None]
+                status = f"test acc {acc:.3f}" if acc is not None else ""
+                if eps:
+                    status += f" | max node epsilon {max(eps):.2f}"
+                progress.update(task, completed=len(done), status=status)
+            time.sleep(0.5)
+        progress.update(task, completed=len(_rounds_done(metrics_file)))
