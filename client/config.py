@@ -40,6 +40,7 @@ class TrainingPlan:
     alpha: float
     seed: int
     run_name: str
+    data_dir: str  # folder of the named datasets ("" = default)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> TrainingPlan:
@@ -70,6 +71,7 @@ class TrainingPlan:
             alpha=get("alpha", float),
             seed=get("seed", int),
             run_name=get("run-name", str),
+            data_dir=str(cfg.get("data-dir", "")),
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),

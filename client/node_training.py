@@ -61,18 +61,19 @@ def split_validation(data: LabeledArrays, fraction: float, seed: int) -> tuple[L
 def load_node_data(node: NodeIdentity, plan: TrainingPlan) -> NodeData:
     """The node's data: its local `data-path`, or in simulation its partition of the run's dataset."""
     return _load_node_data_cached(node.data_path, node.partition_id, node.num_partitions, plan.task, plan.dataset,
-                                  plan.partition, plan.alpha, plan.seed, plan.val_fraction)
+                                  plan.partition, plan.alpha, plan.seed, plan.val_fraction, plan.data_dir)
 
 
 @functools.lru_cache(maxsize=64)
-def _load_node_data_cached(data_path, partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction):
+def _load_node_data_cached(data_path, partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction,
+                           data_dir):
     if data_path is not None:
         records = load_local(data_path, task)
     else:
         from simulations.datasets import load_dataset
         from simulations.partitioning import partition_indices
 
-        train = load_dataset(dataset, task)["train"]
+        train = load_dataset(dataset, task, data_dir)["train"]
         parts = partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed)
         records = train.subset(parts[partition_id])
     local_train, val = split_validation(records, val_fraction, seed + (partition_id or 0))

@@ -90,7 +90,7 @@ class LocalTrainingSession:
         self.device = device
         self.dp = noise_multiplier is not None
         self.num_records = len(train)
-        model = model.to(device)
+        model = model.to(device).train()  # Opacus refuses a model in eval mode
         opt = make_optimizer(optimizer, model.parameters(), lr)
         loader = DataLoader(_tensors(train), batch_size=batch_size, shuffle=True)
         if self.dp:

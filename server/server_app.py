@@ -36,7 +36,7 @@ def main(grid: Grid, context: Context) -> None:
 
     from simulations.datasets import load_dataset
 
-    test = load_dataset(plan.dataset, plan.task)["test"]
+    test = load_dataset(plan.dataset, plan.task, plan.data_dir)["test"]
     torch.manual_seed(plan.seed)
     model = build_model(plan.task, plan.model or None, test.input_shape, test.num_classes)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dataset", default="digits",
                      help=f"a named dataset ({', '.join(DATASET_TASKS)}) or a local path (folder, .csv, .npz)")
     sim.add_argument("--clients", type=_positive_int, default=5, help="number of simulated nodes (SuperNodes)")
-    sim.add_argument("--rounds", type=_positive_int, default=5, help="federated rounds")
+    sim.add_argument("--rounds", type=_positive_int, default=10, help="federated rounds")
     sim.add_argument("--partition", choices=PARTITIONS, default="iid", help="how the training set is split across nodes")
     sim.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (with --partition dirichlet)")
     sim.add_argument("--epsilon", type=_positive_float, default=8.0,
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def simulate(args: argparse.Namespace, console: Console) -> int:
     from client.config import default_state_dir
-    from simulations.datasets import dataset_task
+    from simulations.datasets import data_dir, dataset_task
     from simulations.runner import SimulationError, run_simulation_job
     from shared_models import model_names
 
@@ -106,6 +106,7 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "seed": args.seed,
         "run-name": out.name,
         "state-dir": str((args.state_dir or default_state_dir()).resolve()),
+        "data-dir": str(data_dir().resolve()),
     }
     console.print(f"fedpriv: {args.clients} nodes, {args.rounds} rounds, {task} on {args.dataset} "
                   f"({'DP-SGD epsilon %g, delta %g per node' % (args.epsilon, args.delta) if not args.no_dp else 'no DP'}) -> {out}")

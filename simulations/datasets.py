@@ -59,16 +59,18 @@ def dataset_task(name_or_path: str, task: str | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def load_dataset(name_or_path: str, task: str | None = None) -> dict[str, LabeledArrays]:
+def load_dataset(name_or_path: str, task: str | None = None, root: str = "") -> dict[str, LabeledArrays]:
     """{"train", "test"} splits of a named dataset or a local path (cached per process).
 
+    root: folder of the named datasets (default `data_dir()`); Flower runs the apps from
+    a copy of this project, so the simulation passes it explicitly in the run-config.
     Raises DataFormatError when a named dataset's files are missing or malformed.
     """
     task = dataset_task(name_or_path, task)
     if name_or_path == "digits":
         return load_digits_embedded()
     if name_or_path in _RELATIVE_PATHS:
-        path = data_dir() / _RELATIVE_PATHS[name_or_path]
+        path = (Path(root) if root else data_dir()) / _RELATIVE_PATHS[name_or_path]
         if not path.exists():
             raise DataFormatError(
                 f"dataset {name_or_path!r} not found at {path}. Put the files there or set "

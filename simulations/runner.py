@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -147,14 +148,23 @@ def run_simulation_job(
             )
             _follow(runner, out_dir, int(run_config["num-server-rounds"]), console)
         if runner.returncode != 0:
-            raise SimulationError(f"`flwr run` exited with code {runner.returncode}; see {flwr_log}")
+            raise SimulationError(f"`flwr run` exited with code {runner.returncode}{_last_error(flwr_log)}; see {flwr_log}")
     finally:
         _stop(superlink)
         shutil.rmtree(flwr_home, ignore_errors=True)
     summary_file = out_dir / "summary.json"
     if not summary_file.exists():
-        raise SimulationError(f"the run ended without writing {summary_file}; see {flwr_log}")
+        raise SimulationError(f"the run ended without writing {summary_file}{_last_error(flwr_log)}; see {flwr_log}")
     return json.loads(summary_file.read_text())
+
+
+def _last_error(log_file: Path) -> str:
+    """': <last exception line>' from Flower's log, or '' (so the user sees the cause first)."""
+    if not log_file.exists():
+        return ""
+    pattern = re.compile(r"^[\w.]*(Error|Exception): .+")
+    hits = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if pattern.match(line.strip())]
+    return f": {hits[-1]}" if hits else ""
 
 
 def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Console) -> None:

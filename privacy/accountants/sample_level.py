@@ -26,10 +26,13 @@ class PrivacyBudgetError(ValueError):
     """The requested (epsilon, delta, sampling rate, steps) cannot be met or is invalid."""
 
 
-def epsilon_for_history(history: Iterable[Sequence[float]], delta: float) -> float:
+def epsilon_for_history(
+    history: Iterable[Sequence[float]], delta: float, orders: Sequence[float] | None = None
+) -> float:
     """Epsilon (at `delta`) spent by a composed history of subsampled Gaussian steps.
 
-    history: entries (noise_multiplier, sample_rate, steps). Returns 0.0 for an empty
+    history: entries (noise_multiplier, sample_rate, steps); orders: RDP orders to
+    optimise the conversion over (default `RDP_ORDERS`). Returns 0.0 for an empty
     history and inf when an entry has noise_multiplier 0. Raises PrivacyBudgetError when
     delta is not in (0, 1).
     """
@@ -42,7 +45,7 @@ def epsilon_for_history(history: Iterable[Sequence[float]], delta: float) -> flo
         return float("inf")
     accountant = RDPAccountant()
     accountant.history = entries
-    return float(accountant.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+    return float(accountant.get_epsilon(delta=delta, alphas=list(orders or RDP_ORDERS)))
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

@@ -1,0 +1,178 @@
+"""Loaders on real files (../shared/data) and on broken ones (clear errors naming the file)."""
+
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from client.datasets import (
+    DataFormatError,
+    encode_bytes,
+    load_audio_folder,
+    load_digits_embedded,
+    load_fsdd,
+    load_image_folder,
+    load_local,
+    load_npz,
+    load_sms_spam,
+    load_text_csv,
+)
+
+
+@pytest.fixture()
+def fsdd_subset(shared_data, tmp_path):
+    """A few real FSDD recordings (2 speakers x 2 digits x takes 0 and 7)."""
+    folder = tmp_path / "fsdd"
+    folder.mkdir()
+    for speaker in ("george", "theo"):
+        for digit in (3, 8):
+            for take in (0, 7):
+                name = f"{digit}_{speaker}_{take}.wav"
+                shutil.copy(shared_data / "fsdd" / "recordings" / name, folder / name)
+    return folder
+
+
+def test_fsdd_real_files_give_normalised_log_mel_frames_and_official_split(fsdd_subset):
+    splits = load_fsdd(fsdd_subset)
+    train, test = splits["train"], splits["test"]
+    assert len(train) == 4 and len(test) == 4  # take 0 is test, take 7 train
+    assert train.x.shape == (4, 64, 40) and train.x.dtype == np.float32
+    assert sorted(set(train.groups)) == ["george", "theo"]
+    assert set(train.y) == {3, 8} and train.classes == [str(d) for d in range(10)]
+    assert all(rid.startswith("fsdd/") for rid in train.record_ids)
+    # Per-utterance normalisation: each band of a clip's voiced frames has mean ~0.
+    first = train.x[0]
+    voiced = first[np.abs(first).sum(axis=1) > 0]
+    assert np.abs(voiced.mean(axis=0)).max() < 1e-3
+
+
+def test_audio_folder_by_class_and_wav_errors(fsdd_subset, tmp_path):
+    folder = tmp_path / "by_class"
+    for label in ("three", "eight"):
+        (folder / label).mkdir(parents=True)
+    shutil.copy(fsdd_subset / "3_george_7.wav", folder / "three" / "a.wav")
+    shutil.copy(fsdd_subset / "8_george_7.wav", folder / "eight" / "b.wav")
+    data = load_audio_folder(folder)
+    assert data.classes == ["eight", "three"] and list(data.y) == [0, 1]
+
+    (folder / "three" / "broken.wav").write_bytes(b"RIFF\x00\x00")
+    with pytest.raises(DataFormatError, match="broken.wav: not a readable WAV"):
+        load_audio_folder(folder)
+    (folder / "three" / "broken.wav").unlink()
+
+    sf.write(folder / "three" / "fast.wav", np.zeros(16000, dtype=np.float32), 16000)
+    with pytest.raises(DataFormatError, match="fast.wav: expected sample rate 8000 Hz, got 16000"):
+        load_audio_folder(folder)
+    (folder / "three" / "fast.wav").unlink()
+
+    sf.write(folder / "three" / "stereo.wav", np.zeros((800, 2), dtype=np.float32), 8000)
+    with pytest.raises(DataFormatError, match="stereo.wav: expected mono audio, got 2 channels"):
+        load_audio_folder(folder)
+
+
+def test_fsdd_rejects_foreign_file_names(fsdd_subset):
+    shutil.copy(fsdd_subset / "3_george_7.wav", fsdd_subset / "hello.wav")
+    with pytest.raises(DataFormatError, match="hello.wav: FSDD file names"):
+        load_fsdd(fsdd_subset)
+
+
+def test_pneumoniamnist_npz_real(shared_data):
+    splits = load_npz(shared_data / "pneumoniamnist" / "pneumoniamnist.npz", classes=["normal", "pneumonia"])
+    assert {k: len(v) for k, v in splits.items()} == {"train": 4707, "val": 524, "test": 624}
+    test = splits["test"]
+    assert test.x.shape == (624, 1, 28, 28) and 0.0 <= test.x.min() and test.x.max() <= 1.0
+    assert np.bincount(test.y).tolist() == [234, 390]  # the official test split
+
+
+def test_npz_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(DataFormatError, match="bad.npz: not a readable .npz"):
+        load_npz(bad)
+    nolabels = tmp_path / "nolabels.npz"
+    np.savez(nolabels, train_images=np.zeros((3, 4, 4), np.uint8))
+    with pytest.raises(DataFormatError, match="'train_images' has no matching 'train_labels'"):
+        load_npz(nolabels)
+    mismatch = tmp_path / "mismatch.npz"
+    np.savez(mismatch, train_images=np.zeros((3, 4, 4), np.uint8), train_labels=np.zeros(2, np.int64))
+    with pytest.raises(DataFormatError, match="has 3 rows, 'train_labels' 2"):
+        load_npz(mismatch)
+    # Truncated archive: cut a valid file in half.
+    good = tmp_path / "good.npz"
+    np.savez(good, train_images=np.zeros((50, 28, 28), np.uint8), train_labels=np.zeros(50, np.int64))
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DataFormatError, match="truncated.npz"):
+        load_npz(truncated)
+
+
+def test_sms_spam_real_split(shared_data):
+    splits = load_sms_spam(shared_data / "sms_spam")
+    train, test = splits["train"], splits["test"]
+    assert len(train) + len(test) == 5574
+    assert train.classes == ["ham", "spam"]
+    assert np.bincount(np.concatenate([train.y, test.y])).tolist() == [4827, 747]
+    assert train.x.shape[1] == 200 and train.x.dtype == np.int64
+
+
+def test_text_encoding_is_byte_level_and_data_independent():
+    ids = encode_bytes(["hi", "é"], max_len=4)
+    assert ids.tolist() == [[ord("h") + 1, ord("i") + 1, 0, 0], [0xC3 + 1, 0xA9 + 1, 0, 0]]
+
+
+def test_text_csv_and_errors(tmp_path):
+    good = tmp_path / "notes.csv"
+    good.write_text("text,label\nall fine,ok\nsend help,urgent\n", encoding="utf-8")
+    data = load_text_csv(good)
+    assert data.classes == ["ok", "urgent"] and list(data.y) == [0, 1]
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("message,label\nx,y\n")
+    with pytest.raises(DataFormatError, match="nocol.csv: expected a CSV header with columns 'text' and 'label'"):
+        load_text_csv(nocol)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\nhello,a\n,b\n")
+    with pytest.raises(DataFormatError, match="empty.csv: line 3 has an empty"):
+        load_text_csv(empty)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1"))
+    with pytest.raises(DataFormatError, match="latin.csv: not UTF-8"):
+        load_text_csv(latin)
+    with pytest.raises(DataFormatError, match="not in the class set"):
+        load_text_csv(good, classes=["ok", "fine"])
+
+
+def test_image_folder_and_errors(tmp_path):
+    root = tmp_path / "xray"
+    for label in ("normal", "pneumonia"):
+        (root / label).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((10, 12), 40 * i, np.uint8)).save(root / label / f"{i}.png")
+    data = load_image_folder(root)
+    assert data.x.shape == (4, 1, 10, 12) and data.classes == ["normal", "pneumonia"]
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "normal" / "small.png")
+    with pytest.raises(DataFormatError, match="small.png: image is 5x5, expected 12x10"):
+        load_image_folder(root)
+    assert load_image_folder(root, size=(8, 8)).x.shape == (5, 1, 8, 8)
+    (root / "normal" / "junk.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataFormatError, match="junk.png: not a readable image"):
+        load_image_folder(root, size=(8, 8))
+
+
+def test_load_local_dispatch_and_missing_path(tmp_path):
+    with pytest.raises(DataFormatError, match="data-path does not exist"):
+        load_local(tmp_path / "nope", "vision")
+    npz = tmp_path / "site.npz"
+    np.savez(npz, train_images=np.zeros((4, 6, 6), np.uint8), train_labels=np.array([0, 1, 0, 1]))
+    assert load_local(npz, "vision").x.shape == (4, 1, 6, 6)
+    with pytest.raises(DataFormatError, match="task must be one of"):
+        load_local(npz, "tabular")
+
+
+def test_digits_embedded_split_is_stratified_and_fixed():
+    a, b = load_digits_embedded(), load_digits_embedded()
+    assert len(a["train"]) == 1437 and len(a["test"]) == 360
+    assert a["test"].record_ids == b["test"].record_ids
+    assert np.bincount(a["test"].y).min() >= 35

@@ -1,0 +1,87 @@
+"""A node's round of training without Flower: budget, ledger continuity, declines."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from client.config import ConfigError, NodeIdentity, TrainingPlan
+from client.node_training import load_node_data, plan_noise, train_round
+from privacy.accountants import NodePrivacyLedger, epsilon_for_history
+from shared_models import build_model
+
+RUN_CONFIG = {
+    "task": "vision", "dataset": "digits", "model": "", "num-server-rounds": 2, "local-epochs": 1,
+    "batch-size": 64, "lr": 0.1, "optimizer": "sgd", "dp": True, "epsilon": 2.0, "max-epsilon": 0.0,
+    "delta": 1e-5, "clipping-norm": 1.0, "val-fraction": 0.1, "partition": "iid", "alpha": 0.5,
+    "seed": 0, "run-name": "t",
+}
+
+
+def _node(tmp_path, max_epsilon, delta=1e-5):
+    return NodeIdentity(name="node-0", state_dir=tmp_path, max_epsilon=max_epsilon, delta=delta,
+                        data_path=None, partition_id=0, num_partitions=3)
+
+
+def _global(data):
+    torch.manual_seed(0)
+    return build_model("vision", None, data.train.input_shape, 10).state_dict()
+
+
+def test_rounds_spend_the_run_budget_and_a_second_run_continues_then_declines(tmp_path):
+    plan = TrainingPlan.from_run_config(RUN_CONFIG)
+    node = _node(tmp_path, max_epsilon=2.5)  # 2 rounds spend 2.0, 3 rounds 2.35, 4 rounds 2.66
+    data = load_node_data(node, plan)
+    assert len(data.train) == 431 and len(data.val) == 48  # 1437/3 records, 10% validation
+    sigma, q, steps = plan_noise(plan, len(data.train), node.delta)
+    state = _global(data)
+
+    first = [train_round(node, plan, data, state, r, "run-1") for r in (1, 2)]
+    assert all(not o.declined for o in first)
+    assert first[0].metrics["epsilon"] < first[1].metrics["epsilon"] <= 2.0
+    assert first[1].metrics["epsilon"] == pytest.approx(epsilon_for_history([(sigma, q, 2 * steps)], 1e-5))
+    assert first[1].metrics["steps-total"] == 2 * steps == 2 * 7
+    changed = [k for k in state if not torch.equal(state[k], first[0].state[k])]
+    assert len(changed) == len(state)
+
+    # Same node, same data, a new run: epsilon starts where the first run ended.
+    second = [train_round(node, plan, data, first[-1].state, r, "run-2") for r in (1, 2)]
+    assert not second[0].declined
+    assert second[0].metrics["epsilon"] > first[1].metrics["epsilon"]
+    assert second[0].metrics["epsilon"] == pytest.approx(epsilon_for_history([(sigma, q, 3 * steps)], 1e-5))
+    # The fourth round would pass max-epsilon=2.5: declined with a reason, nothing spent.
+    assert second[1].declined and second[1].state is None
+    assert "max-epsilon=2.5" in second[1].reason
+    assert second[1].metrics["epsilon"] == pytest.approx(second[0].metrics["epsilon"])
+    ledger = NodePrivacyLedger(tmp_path, "node-0", data.fingerprint, 1e-5)
+    assert ledger.steps() == 3 * steps and [e.declined for e in ledger.events] == [False, False, False, True]
+
+
+def test_delta_must_be_below_one_over_n(tmp_path):
+    plan = TrainingPlan.from_run_config(RUN_CONFIG)
+    node = _node(tmp_path, max_epsilon=8.0, delta=0.01)
+    data = load_node_data(node, plan)
+    with pytest.raises(ValueError, match="must be < 1/n"):
+        train_round(node, plan, data, _global(data), 1, "run")
+
+
+def test_without_dp_there_is_no_ledger_and_weights_change(tmp_path):
+    plan = TrainingPlan.from_run_config({**RUN_CONFIG, "dp": False})
+    node = _node(tmp_path, max_epsilon=8.0)
+    data = load_node_data(node, plan)
+    state = _global(data)
+    out = train_round(node, plan, data, state, 1, "run")
+    assert "epsilon" not in out.metrics and not (tmp_path / "ledgers").exists()
+    assert any(not torch.equal(state[k], out.state[k]) for k in state)
+    assert out.metrics["num-examples"] == 431 and 0.0 <= out.metrics["val-accuracy"] <= 1.0
+
+
+def test_run_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="missing 'lr'"):
+        TrainingPlan.from_run_config({k: v for k, v in RUN_CONFIG.items() if k != "lr"})
+    with pytest.raises(ConfigError, match="'epsilon' must be > 0"):
+        TrainingPlan.from_run_config({**RUN_CONFIG, "epsilon": 0.0})
+    with pytest.raises(ConfigError, match="'optimizer'"):
+        TrainingPlan.from_run_config({**RUN_CONFIG, "optimizer": "lbfgs"})
+    plan = TrainingPlan.from_run_config(RUN_CONFIG)
+    assert dataclasses.replace(plan, rounds=3).rounds == 3
