@@ -44,7 +44,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     plan, node, data = _setup(context)
-    model = build_model(plan.task, plan.model or None, data.train.input_shape, data.train.num_classes)
+    model = build_model(plan.task, plan.model or None, data.train.input_shape, data.train.num_classes,
+                        plan.activation)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     dev = device()
     result = evaluate_model(model.to(dev), data.val, dev) if len(data.val) else {}

@@ -26,11 +26,13 @@ class TrainingPlan:
     task: str
     dataset: str
     model: str  # "" = the task's DP default
+    activation: str  # "tanh" (DP-friendly default) or "relu"
     rounds: int
     local_epochs: int
     batch_size: int
     lr: float
     optimizer: str
+    momentum: float  # SGD momentum
     dp: bool
     epsilon: float  # what this run may spend per node: sets the noise multiplier
     delta: float
@@ -57,11 +59,13 @@ class TrainingPlan:
             task=get("task", str),
             dataset=get("dataset", str),
             model=get("model", str),
+            activation=str(cfg.get("activation", "tanh")),
             rounds=get("num-server-rounds", int),
             local_epochs=get("local-epochs", int),
             batch_size=get("batch-size", int),
             lr=get("lr", float),
             optimizer=get("optimizer", str),
+            momentum=float(cfg.get("momentum", 0.0)),
             dp=get("dp", bool),
             epsilon=get("epsilon", float),
             delta=get("delta", float),
@@ -79,6 +83,8 @@ class TrainingPlan:
             (plan.batch_size >= 1, "batch-size", "an integer >= 1"),
             (plan.lr > 0, "lr", "> 0"),
             (plan.optimizer in ("sgd", "adam"), "optimizer", "'sgd' or 'adam'"),
+            (0 <= plan.momentum < 1, "momentum", "in [0, 1)"),
+            (plan.activation in ("tanh", "relu"), "activation", "'tanh' or 'relu'"),
             (not plan.dp or plan.epsilon > 0, "epsilon", "> 0"),
             (0 < plan.delta < 1, "delta", "in (0, 1)"),
             (plan.max_grad_norm > 0, "clipping-norm", "> 0"),

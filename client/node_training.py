@@ -154,8 +154,8 @@ def train_round(
 
     key = (node.name, data.fingerprint, plan, sigma)
     session = _session(key, lambda: LocalTrainingSession(
-        build_model(plan.task, plan.model or None, data.train.input_shape, data.train.num_classes),
-        data.train, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer,
+        build_model(plan.task, plan.model or None, data.train.input_shape, data.train.num_classes, plan.activation),
+        data.train, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer, momentum=plan.momentum,
         noise_multiplier=sigma, max_grad_norm=plan.max_grad_norm, device=dev,
     ))
     session.load_global(global_state)

@@ -47,10 +47,10 @@ def _tensors(data: LabeledArrays) -> TensorDataset:
     return TensorDataset(x, torch.from_numpy(data.y))
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """"sgd" (momentum 0.9) or "adam". Raises ValueError for any other name."""
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+    """"sgd" (with `momentum`) or "adam". Raises ValueError for any other name."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
@@ -81,6 +81,7 @@ class LocalTrainingSession:
         batch_size: int,
         lr: float,
         optimizer: str,
+        momentum: float = 0.0,
         noise_multiplier: float | None,
         max_grad_norm: float,
         device: torch.device,
@@ -91,7 +92,7 @@ class LocalTrainingSession:
         self.dp = noise_multiplier is not None
         self.num_records = len(train)
         model = model.to(device).train()  # Opacus refuses a model in eval mode
-        opt = make_optimizer(optimizer, model.parameters(), lr)
+        opt = make_optimizer(optimizer, model.parameters(), lr, momentum)
         loader = DataLoader(_tensors(train), batch_size=batch_size, shuffle=True)
         if self.dp:
             self.engine = PrivacyEngine(accountant="rdp")

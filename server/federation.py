@@ -63,6 +63,14 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def sample_nodes(node_ids: list[int], fraction: float, minimum: int, rng: np.random.Generator) -> list[int]:
+    """A seeded sample of max(minimum, round(fraction * len)) node ids (all if fewer), sorted."""
+    k = min(len(node_ids), max(minimum, int(round(fraction * len(node_ids)))))
+    # Sample positions, not ids: Flower's 64-bit unsigned node ids overflow numpy's int64.
+    picks = rng.permutation(len(node_ids))[:k]
+    return sorted(node_ids[int(i)] for i in picks)
+
+
 def _reply_node_name(reply: Message) -> str:
     try:
         return str(reply.content["node"]["name"])
@@ -86,8 +94,7 @@ def run_federation(
         started = time.monotonic()
         report = RoundReport(round=server_round)
         node_ids = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_timeout)
-        k = max(settings.min_nodes, int(round(settings.fraction_train * len(node_ids))))
-        sampled = sorted(rng.choice(node_ids, size=min(k, len(node_ids)), replace=False).tolist())
+        sampled = sample_nodes(node_ids, settings.fraction_train, settings.min_nodes, rng)
         config = ConfigRecord({"server-round": server_round, "run-id": settings.run_id})
         messages = [
             Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=nid, message_type=MessageType.TRAIN)

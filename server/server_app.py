@@ -38,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
 
     test = load_dataset(plan.dataset, plan.task, plan.data_dir)["test"]
     torch.manual_seed(plan.seed)
-    model = build_model(plan.task, plan.model or None, test.input_shape, test.num_classes)
+    model = build_model(plan.task, plan.model or None, test.input_shape, test.num_classes, plan.activation)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:

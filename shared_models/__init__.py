@@ -12,26 +12,27 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from .sequence import ACTIVATIONS
 from .speech import SpeechConv, SpeechConvRNN
 from .text import TextConv, TextRNN
 from .vision import VisionCNN
 
 TASKS = ("speech", "vision", "text")
 
-# task -> model name -> constructor(input_shape, num_classes)
-_MODELS: dict[str, dict[str, Callable[[Sequence[int], int], nn.Module]]] = {
+# task -> model name -> constructor(input_shape, num_classes, activation)
+_MODELS: dict[str, dict[str, Callable[[Sequence[int], int, str], nn.Module]]] = {
     "vision": {
-        "cnn": lambda shape, k: VisionCNN(in_channels=shape[0], num_classes=k),
+        "cnn": lambda shape, k, act: VisionCNN(in_channels=shape[0], num_classes=k, activation=act),
     },
     "speech": {
-        "conv": lambda shape, k: SpeechConv(n_mels=shape[1], num_classes=k),
-        "conv-lstm": lambda shape, k: SpeechConvRNN(n_mels=shape[1], num_classes=k, cell="lstm"),
-        "conv-gru": lambda shape, k: SpeechConvRNN(n_mels=shape[1], num_classes=k, cell="gru"),
+        "conv": lambda shape, k, act: SpeechConv(n_mels=shape[1], num_classes=k, activation=act),
+        "conv-lstm": lambda shape, k, act: SpeechConvRNN(n_mels=shape[1], num_classes=k, cell="lstm", activation=act),
+        "conv-gru": lambda shape, k, act: SpeechConvRNN(n_mels=shape[1], num_classes=k, cell="gru", activation=act),
     },
     "text": {
-        "conv": lambda shape, k: TextConv(num_classes=k),
-        "lstm": lambda shape, k: TextRNN(num_classes=k, cell="lstm"),
-        "gru": lambda shape, k: TextRNN(num_classes=k, cell="gru"),
+        "conv": lambda shape, k, act: TextConv(num_classes=k, activation=act),
+        "lstm": lambda shape, k, act: TextRNN(num_classes=k, cell="lstm"),
+        "gru": lambda shape, k, act: TextRNN(num_classes=k, cell="gru"),
     },
 }
 
@@ -46,11 +47,14 @@ def model_names(task: str) -> list[str]:
     return list(_MODELS[task])
 
 
-def build_model(task: str, name: str | None, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+def build_model(
+    task: str, name: str | None, input_shape: Sequence[int], num_classes: int, activation: str = "tanh"
+) -> nn.Module:
     """Build the model `name` (default: the task's DP default) for one example's shape.
 
     input_shape: one example without the batch axis: vision (C, H, W); speech (T, n_mels);
-    text (L,). num_classes >= 2. Raises ValueError naming the bad argument.
+    text (L,). num_classes >= 2. activation: "tanh" (default, suits DP-SGD) or "relu" (the
+    seed's). Raises ValueError naming the bad argument.
     """
     names = model_names(task)
     name = name or DEFAULT_MODELS[task]
@@ -61,7 +65,9 @@ def build_model(task: str, name: str | None, input_shape: Sequence[int], num_cla
     expected_rank = {"vision": 3, "speech": 2, "text": 1}[task]
     if len(input_shape) != expected_rank:
         raise ValueError(f"input_shape for task {task!r} must have {expected_rank} axes, got {tuple(input_shape)}")
-    return _MODELS[task][name](tuple(input_shape), num_classes)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return _MODELS[task][name](tuple(input_shape), num_classes, activation)
 
 
 __all__ = ["TASKS", "DEFAULT_MODELS", "build_model", "model_names"]

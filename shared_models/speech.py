@@ -21,9 +21,9 @@ class SpeechConvRNN(nn.Module):
     Input: log-mel frames (B, T, n_mels), any T >= 1. Output: logits (B, num_classes).
     """
 
-    def __init__(self, n_mels: int, num_classes: int, cell: str = "lstm", hidden: int = 128) -> None:
+    def __init__(self, n_mels: int, num_classes: int, cell: str = "lstm", hidden: int = 128, activation: str = "tanh") -> None:
         super().__init__()
-        self.convs = nn.Sequential(ConvBlock1d(n_mels, 64), ConvBlock1d(64, 128))
+        self.convs = nn.Sequential(ConvBlock1d(n_mels, 64, activation=activation), ConvBlock1d(64, 128, activation=activation))
         self.head = RecurrentHead(cell, 128, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +37,14 @@ class SpeechConv(nn.Module):
     Input: log-mel frames (B, T, n_mels), any T >= 1. Output: logits (B, num_classes).
     """
 
-    def __init__(self, n_mels: int, num_classes: int) -> None:
+    def __init__(self, n_mels: int, num_classes: int, activation: str = "tanh") -> None:
         super().__init__()
-        self.convs = nn.Sequential(ConvBlock1d(n_mels, 64), ConvBlock1d(64, 128), ConvBlock1d(128, 128, 3))
-        self.head = GlobalPoolHead(128, num_classes)
+        self.convs = nn.Sequential(
+            ConvBlock1d(n_mels, 64, activation=activation),
+            ConvBlock1d(64, 128, activation=activation),
+            ConvBlock1d(128, 128, 3, activation=activation),
+        )
+        self.head = GlobalPoolHead(128, num_classes, activation=activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.convs(x.transpose(1, 2)))

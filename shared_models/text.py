@@ -40,11 +40,15 @@ class TextConv(nn.Module):
     Input: token ids (B, L) int64 in [0, 256], any L >= 1. Output: logits (B, num_classes).
     """
 
-    def __init__(self, num_classes: int, embed_dim: int = 64) -> None:
+    def __init__(self, num_classes: int, embed_dim: int = 64, activation: str = "tanh") -> None:
         super().__init__()
         self.embedding = nn.Embedding(VOCAB_SIZE, embed_dim, padding_idx=0)
-        self.convs = nn.Sequential(ConvBlock1d(embed_dim, 128), ConvBlock1d(128, 128), ConvBlock1d(128, 128, 3))
-        self.head = GlobalPoolHead(128, num_classes)
+        self.convs = nn.Sequential(
+            ConvBlock1d(embed_dim, 128, activation=activation),
+            ConvBlock1d(128, 128, activation=activation),
+            ConvBlock1d(128, 128, 3, activation=activation),
+        )
+        self.head = GlobalPoolHead(128, num_classes, activation=activation)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.convs(self.embedding(tokens).transpose(1, 2)))

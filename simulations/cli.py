@@ -56,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clipping-norm", type=_positive_float, default=1.0, help="DP-SGD per-sample clipping norm C")
     sim.add_argument("--local-epochs", type=_positive_int, default=1, help="passes over local data per round")
     sim.add_argument("--batch-size", type=_positive_int, default=64, help="(expected, under Poisson sampling) batch size")
-    sim.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: 0.1 for sgd, 0.002 for adam)")
+    sim.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: 0.5 for sgd, 0.002 for adam)")
     sim.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    sim.add_argument("--momentum", type=float, default=0.0,
+                     help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
+    sim.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
+                     help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     sim.add_argument("--model", default="", help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: conv, lstm, gru)")
     sim.add_argument("--val-fraction", type=float, default=0.1, help="share of each node's records kept for validation")
     sim.add_argument("--seed", type=int, default=0)
@@ -85,7 +89,7 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = Path(args.dataset).name
     out = (args.out or Path("runs") / f"{name}-{stamp}").resolve()
-    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 0.002)
+    lr = args.lr if args.lr is not None else (0.5 if args.optimizer == "sgd" else 0.002)
     run_config = {
         "task": task,
         "dataset": args.dataset if args.dataset in DATASET_TASKS else str(Path(args.dataset).resolve()),
@@ -95,6 +99,8 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "batch-size": args.batch_size,
         "lr": lr,
         "optimizer": args.optimizer,
+        "momentum": args.momentum,
+        "activation": args.activation,
         "dp": not args.no_dp,
         "epsilon": args.epsilon,
         "max-epsilon": args.max_epsilon or args.epsilon,
