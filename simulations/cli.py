@@ -114,6 +114,7 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "state-dir": str((args.state_dir or default_state_dir()).resolve()),
         "data-dir": str(data_dir().resolve()),
     }
+    console.print(f"node privacy ledgers: {run_config['state-dir']}")
     console.print(f"fedpriv: {args.clients} nodes, {args.rounds} rounds, {task} on {args.dataset} "
                   f"({'DP-SGD epsilon %g, delta %g per node' % (args.epsilon, args.delta) if not args.no_dp else 'no DP'}) -> {out}")
     try:
@@ -146,6 +147,13 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
             ",".join(map(str, c["failed_rounds"])) or "-",
         )
     console.print(table)
+    declined = sorted({n for n, c in summary["clients"].items() if c["declined_rounds"]})
+    if declined:
+        console.print(
+            f"[yellow]{len(declined)} node(s) declined rounds: training further would have passed their max-epsilon. "
+            "Their ledgers persist across runs (the budget belongs to the data); use a fresh --state-dir "
+            "to simulate new data owners, or raise --max-epsilon.[/yellow]"
+        )
     console.print(f"run folder: {out} (summary.json, metrics.jsonl, ledger.json, report.md, final_model.pt)")
 
 
