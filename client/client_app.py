@@ -1,17 +1,20 @@
 """fedpriv's ClientApp: Flower entry points that read top to bottom.
 
 `train`: receive the global model, train one round with DP-SGD on local data (or decline
-when the node's privacy budget would be exceeded), reply with the new weights and the
-epsilon spent so far. `evaluate`: the global model on the node's validation share.
-The work is in `client.node_training`, which knows nothing of Flower.
+when the node's privacy budget would be exceeded). Without secure aggregation the reply
+carries the new weights; with it the node keeps its encoded update and the reply carries
+only metrics (epsilon spent so far, declined or not). `query.secagg_*`: the SecAgg+ stages.
+`evaluate`: the global model on the node's validation share.
+The work is in `client.node_training` and `client.secure_aggregation`.
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure_aggregation as secagg
 from client.config import TrainingPlan, node_identity
 from client.node_training import device, load_node_data, train_round
 from privacy.dp_sgd import evaluate as evaluate_model
@@ -30,15 +33,42 @@ def _setup(context: Context):
 def train(msg: Message, context: Context) -> Message:
     plan, node, data = _setup(context)
     config = msg.content["config"]
+    server_round = int(config["server-round"])
     global_state = msg.content["arrays"].to_torch_state_dict()
-    outcome = train_round(node, plan, data, global_state, int(config["server-round"]), str(config["run-id"]))
+    outcome = train_round(node, plan, data, global_state, server_round, str(config["run-id"]))
+    metrics = {**outcome.metrics, "declined": int(outcome.declined)}
+    secure = bool(config.get("secagg", False))
+    if outcome.state is not None and secure:
+        # Keep the encoded update here; only its masked form will leave the node.
+        seed = plan.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_000_007
+        delta = secagg.flatten_delta(outcome.state, global_state)
+        # The norm before clipping helps choose --clip-norm; one number, released like the
+        # other metrics (not covered by client-level DP).
+        metrics["update-norm"] = float(np.linalg.norm(delta))
+        secagg.store_encoded_update(context, delta, config, seed)
+        secagg.plan_dropout(context, float(config.get("dropout-rate", 0.0)), seed + 1)
     content = RecordDict({
-        "metrics": MetricRecord({**outcome.metrics, "declined": int(outcome.declined)}),
+        "metrics": MetricRecord(metrics),
         "node": ConfigRecord({"name": outcome.node, "reason": outcome.reason}),
     })
-    if outcome.state is not None:
+    if outcome.state is not None and not secure:
         content["arrays"] = ArrayRecord(outcome.state)
     return Message(content=content, reply_to=msg)
+
+
+def _secagg_stage(stage: str):
+    def handler(msg: Message, context: Context) -> Message:
+        plan = TrainingPlan.from_run_config(dict(context.run_config))
+        node = node_identity(context, plan)
+        reply = secagg.handle_stage(stage, msg.content, context, cid=str(context.node_id), node=node.name)
+        return Message(content=reply, reply_to=msg)
+
+    handler.__name__ = stage
+    return handler
+
+
+for _stage in secagg.STAGES:
+    app.query(_stage)(_secagg_stage(_stage))
 
 
 @app.evaluate()

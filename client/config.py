@@ -69,7 +69,7 @@ class TrainingPlan:
             dp=get("dp", bool),
             epsilon=get("epsilon", float),
             delta=get("delta", float),
-            max_grad_norm=get("clipping-norm", float),
+            max_grad_norm=get("max-grad-norm", float),
             val_fraction=get("val-fraction", float),
             partition=get("partition", str),
             alpha=get("alpha", float),
@@ -87,7 +87,7 @@ class TrainingPlan:
             (plan.activation in ("tanh", "relu"), "activation", "'tanh' or 'relu'"),
             (not plan.dp or plan.epsilon > 0, "epsilon", "> 0"),
             (0 < plan.delta < 1, "delta", "in (0, 1)"),
-            (plan.max_grad_norm > 0, "clipping-norm", "> 0"),
+            (plan.max_grad_norm > 0, "max-grad-norm", "> 0"),
             (0 <= plan.val_fraction < 0.5, "val-fraction", "in [0, 0.5)"),
         ]
         for ok, key, expected in checks:

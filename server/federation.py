@@ -11,16 +11,21 @@ trained keeps the global model unchanged; one node's failure never stops the run
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from privacy.accountants import ClientLevelAccountant
+from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort, default_scale
+from privacy.secagg.protocol import encoding_from_config, encoding_to_config
 from server.ledger import CoordinatorLedger
+from server.secure_aggregation import secure_sum
 from server.run_folder import RunFolder
 
 log = logging.getLogger("fedpriv.server")
@@ -37,6 +42,14 @@ class FederationSettings:
     node_wait_timeout: float = 120.0  # seconds to wait for min_nodes to connect
     seed: int = 0
     run_id: str = ""
+    # Secure aggregation (SecAgg+) with distributed client-level DP; see server.secure_aggregation.
+    secagg: bool = False
+    num_shares: int = 5  # neighbourhood size, self included (>= #clients: complete graph)
+    threshold: int = 0  # t; 0 = max(2, ceil(2/3 of the round's participants))
+    clip_norm: float = 1.0  # L2 clip C of each client's model delta
+    client_noise_multiplier: float = 0.0  # sigma of the distributed client-level Gaussian
+    client_delta: float = 1e-5
+    dropout_rate: float = 0.0  # simulation: chance a node vanishes at one SecAgg+ stage
 
 
 @dataclass
@@ -49,6 +62,9 @@ class RoundReport:
     test: dict[str, float] = field(default_factory=dict)
     val_accuracy: float | None = None
     seconds: float = 0.0
+    update_norms: dict[str, float] = field(default_factory=dict)  # L2 norm of each update before clipping
+    secure: dict = field(default_factory=dict)  # SecAgg+ outcome: survivors, dropped per stage, error
+    client_epsilon: float | None = None
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -63,8 +79,17 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def sample_nodes(node_ids: list[int], fraction: float, minimum: int, rng: np.random.Generator) -> list[int]:
-    """A seeded sample of max(minimum, round(fraction * len)) node ids (all if fewer), sorted."""
+def sample_nodes(
+    node_ids: list[int], fraction: float, minimum: int, rng: np.random.Generator, poisson: bool = False
+) -> list[int]:
+    """A seeded, sorted sample of node ids.
+
+    Fixed size max(minimum, round(fraction * len)) (all if fewer); or, with `poisson`, each
+    node independently with probability `fraction` (what client-level DP accounting with
+    amplification by sampling assumes; the sample may then be smaller than `minimum`).
+    """
+    if poisson and fraction < 1.0:
+        return sorted(n for n, keep in zip(node_ids, rng.random(len(node_ids)) < fraction) if keep)
     k = min(len(node_ids), max(minimum, int(round(fraction * len(node_ids)))))
     # Sample positions, not ids: Flower's 64-bit unsigned node ids overflow numpy's int64.
     picks = rng.permutation(len(node_ids))[:k]
@@ -76,6 +101,110 @@ def _reply_node_name(reply: Message) -> str:
         return str(reply.content["node"]["name"])
     except (KeyError, TypeError):
         return f"node-id-{reply.metadata.src_node_id}"
+
+
+@dataclass
+class TrainReplies:
+    """Train replies of one round, sorted by what the node did."""
+
+    trained: dict[int, RecordDict] = field(default_factory=dict)  # node id -> reply content
+    names: dict[int, str] = field(default_factory=dict)  # node id -> the name it reports
+    val_accuracy: float | None = None
+
+
+def _train_stage(grid, arrays, config, sampled, settings, ledger, report) -> TrainReplies:
+    messages = [
+        Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=nid, message_type=MessageType.TRAIN)
+        for nid in sampled
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    out = TrainReplies()
+    for nid in sorted(set(sampled) - {r.metadata.src_node_id for r in replies}):
+        name = f"node-id-{nid}"
+        ledger.record_failure(name, report.round, f"no reply within {settings.round_timeout:.0f} s")
+        report.failed.append(name)
+    val_acc, val_n = 0.0, 0.0
+    for reply in replies:
+        nid, name = reply.metadata.src_node_id, _reply_node_name(reply)
+        out.names[nid] = name
+        if reply.has_error():
+            ledger.record_failure(name, report.round, f"{reply.error.code}: {reply.error.reason}")
+            report.failed.append(name)
+            continue
+        metrics = dict(reply.content["metrics"])
+        declined = bool(metrics.get("declined", 0))
+        ledger.record_reply(name, report.round, metrics, declined)
+        if declined:
+            report.declined.append(name)
+            continue
+        if not settings.secagg and "arrays" not in reply.content:
+            ledger.record_failure(name, report.round, "reply had no model weights")
+            report.failed.append(name)
+            continue
+        report.trained.append(name)
+        out.trained[nid] = reply.content
+        if "update-norm" in metrics:
+            report.update_norms[name] = float(metrics["update-norm"])
+        if "val-accuracy" in metrics:
+            val_acc += metrics["val-accuracy"] * metrics["num-val-examples"]
+            val_n += metrics["num-val-examples"]
+    out.val_accuracy = val_acc / val_n if val_n else None
+    return out
+
+
+def round_threshold(settings: FederationSettings, participants: int) -> int:
+    """t for a round: the configured threshold, or max(2, ceil(2n/3)) of its participants."""
+    return settings.threshold or max(2, -(-2 * participants // 3))
+
+
+def secagg_train_config(settings: FederationSettings, arrays: ArrayRecord, num_sampled: int) -> dict:
+    """What each node needs at training time to encode its update for SecAgg+."""
+    dimension = sum(int(np.prod(a.shape)) for a in arrays.values())
+    t = round_threshold(settings, num_sampled)
+    params = EncodingParams(
+        clip_norm=settings.clip_norm, noise_multiplier=settings.client_noise_multiplier,
+        min_clients=t, scale=default_scale(settings.clip_norm, dimension), max_clients=num_sampled,
+    )
+    return {"secagg": True, "dropout-rate": settings.dropout_rate, **encoding_to_config(params)}
+
+
+def _aggregate_secure(grid, arrays, config, train, settings, ledger, report) -> ArrayRecord | None:
+    """New global arrays from the SecAgg+ sum of the trained nodes, or None if the round failed."""
+    participants = sorted(train.trained)
+    params = encoding_from_config(config)
+    t = params.min_clients
+    if len(participants) < t:
+        return _secure_round_failed(report, f"{len(participants)} nodes trained, threshold is {t}")
+    setup = RoundSetup(
+        round_id=f"{settings.run_id}/round-{report.round}".encode(), participants=tuple(str(n) for n in participants),
+        num_shares=settings.num_shares, threshold=t, params=params, graph_seed=os.urandom(16),
+    )
+    flat = {k: v.numpy() for k, v in arrays.items()}
+    error = None
+    try:
+        outcome = secure_sum(grid, participants, setup, sum(v.size for v in flat.values()), settings.round_timeout)
+    except SecAggAbort as err:
+        error, outcome = str(err), err.outcome  # type: ignore[attr-defined]
+    for nid, why in outcome.errors.items():
+        name = train.names.get(nid, f"node-id-{nid}")
+        ledger.record_failure(name, report.round, f"secure aggregation, {why}")
+        report.failed.append(name)
+    report.secure["dropped"] = {stage: [train.names.get(n, str(n)) for n in ids] for stage, ids in outcome.dropped.items()}
+    if error:
+        return _secure_round_failed(report, error)
+    report.secure["survivors"] = [train.names.get(n, str(n)) for n in outcome.survivors]
+    mean = outcome.total / len(outcome.survivors)  # equal weights: client-level DP bounds each client's share
+    new, offset = {}, 0
+    for key, value in flat.items():
+        new[key] = (value.astype(np.float64) + mean[offset: offset + value.size].reshape(value.shape)).astype(value.dtype)
+        offset += value.size
+    return ArrayRecord({k: Array(v) for k, v in new.items()})
+
+
+def _secure_round_failed(report: RoundReport, why: str) -> None:
+    report.secure["error"] = why
+    log.warning("round %d: secure aggregation failed (%s); the global model is kept", report.round, why)
+    return None
 
 
 def run_federation(
@@ -90,50 +219,34 @@ def run_federation(
     """Run `settings.rounds` rounds; returns (final global arrays, per-round reports)."""
     rng = np.random.default_rng(settings.seed)
     arrays, reports = initial, []
+    client_accountant = ClientLevelAccountant(delta=settings.client_delta)
     for server_round in range(1, settings.rounds + 1):
         started = time.monotonic()
         report = RoundReport(round=server_round)
         node_ids = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_timeout)
-        sampled = sample_nodes(node_ids, settings.fraction_train, settings.min_nodes, rng)
-        config = ConfigRecord({"server-round": server_round, "run-id": settings.run_id})
-        messages = [
-            Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=nid, message_type=MessageType.TRAIN)
-            for nid in sampled
-        ]
-        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-        answered = {r.metadata.src_node_id for r in replies}
-        for nid in sorted(set(sampled) - answered):
-            name = f"node-id-{nid}"
-            ledger.record_failure(name, server_round, f"no reply within {settings.round_timeout:.0f} s")
-            report.failed.append(name)
+        poisson = settings.secagg and settings.client_noise_multiplier > 0
+        sampled = sample_nodes(node_ids, settings.fraction_train, settings.min_nodes, rng, poisson=poisson)
+        config = {"server-round": server_round, "run-id": settings.run_id}
+        if settings.secagg:
+            config.update(secagg_train_config(settings, arrays, len(sampled)))
+        config = ConfigRecord(config)
+        train = _train_stage(grid, arrays, config, sampled, settings, ledger, report)
 
-        trained_records, val_acc, val_n = [], 0.0, 0.0
-        for reply in replies:
-            name = _reply_node_name(reply)
-            if reply.has_error():
-                ledger.record_failure(name, server_round, f"{reply.error.code}: {reply.error.reason}")
-                report.failed.append(name)
-                continue
-            metrics = dict(reply.content["metrics"])
-            declined = bool(metrics.get("declined", 0))
-            ledger.record_reply(name, server_round, metrics, declined)
-            if declined:
-                report.declined.append(name)
-                continue
-            if "arrays" not in reply.content:
-                ledger.record_failure(name, server_round, "reply had no model weights")
-                report.failed.append(name)
-                continue
-            report.trained.append(name)
-            trained_records.append(reply.content)
-            if "val-accuracy" in metrics:
-                val_acc += metrics["val-accuracy"] * metrics["num-val-examples"]
-                val_n += metrics["num-val-examples"]
-
-        if trained_records:
-            arrays = aggregate_arrayrecords(trained_records, "num-examples")
-            report.aggregated = True
-        report.val_accuracy = val_acc / val_n if val_n else None
+        if settings.secagg:
+            new_arrays = _aggregate_secure(grid, arrays, config, train, settings, ledger, report)
+            if new_arrays is not None:
+                client_accountant.step(settings.client_noise_multiplier, settings.fraction_train)
+                report.client_epsilon = client_accountant.epsilon()
+                ledger.client_level = {"epsilon": report.client_epsilon, "delta": settings.client_delta,
+                                       "noise_multiplier": settings.client_noise_multiplier,
+                                       "sample_rate": settings.fraction_train, "rounds": sum(h[2] for h in client_accountant.history)}
+        elif train.trained:
+            new_arrays = aggregate_arrayrecords(list(train.trained.values()), "num-examples")
+        else:
+            new_arrays = None
+        if new_arrays is not None:
+            arrays, report.aggregated = new_arrays, True
+        report.val_accuracy = train.val_accuracy
         report.test = evaluate_fn(arrays)
         report.seconds = time.monotonic() - started
         reports.append(report)
@@ -147,6 +260,8 @@ def run_federation(
             "failed": report.failed,
             "aggregated": report.aggregated,
             "epsilon": {n: r.epsilon for n, r in ledger.nodes.items()},
+            **({"secure_aggregation": report.secure, "client_epsilon": report.client_epsilon,
+                "update_norms": report.update_norms} if settings.secagg else {}),
         })
         log.info(
             "round %d/%d: test accuracy %.4f, trained %d, declined %d, failed %d (%.1f s)",

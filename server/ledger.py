@@ -33,6 +33,9 @@ class CoordinatorLedger:
 
     def __init__(self) -> None:
         self.nodes: dict[str, NodeRecord] = {}
+        # Client-level DP of the released aggregates (secure aggregation only): epsilon at
+        # delta, noise multiplier, sampling rate, rounds released.
+        self.client_level: dict = {}
 
     def _node(self, name: str) -> NodeRecord:
         return self.nodes.setdefault(name, NodeRecord())

@@ -51,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
         folder.write_torch("checkpoint.pt", {
             "round": report.round, "arrays": arrays.to_torch_state_dict(), "ledger": ledger.to_dict(),
         })
-        folder.write_json("ledger.json", ledger.to_dict())
+        folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})
 
     settings = FederationSettings(
         rounds=plan.rounds,
@@ -60,12 +60,19 @@ def main(grid: Grid, context: Context) -> None:
         round_timeout=float(cfg.get("round-timeout", 3600.0)),
         seed=plan.seed,
         run_id=f"{plan.run_name}-{context.run_id}",
+        secagg=bool(cfg.get("secagg", False)),
+        num_shares=int(cfg.get("num-shares", 5)),
+        threshold=int(cfg.get("threshold", 0)),
+        clip_norm=float(cfg.get("clip-norm", 1.0)),
+        client_noise_multiplier=float(cfg.get("client-noise-multiplier", 0.0)),
+        client_delta=float(cfg.get("client-delta", 1e-5)),
+        dropout_rate=float(cfg.get("dropout-rate", 0.0)),
     )
     initial = ArrayRecord(model.state_dict())
     initial_test = evaluate_global(initial)
     final, reports = run_federation(grid, initial, settings, evaluate_global, folder, ledger, checkpoint)
     folder.write_torch("final_model.pt", final.to_torch_state_dict())
-    folder.write_json("ledger.json", ledger.to_dict())
+    folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})
     summary = build_summary(
         plan, cfg, reports, ledger, initial_test,
         majority_rate=float(np.bincount(test.y).max() / len(test)), seconds=time.time() - started,

@@ -48,6 +48,9 @@ def build_summary(plan: TrainingPlan, cfg: dict, reports, ledger: CoordinatorLed
             **({"test_auc": last["auc"]} if "auc" in last else {}),
         },
         "majority_class_rate": majority_rate,
+        "secure_aggregation": bool(cfg.get("secagg", False)),
+        "client_level": ledger.client_level or None,
+        "secure_rounds_failed": [r.round for r in reports if r.secure.get("error")],
         "max_client_epsilon": max((c["epsilon"] for c in clients.values() if c["epsilon"] is not None), default=None),
         "clients": clients,
         "seconds": seconds,
@@ -64,7 +67,11 @@ def write_report(folder: RunFolder, summary: dict) -> None:
         f"- rounds completed: {summary['rounds_completed']} of {summary['rounds_planned']}",
         f"- final test accuracy: **{final['test_accuracy']:.4f}** (majority class {summary['majority_class_rate']:.4f})"
         + (f", AUC {final['test_auc']:.4f}" if "test_auc" in final else ""),
+        f"- secure aggregation: {'SecAgg+ (the server saw only sums)' if summary['secure_aggregation'] else 'off'}",
         f"- differential privacy: {'DP-SGD, target epsilon %g at delta %g per node' % (summary['target_epsilon'], summary['delta']) if summary['dp'] else 'off'}",
+        *([f"- client-level DP: epsilon {summary['client_level']['epsilon']:.3g} at delta "
+           f"{summary['client_level']['delta']:g} (noise multiplier {summary['client_level']['noise_multiplier']:g}, "
+           f"{summary['client_level']['rounds']} released rounds)"] if summary.get("client_level") else []),
         "",
         "| node | epsilon | delta | budget | rounds trained | declined | failed |",
         "|---|---|---|---|---|---|---|",

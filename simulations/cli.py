@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import signal
 import sys
 from pathlib import Path
 
@@ -53,21 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="each node's lifetime budget on its data; rounds that would exceed it are declined (default: --epsilon)")
     sim.add_argument("--delta", type=_positive_float, default=1e-5, help="DP delta; must be < 1/(records per node)")
     sim.add_argument("--no-dp", action="store_true", help="train without differential privacy (for comparison)")
-    sim.add_argument("--clipping-norm", type=_positive_float, default=1.0, help="DP-SGD per-sample clipping norm C")
+    sim.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="DP-SGD per-sample clipping norm C")
     sim.add_argument("--local-epochs", type=_positive_int, default=1, help="passes over local data per round")
     sim.add_argument("--batch-size", type=_positive_int, default=64, help="(expected, under Poisson sampling) batch size")
-    sim.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: 0.5 for sgd, 0.002 for adam)")
+    sim.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv, 8 ngram-linear; 0.002 for adam)")
     sim.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     sim.add_argument("--momentum", type=float, default=0.0,
                      help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
     sim.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                      help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
-    sim.add_argument("--model", default="", help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: conv, lstm, gru)")
+    sim.add_argument("--model", default="", help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: ngram-linear, conv, lstm, gru)")
     sim.add_argument("--val-fraction", type=float, default=0.1, help="share of each node's records kept for validation")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<dataset>-<time>)")
     sim.add_argument("--state-dir", type=Path, default=None,
                      help="where simulated nodes keep their privacy ledgers (default: a per-user folder)")
+    sec = sim.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
+    sec.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
+                     help="aggregate with SecAgg+: the server sees only the sum of the nodes' updates")
+    sec.add_argument("--num-shares", type=_positive_int, default=5,
+                     help="SecAgg+ neighbourhood size, self included (>= clients: everyone shares with everyone)")
+    sec.add_argument("--threshold", type=int, default=0,
+                     help="SecAgg+ reconstruction threshold t (0: max(2, 2/3 of a round's participants))")
+    sec.add_argument("--clip-norm", type=_positive_float, default=10.0,
+                     help="L2 clip C of each node's model update (DP-SGD updates measured ~8 here; see update_norms in metrics.jsonl)")
+    sec.add_argument("--client-noise-multiplier", type=float, default=0.0,
+                     help="sigma of the distributed client-level Gaussian: the sum carries noise std >= sigma*C "
+                          "(useful with hundreds of nodes; with 5 nodes sigma=0.03 already destroyed accuracy here)")
+    sec.add_argument("--client-delta", type=_positive_float, default=1e-5, help="client-level DP delta")
+    sec.add_argument("--dropout-rate", type=float, default=0.0,
+                     help="chance a simulated node vanishes at one SecAgg+ stage in a round")
     sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
     return parser
@@ -77,7 +93,7 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
     from client.config import default_state_dir
     from simulations.datasets import data_dir, dataset_task
     from simulations.runner import SimulationError, run_simulation_job
-    from shared_models import model_names
+    from shared_models import default_lr, model_names
 
     try:
         task = dataset_task(args.dataset, args.task)
@@ -89,7 +105,7 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = Path(args.dataset).name
     out = (args.out or Path("runs") / f"{name}-{stamp}").resolve()
-    lr = args.lr if args.lr is not None else (0.5 if args.optimizer == "sgd" else 0.002)
+    lr = args.lr if args.lr is not None else default_lr(task, args.model or None, args.optimizer)
     run_config = {
         "task": task,
         "dataset": args.dataset if args.dataset in DATASET_TASKS else str(Path(args.dataset).resolve()),
@@ -105,7 +121,7 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "epsilon": args.epsilon,
         "max-epsilon": args.max_epsilon or args.epsilon,
         "delta": args.delta,
-        "clipping-norm": args.clipping_norm,
+        "max-grad-norm": args.max_grad_norm,
         "val-fraction": args.val_fraction,
         "partition": args.partition,
         "alpha": args.alpha,
@@ -113,6 +129,13 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "run-name": out.name,
         "state-dir": str((args.state_dir or default_state_dir()).resolve()),
         "data-dir": str(data_dir().resolve()),
+        "secagg": args.secagg,
+        "num-shares": args.num_shares,
+        "threshold": args.threshold,
+        "clip-norm": args.clip_norm,
+        "client-noise-multiplier": args.client_noise_multiplier,
+        "client-delta": args.client_delta,
+        "dropout-rate": args.dropout_rate,
     }
     console.print(f"node privacy ledgers: {run_config['state-dir']}")
     console.print(f"fedpriv: {args.clients} nodes, {args.rounds} rounds, {task} on {args.dataset} "
@@ -157,7 +180,13 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
     console.print(f"run folder: {out} (summary.json, metrics.jsonl, ledger.json, report.md, final_model.pt)")
 
 
+def _exit_on_sigterm(signum, frame):
+    # Turn SIGTERM into SystemExit so `finally` blocks stop the SuperLink and Ray.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     console = Console()
     if args.command == "simulate":

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import tomli_w
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -62,17 +62,30 @@ def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path) -> None:
 
 
 def _stop(process: subprocess.Popen | None) -> None:
-    """SIGTERM the process group (SuperLink and the ServerApp/Ray it spawned), then SIGKILL."""
-    if process is None or process.poll() is not None:
+    """Stop the SuperLink and everything under it, then SIGKILL what is left after 15 s.
+
+    The simulation process and Ray's daemons start their own process groups, so the whole
+    process tree is collected first (psutil) rather than signalling one group.
+    """
+    if process is None:
         return
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for proc in tree:
         try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            proc.terminate()
+        except psutil.NoSuchProcess:
             pass
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    if process.poll() is None:
         process.wait(timeout=10)
 
 
@@ -146,7 +159,12 @@ def run_simulation_job(
                  "--federation-config", federation, "--stream"],
                 env=env, stdout=log_handle, stderr=subprocess.STDOUT, cwd=str(APP_DIR),
             )
-            _follow(runner, out_dir, int(run_config["num-server-rounds"]), console)
+            try:
+                _follow(runner, out_dir, int(run_config["num-server-rounds"]), console)
+            finally:
+                if runner.poll() is None:  # interrupted: stop `flwr run` too
+                    runner.terminate()
+                    runner.wait(timeout=10)
         if runner.returncode != 0:
             raise SimulationError(f"`flwr run` exited with code {runner.returncode}{_last_error(flwr_log)}; see {flwr_log}")
     finally:

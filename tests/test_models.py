@@ -35,14 +35,15 @@ def test_models_are_opacus_valid_and_hold_no_integer_buffers(task):
         assert [b for b in model.buffers() if not torch.is_floating_point(b)] == []
 
 
-def test_dp_defaults_are_convolution_only():
-    assert DEFAULT_MODELS == {"vision": "cnn", "speech": "conv", "text": "conv"}
+def test_dp_defaults_have_no_recurrent_layer():
+    assert DEFAULT_MODELS == {"vision": "cnn", "speech": "conv", "text": "ngram-linear"}
     for task, shape in (("speech", (64, 40)), ("text", (200,))):
         model = build_model(task, None, shape, 2)
         assert not any("rnn" in n for n, _ in model.named_modules()), task
 
 
-@pytest.mark.parametrize("task,name", [("vision", "cnn"), ("speech", "conv"), ("speech", "conv-gru"), ("text", "conv"), ("text", "lstm")])
+@pytest.mark.parametrize("task,name", [("vision", "cnn"), ("speech", "conv"), ("speech", "conv-gru"), ("text", "conv"),
+                                       ("text", "lstm"), ("text", "ngram-linear")])
 def test_one_dp_sgd_step_changes_weights(task, name):
     shape, make = {"vision": ((1, 8, 8), lambda n: torch.rand(n, 1, 8, 8)),
                    "speech": ((16, 40), lambda n: torch.randn(n, 16, 40)),
@@ -74,3 +75,15 @@ def test_bad_arguments_name_the_problem():
         build_model("vision", None, (28, 28), 2)
     with pytest.raises(ValueError, match="num_classes"):
         build_model("vision", None, (1, 8, 8), 1)
+
+
+def test_hashed_ngram_features_are_fixed_normalised_and_order_sensitive():
+    model = build_model("text", "ngram-linear", (8,), 2)
+    a = torch.tensor([[ord(c) + 1 for c in "free win"]])
+    b = torch.tensor([[ord(c) + 1 for c in "win free"]])
+    padded = torch.cat([a, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    fa, fb = model.features(a), model.features(b)
+    assert fa.shape == (1, 4096) and torch.allclose(fa.norm(), torch.tensor(1.0))
+    assert torch.equal(fa, model.features(padded))  # padding adds nothing
+    assert not torch.equal(fa, fb)  # same bytes, different bigrams and trigrams
+    assert [n for n, p in model.named_parameters()] == ["linear.weight", "linear.bias"]

@@ -13,7 +13,7 @@ from shared_models import build_model
 RUN_CONFIG = {
     "task": "vision", "dataset": "digits", "model": "", "num-server-rounds": 2, "local-epochs": 1,
     "batch-size": 64, "lr": 0.1, "optimizer": "sgd", "dp": True, "epsilon": 2.0, "max-epsilon": 0.0,
-    "delta": 1e-5, "clipping-norm": 1.0, "val-fraction": 0.1, "partition": "iid", "alpha": 0.5,
+    "delta": 1e-5, "max-grad-norm": 1.0, "val-fraction": 0.1, "partition": "iid", "alpha": 0.5,
     "seed": 0, "run-name": "t",
 }
 

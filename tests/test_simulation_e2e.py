@@ -65,3 +65,47 @@ def test_cli_rejects_bad_arguments_before_starting_flower(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--epsilon", "-1"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "must be > 0" in proc.stderr
+
+
+def test_secure_and_plain_aggregation_reach_the_same_accuracy(tmp_path):
+    # Clip far above the update norms so client-level clipping is inactive: the only
+    # difference left is SecAgg+'s quantisation (error < clients / scale per coordinate).
+    common = ["--dataset", "digits", "--clients", "3", "--rounds", "2", "--clip-norm", "100"]
+    _simulate(*common, "--secagg", "--out", str(tmp_path / "secure"), "--state-dir", str(tmp_path / "s1"), cwd=tmp_path)
+    _simulate(*common, "--no-secagg", "--out", str(tmp_path / "plain"), "--state-dir", str(tmp_path / "s2"), cwd=tmp_path)
+    secure, plain = _summary(tmp_path / "secure"), _summary(tmp_path / "plain")
+    assert secure["secure_aggregation"] is True and plain["secure_aggregation"] is False
+    assert secure["final"]["test_accuracy"] > 3 * secure["majority_class_rate"]
+    assert abs(secure["final"]["test_accuracy"] - plain["final"]["test_accuracy"]) <= 0.01
+    rows = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["secure_aggregation"]["survivors"]) == 3 for r in rows)
+    assert secure["client_level"]["rounds"] == 2
+
+
+def test_dropouts_mid_protocol_never_stop_the_run_and_are_all_recorded(tmp_path):
+    out = tmp_path / "drops"
+    _simulate("--dataset", "digits", "--clients", "6", "--rounds", "3", "--threshold", "3", "--dropout-rate", "0.5",
+              "--client-noise-multiplier", "0.05", "--clip-norm", "10", "--seed", "1",
+              "--out", str(out), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    summary = _summary(out)
+    assert summary["rounds_completed"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dropped_total = 0
+    for row in rows:
+        secure = row["secure_aggregation"]
+        dropped = sum(len(v) for v in secure.get("dropped", {}).values())
+        dropped_total += dropped
+        if row["aggregated"]:
+            assert len(secure["survivors"]) >= 3 and "error" not in secure
+        else:
+            # Too few nodes at a stage, or too few shares to unmask: either way a clean failure.
+            assert "threshold" in secure["error"] or "needed" in secure["error"]
+            assert row["test"]["accuracy"] == (rows[row["round"] - 2]["test"]["accuracy"] if row["round"] > 1
+                                               else row["test"]["accuracy"])
+        # Every node that vanished is in the round's failures and in the ledger.
+        for names in secure.get("dropped", {}).values():
+            for name in names:
+                assert row["round"] in summary["clients"][name]["failed_rounds"]
+    assert dropped_total > 0  # with rate 0.5 over 18 node-rounds, some dropped
+    aggregated = sum(r["aggregated"] for r in rows)
+    assert summary["client_level"] is None or summary["client_level"]["rounds"] == aggregated

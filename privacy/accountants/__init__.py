@@ -5,9 +5,11 @@ from .sample_level import (
     calibrate_noise_multiplier,
     epsilon_for_history,
 )
+from .client_level import ClientLevelAccountant
 from .ledger import LedgerEntry, NodePrivacyLedger, dataset_fingerprint
 
 __all__ = [
+    "ClientLevelAccountant",
     "PrivacyBudgetError",
     "calibrate_noise_multiplier",
     "epsilon_for_history",

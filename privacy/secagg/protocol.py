@@ -28,6 +28,7 @@ t live clients fails the round with `SecAggAbort` and nothing is revealed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -62,6 +63,21 @@ class RoundSetup:
         if self.params.min_clients > self.threshold:
             raise ValueError("noise is split over min_clients, which must be <= threshold (the fewest clients a sum can have)")
 
+    def to_config(self) -> dict:
+        """Flat dict of bytes/str/int/float/list[str] (fits Flower's ConfigRecord)."""
+        return {
+            "round-id": self.round_id, "participants": list(self.participants), "num-shares": self.num_shares,
+            "threshold": self.threshold, "graph-seed": self.graph_seed, **encoding_to_config(self.params),
+        }
+
+    @classmethod
+    def from_config(cls, cfg) -> RoundSetup:
+        return cls(
+            round_id=bytes(cfg["round-id"]), participants=tuple(str(p) for p in cfg["participants"]),
+            num_shares=int(cfg["num-shares"]), threshold=int(cfg["threshold"]), graph_seed=bytes(cfg["graph-seed"]),
+            params=encoding_from_config(cfg),
+        )
+
     def neighbourhoods(self) -> dict[str, tuple[str, ...]]:
         """N(u) for every u: a ring over a seeded permutation, u included, symmetric."""
         ids = sorted(self.participants)
@@ -75,6 +91,18 @@ class RoundSetup:
             members = {order[(pos + j) % n] for j in range(-half, half + 1)}
             out[u] = tuple(sorted(members))
         return out
+
+
+def encoding_to_config(params: EncodingParams) -> dict:
+    return {"clip-norm": params.clip_norm, "client-noise-multiplier": params.noise_multiplier,
+            "min-clients": params.min_clients, "scale": params.scale, "max-clients": params.max_clients}
+
+
+def encoding_from_config(cfg) -> EncodingParams:
+    return EncodingParams(
+        clip_norm=float(cfg["clip-norm"]), noise_multiplier=float(cfg["client-noise-multiplier"]),
+        min_clients=int(cfg["min-clients"]), scale=float(cfg["scale"]), max_clients=int(cfg["max-clients"]),
+    )
 
 
 def _aad(round_id: bytes, sender: str, receiver: str) -> bytes:
@@ -99,6 +127,27 @@ class SecAggClient:
     _held: dict[str, tuple[int, bytes, bytes]] = field(default_factory=dict)  # owner -> (index, b share, sk share)
     _u2: frozenset[str] = frozenset()
     _revealed: bool = False
+
+    def to_bytes(self) -> bytes:
+        """This client's round state (secrets included) for the node's own storage between stages."""
+        state = {
+            "cid": self.cid, "c_sk": self._c_sk.hex(), "s_sk": self._s_sk.hex(), "b": self._b.hex(),
+            "neighbour_keys": {v: [c.hex(), s.hex()] for v, (c, s) in self._neighbour_keys.items()},
+            "held": {u: [i, b.hex(), k.hex()] for u, (i, b, k) in self._held.items()},
+            "u2": sorted(self._u2), "revealed": self._revealed,
+        }
+        return json.dumps(state).encode()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, setup: RoundSetup) -> SecAggClient:
+        state = json.loads(blob)
+        return cls(
+            cid=state["cid"], setup=setup, _c_sk=bytes.fromhex(state["c_sk"]), _s_sk=bytes.fromhex(state["s_sk"]),
+            _b=bytes.fromhex(state["b"]),
+            _neighbour_keys={v: (bytes.fromhex(c), bytes.fromhex(s)) for v, (c, s) in state["neighbour_keys"].items()},
+            _held={u: (int(i), bytes.fromhex(b), bytes.fromhex(k)) for u, (i, b, k) in state["held"].items()},
+            _u2=frozenset(state["u2"]), _revealed=bool(state["revealed"]),
+        )
 
     @property
     def neighbours(self) -> tuple[str, ...]:

@@ -1,0 +1,101 @@
+"""The node's side of SecAgg+ over Flower messages (`query.secagg_*`).
+
+After local training the node turns its model delta into a vector in Z_(2^k) (clip, add
+its share of the client-level DP noise, stochastic rounding: `privacy.secagg.encoding`) and
+keeps it in its own `context.state`; only the masked vector ever leaves the node. Between
+stages the protocol state (keys, shares, secrets) also lives in `context.state`, which is
+this node's memory: Flower may run each message in a different worker process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+from privacy.secagg import RoundSetup, SecAggClient
+from privacy.secagg.encoding import encode
+from privacy.secagg.protocol import encoding_from_config
+
+STATE = "secagg-state"  # ConfigRecord: setup + serialized client
+INPUT = "secagg-input"  # ArrayRecord: the encoded (unmasked) vector, never sent
+STAGES = ("secagg_advertise", "secagg_share", "secagg_masked", "secagg_unmask")
+
+
+class SimulatedDropout(RuntimeError):
+    """Raised by a simulated node that 'vanishes' at a stage (`--dropout-rate`)."""
+
+
+def flatten_delta(local: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> np.ndarray:
+    """(d,) float64 local - global, concatenated in the global state's key order."""
+    return np.concatenate([(local[k].double() - global_state[k].double()).reshape(-1).numpy() for k in global_state])
+
+
+def store_encoded_update(context: Context, delta: np.ndarray, config, seed: int) -> None:
+    """Encode the delta with the round's parameters (from the train config) and keep it locally."""
+    params = encoding_from_config(config)
+    encoded = encode(delta, params, np.random.default_rng(seed))
+    context.state[INPUT] = ArrayRecord({"y": Array(encoded)})
+    if STATE in context.state:
+        del context.state[STATE]
+
+
+def plan_dropout(context: Context, rate: float, seed: int) -> None:
+    """Simulation only: with probability `rate` this node will vanish at one random stage."""
+    rng = np.random.default_rng(seed)
+    stage = STAGES[int(rng.integers(len(STAGES)))] if rng.random() < rate else ""
+    context.state["secagg-dropout"] = ConfigRecord({"stage": stage})
+
+
+def _maybe_drop(context: Context, stage: str, node: str) -> None:
+    plan = context.state.get("secagg-dropout")
+    if plan is not None and plan["stage"] == stage:
+        raise SimulatedDropout(f"{node} vanished before {stage} (simulated dropout)")
+
+
+def _load(context: Context) -> tuple[RoundSetup, SecAggClient]:
+    cfg = context.state[STATE]
+    setup = RoundSetup.from_config(cfg)
+    return setup, SecAggClient.from_bytes(bytes(cfg["client"]), setup)
+
+
+def _save(context: Context, setup: RoundSetup, client: SecAggClient) -> None:
+    context.state[STATE] = ConfigRecord({**setup.to_config(), "client": client.to_bytes()})
+
+
+def handle_stage(stage: str, content: RecordDict, context: Context, cid: str, node: str) -> RecordDict:
+    """Answer one SecAgg+ stage; `cid` is this node's id in the protocol. Returns the reply content."""
+    _maybe_drop(context, stage, node)
+    payload = content["secagg"]
+    if stage == "secagg_advertise":
+        if INPUT not in context.state:
+            raise RuntimeError(f"{node}: asked to aggregate but holds no trained update for this round")
+        setup = RoundSetup.from_config(payload)
+        client = SecAggClient(cid, setup)
+        c_pk, s_pk = client.advertise_keys()
+        _save(context, setup, client)
+        return RecordDict({"secagg": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk})})
+    setup, client = _load(context)
+    if stage == "secagg_share":
+        keys = {v: (bytes(c), bytes(s)) for v, c, s in zip(payload["neighbours"], payload["c-pks"], payload["s-pks"])}
+        out = client.share_keys(keys)
+        _save(context, setup, client)
+        return RecordDict({"secagg": ConfigRecord({"recipients": list(out), "ciphertexts": list(out.values())})})
+    if stage == "secagg_masked":
+        ciphertexts = {str(u): bytes(c) for u, c in zip(payload["senders"], payload["ciphertexts"])}
+        vector = context.state[INPUT]["y"].numpy()
+        y = client.masked_input(ciphertexts, [str(u) for u in payload["u2"]], vector)
+        del context.state[INPUT]  # the plain encoding is no longer needed
+        _save(context, setup, client)
+        return RecordDict({"masked": ArrayRecord({"y": Array(y)})})
+    if stage == "secagg_unmask":
+        revealed = client.unmask([str(u) for u in payload["u3"]])
+        del context.state[STATE]  # round over: drop this round's secrets
+        owners = sorted(revealed)
+        return RecordDict({"secagg": ConfigRecord({
+            "owners": owners,
+            "kinds": [revealed[o][0] for o in owners],
+            "indices": [revealed[o][1] for o in owners],
+            "shares": [revealed[o][2] for o in owners],
+        })})
+    raise ValueError(f"unknown SecAgg+ stage {stage!r}")
