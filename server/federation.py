@@ -1,11 +1,15 @@
 """The coordinator's round loop over Flower's Grid (Message API FedAvg).
 
 Each round: send the global model to the sampled nodes (`train` messages), collect replies
-within `round-timeout` seconds, sort them into trained / declined / failed, average the
-trained ones weighted by their number of examples (FedAvg, McMahan et al. 2017, with
-Flower's `aggregate_arrayrecords`), evaluate centrally on the test split, record every
-node's epsilon in the coordinator's ledger, and checkpoint. A round in which no node
-trained keeps the global model unchanged; one node's failure never stops the run.
+within `round-timeout` seconds, sort them into trained / declined / failed, then aggregate:
+- plain: average the returned weights, weighted by number of examples (FedAvg, McMahan et
+  al. 2017, with Flower's `aggregate_arrayrecords`);
+- secure (`secagg`): the nodes kept their encoded updates; SecAgg+ stages
+  (`server.secure_aggregation`) give the sum over the survivors, and the global model moves
+  by its equal-weight mean; the client-level accountant is charged for the release.
+Then evaluate centrally on the test split, record every node's epsilon in the coordinator's
+ledger, and checkpoint. A round in which nothing could be aggregated keeps the global model
+unchanged; one node's failure never stops the run.
 """
 
 from __future__ import annotations
@@ -153,8 +157,9 @@ def _train_stage(grid, arrays, config, sampled, settings, ledger, report) -> Tra
 
 
 def round_threshold(settings: FederationSettings, participants: int) -> int:
-    """t for a round: the configured threshold, or max(2, ceil(2n/3)) of its participants."""
-    return settings.threshold or max(2, -(-2 * participants // 3))
+    """t for a round: the configured threshold, or max(2, ceil(2/3 of the neighbourhood size))."""
+    hood = min(settings.num_shares, participants)
+    return settings.threshold or max(2, -(-2 * hood // 3))
 
 
 def secagg_train_config(settings: FederationSettings, arrays: ArrayRecord, num_sampled: int) -> dict:
@@ -175,10 +180,13 @@ def _aggregate_secure(grid, arrays, config, train, settings, ledger, report) -> 
     t = params.min_clients
     if len(participants) < t:
         return _secure_round_failed(report, f"{len(participants)} nodes trained, threshold is {t}")
-    setup = RoundSetup(
-        round_id=f"{settings.run_id}/round-{report.round}".encode(), participants=tuple(str(n) for n in participants),
-        num_shares=settings.num_shares, threshold=t, params=params, graph_seed=os.urandom(16),
-    )
+    try:
+        setup = RoundSetup(
+            round_id=f"{settings.run_id}/round-{report.round}".encode(), participants=tuple(str(n) for n in participants),
+            num_shares=settings.num_shares, threshold=t, params=params, graph_seed=os.urandom(16),
+        )
+    except ValueError as err:  # e.g. a threshold above the neighbourhood size
+        return _secure_round_failed(report, str(err))
     flat = {k: v.numpy() for k, v in arrays.items()}
     error = None
     try:

@@ -99,6 +99,15 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         task = dataset_task(args.dataset, args.task)
         if args.model and args.model not in model_names(task):
             raise ValueError(f"--model for task {task!r} must be one of {model_names(task)}, got {args.model!r}")
+        if args.secagg and args.threshold and not 2 <= args.threshold <= min(args.num_shares, args.clients):
+            raise ValueError(f"--threshold must be in [2, min(--num-shares, --clients)] = "
+                             f"[2, {min(args.num_shares, args.clients)}], got {args.threshold}")
+        if args.secagg and args.clients < 2:
+            raise ValueError("secure aggregation needs at least 2 clients (or use --no-secagg)")
+        if not 0.0 <= args.dropout_rate < 1.0:
+            raise ValueError(f"--dropout-rate must be in [0, 1), got {args.dropout_rate}")
+        if args.client_noise_multiplier < 0:
+            raise ValueError(f"--client-noise-multiplier must be >= 0, got {args.client_noise_multiplier}")
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")
         return 2

@@ -28,3 +28,13 @@ def test_coordinator_ledger_records_replies_declines_and_failures():
     assert out["a"]["epsilon"] == 2.9 and out["a"]["rounds_trained"] == [1, 2] and out["a"]["declined_rounds"] == [3]
     assert out["a"]["epsilon_by_round"] == {"1": 1.5, "2": 2.9, "3": 2.9}
     assert out["b"]["failed_rounds"] == [3] and "bad data" in out["b"]["failures"][0]
+
+
+def test_default_threshold_is_two_thirds_of_the_neighbourhood():
+    from server.federation import FederationSettings, round_threshold
+
+    settings = FederationSettings(rounds=1, num_shares=5)
+    assert round_threshold(settings, 100) == 4  # ceil(2/3 * 5): never above the neighbourhood
+    assert round_threshold(settings, 3) == 2
+    assert round_threshold(FederationSettings(rounds=1, num_shares=10), 10) == 7
+    assert round_threshold(FederationSettings(rounds=1, num_shares=10, threshold=6), 10) == 6

@@ -65,6 +65,9 @@ def test_cli_rejects_bad_arguments_before_starting_flower(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--epsilon", "-1"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "must be > 0" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--clients", "4", "--threshold", "5"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "--threshold must be in [2, min(--num-shares, --clients)] = [2, 4]" in proc.stdout
 
 
 def test_secure_and_plain_aggregation_reach_the_same_accuracy(tmp_path):
@@ -100,8 +103,8 @@ def test_dropouts_mid_protocol_never_stop_the_run_and_are_all_recorded(tmp_path)
         else:
             # Too few nodes at a stage, or too few shares to unmask: either way a clean failure.
             assert "threshold" in secure["error"] or "needed" in secure["error"]
-            assert row["test"]["accuracy"] == (rows[row["round"] - 2]["test"]["accuracy"] if row["round"] > 1
-                                               else row["test"]["accuracy"])
+            before = rows[row["round"] - 2]["test"]["accuracy"] if row["round"] > 1 else summary["initial"]["test_accuracy"]
+            assert row["test"]["accuracy"] == before  # the global model was kept
         # Every node that vanished is in the round's failures and in the ledger.
         for names in secure.get("dropped", {}).values():
             for name in names:

@@ -45,7 +45,12 @@ class SecAggAbort(RuntimeError):
 
 @dataclass(frozen=True)
 class RoundSetup:
-    """Stage 0: what every party agrees on for one round."""
+    """Stage 0: what every party agrees on for one round.
+
+    num_shares: neighbourhood size, self included; below the number of participants the
+    ring takes num_shares // 2 neighbours on each side (an even value acts as the next odd).
+    Raises ValueError for duplicate ids or a threshold outside [2, min(num_shares, n)].
+    """
 
     round_id: bytes
     participants: tuple[str, ...]
