@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from client.config import TrainingPlan
 from server.ledger import CoordinatorLedger
+from shared_models import DEFAULT_MODELS
 from server.run_folder import RunFolder
 
 
@@ -34,7 +35,8 @@ def build_summary(plan: TrainingPlan, cfg: dict, reports, ledger: CoordinatorLed
         "run_name": plan.run_name,
         "task": plan.task,
         "dataset": plan.dataset,
-        "model": plan.model or "default",
+        "model": plan.model or DEFAULT_MODELS[plan.task],
+        "activation": plan.activation,
         "dp": plan.dp,
         "target_epsilon": plan.epsilon if plan.dp else None,
         "delta": plan.delta if plan.dp else None,
