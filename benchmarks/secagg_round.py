@@ -158,7 +158,8 @@ def build_apps(kind: str, num_nodes: int, dim: int):
     @client.train()
     def _train(msg, context):
         node_side.store_encoded_update(context, update_for(context.node_id).astype(np.float64),
-                                       msg.content["config"], seed=context.node_id % 2**32)
+                                       msg.content["config"], seed=context.node_id % 2**32,
+                                       spool_dir=Path(tempfile.gettempdir()) / "fedpriv-bench-spool")
         return Message(RecordDict({"metrics": MetricRecord({"trained": 1})}), reply_to=msg)
 
     for stage in node_side.STAGES:

@@ -45,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
         # The norm before clipping helps choose --clip-norm; one number, released like the
         # other metrics (not covered by client-level DP).
         metrics["update-norm"] = float(np.linalg.norm(delta))
-        secagg.store_encoded_update(context, delta, config, seed)
+        secagg.store_encoded_update(context, delta, config, seed, spool_dir=node.state_dir / "secagg-spool")
         secagg.plan_dropout(context, float(config.get("dropout-rate", 0.0)), seed + 1)
     content = RecordDict({
         "metrics": MetricRecord(metrics),

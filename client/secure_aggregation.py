@@ -2,12 +2,19 @@
 
 After local training the node turns its model delta into a vector in Z_(2^k) (clip, add
 its share of the client-level DP noise, stochastic rounding: `privacy.secagg.encoding`) and
-keeps it in its own `context.state`; only the masked vector ever leaves the node. Between
-stages the protocol state (keys, shares, secrets) also lives in `context.state`, which is
-this node's memory: Flower may run each message in a different worker process.
+spools it to a 0600 file on its own disk (under its state folder) until the masked-input
+stage; only the masked vector ever leaves the node. The file, not `context.state`, holds it
+because Flower copies the context with every message: an 8 MB vector carried through three
+stages cost more than the whole protocol (measured in benchmarks/secagg_round.py). The
+protocol state (keys, shares, secrets: a few KB) lives in `context.state`, this node's
+memory across messages, since Flower may run each message in a different worker process.
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +25,7 @@ from privacy.secagg.encoding import encode
 from privacy.secagg.protocol import encoding_from_config
 
 STATE = "secagg-state"  # ConfigRecord: setup + serialized client
-INPUT = "secagg-input"  # ArrayRecord: the encoded (unmasked) vector, never sent
+INPUT = "secagg-input"  # ConfigRecord: path of the spooled encoded (unmasked) vector, never sent
 STAGES = ("secagg_advertise", "secagg_share", "secagg_masked", "secagg_unmask")
 
 
@@ -31,13 +38,23 @@ def flatten_delta(local: dict[str, torch.Tensor], global_state: dict[str, torch.
     return np.concatenate([(local[k].double() - global_state[k].double()).reshape(-1).numpy() for k in global_state])
 
 
-def store_encoded_update(context: Context, delta: np.ndarray, config, seed: int) -> None:
-    """Encode the delta with the round's parameters (from the train config) and keep it locally."""
+def store_encoded_update(context: Context, delta: np.ndarray, config, seed: int, spool_dir: Path) -> Path:
+    """Encode the delta with the round's parameters (from the train config) and spool it locally.
+
+    Writes `<spool_dir>/<run>-<node>.npy` (mode 0600, atomically); returns its path.
+    """
     params = encoding_from_config(config)
     encoded = encode(delta, params, np.random.default_rng(seed))
-    context.state[INPUT] = ArrayRecord({"y": Array(encoded)})
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    path = spool_dir / f"{context.run_id}-{context.node_id}.npy"
+    fd, tmp = tempfile.mkstemp(dir=spool_dir, suffix=".tmp")  # created 0600
+    with os.fdopen(fd, "wb") as handle:
+        np.save(handle, encoded)
+    os.replace(tmp, path)
+    context.state[INPUT] = ConfigRecord({"path": str(path)})
     if STATE in context.state:
         del context.state[STATE]
+    return path
 
 
 def plan_dropout(context: Context, rate: float, seed: int) -> None:
@@ -83,9 +100,11 @@ def handle_stage(stage: str, content: RecordDict, context: Context, cid: str, no
         return RecordDict({"secagg": ConfigRecord({"recipients": list(out), "ciphertexts": list(out.values())})})
     if stage == "secagg_masked":
         ciphertexts = {str(u): bytes(c) for u, c in zip(payload["senders"], payload["ciphertexts"])}
-        vector = context.state[INPUT]["y"].numpy()
+        spooled = Path(str(context.state[INPUT]["path"]))
+        vector = np.load(spooled)
         y = client.masked_input(ciphertexts, [str(u) for u in payload["u2"]], vector)
-        del context.state[INPUT]  # the plain encoding is no longer needed
+        spooled.unlink(missing_ok=True)  # the plain encoding is no longer needed
+        del context.state[INPUT]
         _save(context, setup, client)
         return RecordDict({"masked": ArrayRecord({"y": Array(y)})})
     if stage == "secagg_unmask":

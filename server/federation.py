@@ -215,6 +215,27 @@ def _secure_round_failed(report: RoundReport, why: str) -> None:
     return None
 
 
+def evaluate_on_nodes(grid: Grid, arrays: ArrayRecord, timeout: float) -> dict[str, float]:
+    """Send the model to every node's `evaluate` handler; example-weighted validation metrics.
+
+    Returns {"val_loss", "val_accuracy", "val_nodes"} (empty when no node answered).
+    """
+    messages = [Message(RecordDict({"arrays": arrays}), dst_node_id=nid, message_type=MessageType.EVALUATE)
+                for nid in sorted(grid.get_node_ids())]
+    total = {"loss": 0.0, "accuracy": 0.0}
+    n, nodes = 0.0, 0
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            continue
+        metrics = reply.content["metrics"]
+        weight = float(metrics.get("num-val-examples", 0.0))
+        if weight and "val-accuracy" in metrics:
+            total["loss"] += metrics["val-loss"] * weight
+            total["accuracy"] += metrics["val-accuracy"] * weight
+            n, nodes = n + weight, nodes + 1
+    return {"val_loss": total["loss"] / n, "val_accuracy": total["accuracy"] / n, "val_nodes": nodes} if n else {}
+
+
 def run_federation(
     grid: Grid,
     initial: ArrayRecord,
@@ -245,7 +266,8 @@ def run_federation(
             if new_arrays is not None:
                 client_accountant.step(settings.client_noise_multiplier, settings.fraction_train)
                 report.client_epsilon = client_accountant.epsilon()
-                ledger.client_level = {"epsilon": report.client_epsilon, "delta": settings.client_delta,
+                ledger.client_level = {"enabled": settings.client_noise_multiplier > 0,
+                                       "epsilon": report.client_epsilon, "delta": settings.client_delta,
                                        "noise_multiplier": settings.client_noise_multiplier,
                                        "sample_rate": settings.fraction_train, "rounds": sum(h[2] for h in client_accountant.history)}
         elif train.trained:

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.config import TrainingPlan
 from privacy.dp_sgd import evaluate
-from server.federation import FederationSettings, run_federation
+from server.federation import FederationSettings, evaluate_on_nodes, run_federation
 from server.ledger import CoordinatorLedger
 from server.run_folder import RunFolder
 from server.summary import build_summary, write_report
@@ -72,10 +72,12 @@ def main(grid: Grid, context: Context) -> None:
     initial_test = evaluate_global(initial)
     final, reports = run_federation(grid, initial, settings, evaluate_global, folder, ledger, checkpoint)
     folder.write_torch("final_model.pt", final.to_torch_state_dict())
+    final_validation = evaluate_on_nodes(grid, final, settings.round_timeout)
     folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})
     summary = build_summary(
         plan, cfg, reports, ledger, initial_test,
         majority_rate=float(np.bincount(test.y).max() / len(test)), seconds=time.time() - started,
     )
+    summary["final"].update(final_validation)
     folder.write_json("summary.json", summary)
     write_report(folder, summary)

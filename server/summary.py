@@ -73,7 +73,8 @@ def write_report(folder: RunFolder, summary: dict) -> None:
         f"- differential privacy: {'DP-SGD, target epsilon %g at delta %g per node' % (summary['target_epsilon'], summary['delta']) if summary['dp'] else 'off'}",
         *([f"- client-level DP: epsilon {summary['client_level']['epsilon']:.3g} at delta "
            f"{summary['client_level']['delta']:g} (noise multiplier {summary['client_level']['noise_multiplier']:g}, "
-           f"{summary['client_level']['rounds']} released rounds)"] if summary.get("client_level") else []),
+           f"{summary['client_level']['rounds']} released rounds)"] if (summary.get("client_level") or {}).get("enabled")
+          else ["- client-level DP: off (no client-level noise; each node's protection is its sample-level epsilon)"]),
         "",
         "| node | epsilon | delta | budget | rounds trained | declined | failed |",
         "|---|---|---|---|---|---|---|",

@@ -59,33 +59,35 @@ def _run(contexts, params, t, drop_stage=None, dropper=None):
     return decode_sum(server.unmask(revealed), params), u3
 
 
-def _train(contexts, params):
+def _train(contexts, params, spool):
     rng = np.random.default_rng(0)
     deltas = {}
     for nid, ctx in contexts.items():
         global_state = {"w": torch.zeros(D // 2), "b": torch.zeros(D // 2)}
         local = {"w": torch.from_numpy(rng.normal(0, 0.1, D // 2)).float(), "b": torch.from_numpy(rng.normal(0, 0.1, D // 2)).float()}
         deltas[nid] = node_side.flatten_delta(local, global_state)
-        node_side.store_encoded_update(ctx, deltas[nid], encoding_to_config(params), seed=nid)
+        path = node_side.store_encoded_update(ctx, deltas[nid], encoding_to_config(params), seed=nid, spool_dir=spool)
+        assert path.stat().st_mode & 0o777 == 0o600
     return deltas
 
 
-def test_four_stages_over_flower_records_give_the_exact_sum():
+def test_four_stages_over_flower_records_give_the_exact_sum(tmp_path):
     contexts = _contexts(4)
     params = _params(4, 3)
-    deltas = _train(contexts, params)
+    deltas = _train(contexts, params, tmp_path)
     total, u3 = _run(contexts, params, t=3)
     assert len(u3) == 4
     assert np.abs(total - sum(deltas.values())).max() < 4 / params.scale
-    # Secrets and the plain encoding are gone from every node's state after the round.
+    # Secrets and the plain encoding are gone from every node's state and disk after the round.
     assert all("secagg-state" not in c.state and "secagg-input" not in c.state for c in contexts.values())
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_a_node_dropping_after_masking_is_still_summed_and_one_dropping_before_is_not():
+def test_a_node_dropping_after_masking_is_still_summed_and_one_dropping_before_is_not(tmp_path):
     for stage, included in (("secagg_unmask", True), ("secagg_masked", False)):
         contexts = _contexts(5)
         params = _params(5, 3)
-        deltas = _train(contexts, params)
+        deltas = _train(contexts, params, tmp_path / stage)
         dropper = 102
         total, u3 = _run(contexts, params, t=3, drop_stage=stage, dropper=dropper)
         expected = sum(d for n, d in deltas.items() if included or n != dropper)

@@ -29,6 +29,8 @@ def test_real_data_dp_run_beats_majority_class_within_budget(shared_data, tmp_pa
     assert summary["rounds_completed"] == 6 and summary["dp"] is True
     assert summary["final"]["test_accuracy"] > summary["majority_class_rate"] + 0.05  # 0.625 on the official test split
     assert summary["final"]["test_auc"] > 0.8
+    # The final model was also evaluated on every node's validation share (the evaluate handler).
+    assert summary["final"]["val_nodes"] == 3 and 0.5 < summary["final"]["val_accuracy"] <= 1.0
     assert set(summary["clients"]) == {"node-0", "node-1", "node-2"}
     for node in summary["clients"].values():
         assert 0 < node["epsilon"] <= 8.0 and node["delta"] == 1e-5 and node["declined_rounds"] == []
