@@ -10,6 +10,8 @@ The work is in `client.node_training` and `client.secure_aggregation`.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -40,7 +42,8 @@ def train(msg: Message, context: Context) -> Message:
     secure = bool(config.get("secagg", False))
     if outcome.state is not None and secure:
         # Keep the encoded update here; only its masked form will leave the node.
-        seed = plan.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_000_007
+        # Seeded by the node's name, not Flower's per-run node id, so a resumed run repeats it.
+        seed = plan.seed * 1_000_003 + server_round * 7919 + zlib.crc32(node.name.encode())
         delta = secagg.flatten_delta(outcome.state, global_state)
         # The norm before clipping helps choose --clip-norm; one number, released like the
         # other metrics (not covered by client-level DP).

@@ -243,13 +243,24 @@ def run_federation(
     evaluate_fn: Callable[[ArrayRecord], dict[str, float]],
     folder: RunFolder,
     ledger: CoordinatorLedger,
-    on_round_end: Callable[[RoundReport, ArrayRecord], None] | None = None,
+    on_round_end: Callable[[RoundReport, ArrayRecord, dict], None] | None = None,
+    resume: dict | None = None,
 ) -> tuple[ArrayRecord, list[RoundReport]]:
-    """Run `settings.rounds` rounds; returns (final global arrays, per-round reports)."""
+    """Run rounds up to `settings.rounds`; returns (final global arrays, reports of rounds run).
+
+    resume: {"round", "rng", "client_history"} from a checkpoint: continue after that round
+    with the same sampling RNG and client-level accountant. `on_round_end(report, arrays,
+    state)` receives that same state dict for the next checkpoint.
+    """
     rng = np.random.default_rng(settings.seed)
-    arrays, reports = initial, []
     client_accountant = ClientLevelAccountant(delta=settings.client_delta)
-    for server_round in range(1, settings.rounds + 1):
+    first_round = 1
+    if resume:
+        rng.bit_generator.state = resume["rng"]
+        client_accountant.history = [tuple(h) for h in resume["client_history"]]
+        first_round = int(resume["round"]) + 1
+    arrays, reports = initial, []
+    for server_round in range(first_round, settings.rounds + 1):
         started = time.monotonic()
         report = RoundReport(round=server_round)
         node_ids = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_timeout)
@@ -299,5 +310,6 @@ def run_federation(
             len(report.trained), len(report.declined), len(report.failed), report.seconds,
         )
         if on_round_end:
-            on_round_end(report, arrays)
+            on_round_end(report, arrays, {"round": server_round, "rng": rng.bit_generator.state,
+                                          "client_history": [list(h) for h in client_accountant.history]})
     return arrays, reports

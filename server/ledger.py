@@ -60,5 +60,13 @@ class CoordinatorLedger:
         rec.failed_rounds.append(server_round)
         rec.failures.append(f"round {server_round}: {error}")
 
+    @classmethod
+    def from_dict(cls, nodes: dict[str, dict], client_level: dict | None = None) -> CoordinatorLedger:
+        """Inverse of `to_dict` (plus the client-level record), for resuming from a checkpoint."""
+        ledger = cls()
+        ledger.nodes = {name: NodeRecord(**rec) for name, rec in nodes.items()}
+        ledger.client_level = dict(client_level or {})
+        return ledger
+
     def to_dict(self) -> dict[str, dict]:
         return {name: asdict(rec) for name, rec in sorted(self.nodes.items())}

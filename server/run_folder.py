@@ -71,6 +71,25 @@ class RunFolder:
     def write_torch(self, name: str, obj: Any) -> Path:
         return self._atomic_write(name, lambda h: torch.save(obj, h))
 
+    def read_metrics(self, up_to_round: int | None = None) -> list[dict]:
+        """metrics.jsonl records (rounds <= up_to_round when given); a torn last line is dropped."""
+        path = self.path / "metrics.jsonl"
+        rows = []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if up_to_round is None or row["round"] <= up_to_round:
+                    rows.append(row)
+        return rows
+
+    def rewrite_metrics(self, rows: list[dict]) -> None:
+        """Replace metrics.jsonl by `rows` (atomically): used to drop rounds after a checkpoint."""
+        text = "".join(json.dumps(_clean(r), default=_json_default) + "\n" for r in rows)
+        self.write_text("metrics.jsonl", text)
+
     def append_metrics(self, record: dict) -> None:
         """Append one round's metrics as a JSON line (flushed and fsynced)."""
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:

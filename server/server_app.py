@@ -31,7 +31,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg = dict(context.run_config)
     plan = TrainingPlan.from_run_config(cfg)
     folder = RunFolder(Path(str(cfg["out-dir"])).expanduser())
-    folder.write_json("config.json", cfg)
     started = time.time()
 
     from simulations.datasets import load_dataset
@@ -45,39 +44,57 @@ def main(grid: Grid, context: Context) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         return evaluate(model.to(dev), test, dev)
 
-    ledger = CoordinatorLedger()
+    settings = federation_settings(cfg, plan, run_id=f"{plan.run_name}-{context.run_id}")
+    arrays, ledger, resume, initial_test = ArrayRecord(model.state_dict()), CoordinatorLedger(), None, None
+    checkpoint_file = folder.path / "checkpoint.pt"
+    if bool(cfg.get("resume", False)) and checkpoint_file.exists():
+        # Continue after the last complete round. Nodes' own ledgers already hold every step
+        # they took, including a round trained but never aggregated before the crash.
+        saved = torch.load(checkpoint_file, weights_only=False)  # our own file, written below
+        arrays = ArrayRecord(saved["arrays"])
+        ledger = CoordinatorLedger.from_dict(saved["ledger"], saved["client_level"])
+        resume, initial_test = saved["state"], saved["initial_test"]
+        folder.rewrite_metrics(folder.read_metrics(up_to_round=saved["state"]["round"]))
+        cfg["resumed-after-round"] = saved["state"]["round"]
+    else:
+        folder.rewrite_metrics([])
+        initial_test = evaluate_global(arrays)
+    folder.write_json("config.json", cfg)
 
-    def checkpoint(report, arrays: ArrayRecord) -> None:
+    def checkpoint(report, arrays: ArrayRecord, state: dict) -> None:
         folder.write_torch("checkpoint.pt", {
-            "round": report.round, "arrays": arrays.to_torch_state_dict(), "ledger": ledger.to_dict(),
+            "arrays": arrays.to_torch_state_dict(), "ledger": ledger.to_dict(), "client_level": ledger.client_level,
+            "state": state, "initial_test": initial_test,
         })
         folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})
 
-    settings = FederationSettings(
-        rounds=plan.rounds,
-        fraction_train=float(cfg.get("fraction-train", 1.0)),
-        min_nodes=int(cfg.get("min-nodes", 1)),
-        round_timeout=float(cfg.get("round-timeout", 3600.0)),
-        seed=plan.seed,
-        run_id=f"{plan.run_name}-{context.run_id}",
-        secagg=bool(cfg.get("secagg", False)),
-        num_shares=int(cfg.get("num-shares", 5)),
-        threshold=int(cfg.get("threshold", 0)),
-        clip_norm=float(cfg.get("clip-norm", 1.0)),
-        client_noise_multiplier=float(cfg.get("client-noise-multiplier", 0.0)),
-        client_delta=float(cfg.get("client-delta", 1e-5)),
-        dropout_rate=float(cfg.get("dropout-rate", 0.0)),
-    )
-    initial = ArrayRecord(model.state_dict())
-    initial_test = evaluate_global(initial)
-    final, reports = run_federation(grid, initial, settings, evaluate_global, folder, ledger, checkpoint)
+    final, _ = run_federation(grid, arrays, settings, evaluate_global, folder, ledger, checkpoint, resume=resume)
     folder.write_torch("final_model.pt", final.to_torch_state_dict())
     final_validation = evaluate_on_nodes(grid, final, settings.round_timeout)
     folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})
     summary = build_summary(
-        plan, cfg, reports, ledger, initial_test,
+        plan, cfg, folder.read_metrics(), ledger, initial_test,
         majority_rate=float(np.bincount(test.y).max() / len(test)), seconds=time.time() - started,
     )
     summary["final"].update(final_validation)
     folder.write_json("summary.json", summary)
     write_report(folder, summary)
+
+
+def federation_settings(cfg: dict, plan: TrainingPlan, run_id: str) -> FederationSettings:
+    """Round-loop settings from the run-config (keys as in pyproject's [tool.flwr.app.config])."""
+    return FederationSettings(
+        rounds=plan.rounds,
+        fraction_train=float(cfg.get("fraction-train", 1.0)),
+        min_nodes=int(cfg.get("min-nodes", 1)),
+        round_timeout=float(cfg.get("round-timeout", 3600.0)),
+        seed=plan.seed,
+        run_id=run_id,
+        secagg=bool(cfg.get("secagg", False)),
+        num_shares=int(cfg.get("num-shares", 5)),
+        threshold=int(cfg.get("threshold", 0)),
+        clip_norm=float(cfg.get("clip-norm", 1000.0)),
+        client_noise_multiplier=float(cfg.get("client-noise-multiplier", 0.0)),
+        client_delta=float(cfg.get("client-delta", 1e-5)),
+        dropout_rate=float(cfg.get("dropout-rate", 0.0)),
+    )

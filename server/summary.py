@@ -12,10 +12,13 @@ from shared_models import DEFAULT_MODELS
 from server.run_folder import RunFolder
 
 
-def build_summary(plan: TrainingPlan, cfg: dict, reports, ledger: CoordinatorLedger, initial_test: dict,
+def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: CoordinatorLedger, initial_test: dict,
                   majority_rate: float, seconds: float) -> dict:
-    """The run's headline numbers as a JSON-ready dict."""
-    last = reports[-1].test if reports else initial_test
+    """The run's headline numbers as a JSON-ready dict.
+
+    rows: every round's metrics.jsonl record, including rounds run before a resume.
+    """
+    last = rows[-1]["test"] if rows else initial_test
     clients = {}
     for name, rec in ledger.to_dict().items():
         clients[name] = {
@@ -41,8 +44,9 @@ def build_summary(plan: TrainingPlan, cfg: dict, reports, ledger: CoordinatorLed
         "target_epsilon": plan.epsilon if plan.dp else None,
         "delta": plan.delta if plan.dp else None,
         "rounds_planned": plan.rounds,
-        "rounds_completed": len(reports),
-        "rounds_aggregated": sum(r.aggregated for r in reports),
+        "rounds_completed": len(rows),
+        "rounds_aggregated": sum(bool(r["aggregated"]) for r in rows),
+        "resumed_after_round": cfg.get("resumed-after-round"),
         "initial": {"test_accuracy": initial_test.get("accuracy"), "test_loss": initial_test.get("loss")},
         "final": {
             "test_accuracy": last.get("accuracy"),
@@ -52,7 +56,7 @@ def build_summary(plan: TrainingPlan, cfg: dict, reports, ledger: CoordinatorLed
         "majority_class_rate": majority_rate,
         "secure_aggregation": bool(cfg.get("secagg", False)),
         "client_level": ledger.client_level or None,
-        "secure_rounds_failed": [r.round for r in reports if r.secure.get("error")],
+        "secure_rounds_failed": [r["round"] for r in rows if (r.get("secure_aggregation") or {}).get("error")],
         "max_client_epsilon": max((c["epsilon"] for c in clients.values() if c["epsilon"] is not None), default=None),
         "clients": clients,
         "seconds": seconds,

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--val-fraction", type=float, default=0.1, help="share of each node's records kept for validation")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<dataset>-<time>)")
+    sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run from its last complete round (other options are taken "
+                          "from RUN_DIR/config.json)")
     sim.add_argument("--state-dir", type=Path, default=None,
                      help="where simulated nodes keep their privacy ledgers (default: a per-user folder)")
     sec = sim.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
@@ -95,6 +98,34 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
     return parser
+
+
+def resume(args: argparse.Namespace, console: Console) -> int:
+    """`fedpriv simulate --resume RUN_DIR`: same run-config, continue after the last checkpoint."""
+    from simulations.runner import SimulationError, run_simulation_job
+
+    run_dir = args.resume.resolve()
+    config_file, checkpoint = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not config_file.exists() or not checkpoint.exists():
+        console.print(f"[red]error:[/red] {run_dir} has no config.json and checkpoint.pt to resume from")
+        return 2
+    import json
+
+    run_config = {k: v for k, v in json.loads(config_file.read_text()).items()
+                  if k not in ("out-dir", "resume", "resumed-after-round")}
+    clients = int(run_config.get("num-supernodes", 0))
+    if clients < 1:
+        console.print(f"[red]error:[/red] {config_file} does not record 'num-supernodes'")
+        return 2
+    console.print(f"fedpriv: resuming {run_dir} ({clients} nodes, {run_config['num-server-rounds']} rounds)")
+    try:
+        summary = run_simulation_job(run_config, clients, run_dir, cpus_per_client=args.cpus_per_client,
+                                     gpus_per_client=args.gpus_per_client, console=console, resume=True)
+    except SimulationError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 1
+    print_summary(summary, run_dir, console)
+    return 0
 
 
 def simulate(args: argparse.Namespace, console: Console) -> int:
@@ -149,6 +180,7 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "run-name": out.name,
         "state-dir": str((args.state_dir or default_state_dir()).resolve()),
         "data-dir": str(data_dir().resolve()),
+        "num-supernodes": args.clients,
         "secagg": args.secagg,
         "num-shares": args.num_shares,
         "threshold": args.threshold,
@@ -210,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     if args.command == "simulate":
-        return simulate(args, console)
+        return resume(args, console) if args.resume else simulate(args, console)
     return 2
 
 

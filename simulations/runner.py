@@ -109,18 +109,20 @@ def run_simulation_job(
     cpus_per_client: int = 1,
     gpus_per_client: float = 0.0,
     console: Console | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run the federation described by `run_config`; returns the parsed summary.json.
 
     run_config: the app's run-config keys (see pyproject's [tool.flwr.app.config]); its
-    `out-dir` is set to `out_dir`. Raises SimulationError when Flower fails or the run ends
+    `out-dir` is set to `out_dir`. resume: continue from `out_dir/checkpoint.pt`. Raises SimulationError when Flower fails or the run ends
     without writing summary.json (the message names the log to read).
     """
     console = console or Console(stderr=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json"):
-        (out_dir / stale).unlink(missing_ok=True)
-    run_config = {**run_config, "out-dir": str(out_dir)}
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    if not resume:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_config = {**run_config, "out-dir": str(out_dir), "resume": resume}
     flwr_home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
     port = _free_port()
     (flwr_home / "config.toml").write_text(

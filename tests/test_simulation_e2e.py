@@ -114,3 +114,45 @@ def test_dropouts_mid_protocol_never_stop_the_run_and_are_all_recorded(tmp_path)
     assert dropped_total > 0  # with rate 0.5 over 18 node-rounds, some dropped
     aggregated = sum(r["aggregated"] for r in rows)
     assert summary["client_level"] is None or summary["client_level"]["rounds"] == aggregated
+
+
+def test_server_killed_after_a_round_resumes_to_the_same_model_without_privacy_undercount(tmp_path):
+    import time
+
+    import psutil
+    import torch
+
+    common = ["--dataset", "digits", "--clients", "2", "--rounds", "4", "--epsilon", "4", "--max-epsilon", "20"]
+    _simulate(*common, "--out", str(tmp_path / "whole"), "--state-dir", str(tmp_path / "s-whole"), cwd=tmp_path)
+
+    out = tmp_path / "crashed"
+    cli = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *common, "--out", str(out),
+                            "--state-dir", str(tmp_path / "s-crash")], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # wait for round 2's checkpoint, then kill the ServerApp
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    server = [p for p in psutil.Process(cli.pid).children(recursive=True) if "flwr-simulation" in " ".join(p.cmdline())]
+    assert server, "no ServerApp process found"
+    for proc in server:
+        proc.kill()  # SIGKILL
+    assert cli.wait(timeout=300) != 0  # the interrupted run reports failure
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 2 <= done < 4 and not (out / "summary.json").exists()
+
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--resume", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    whole, resumed = _summary(tmp_path / "whole"), _summary(out)
+    assert resumed["rounds_completed"] == 4 and resumed["resumed_after_round"] == done
+    a = torch.load(tmp_path / "whole" / "final_model.pt")
+    b = torch.load(out / "final_model.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert resumed["final"]["test_accuracy"] == pytest.approx(whole["final"]["test_accuracy"], abs=1e-9)
+    # Privacy is never under-counted: a round trained before the kill but not aggregated
+    # was charged in the nodes' ledgers and stays charged.
+    for name in ("node-0", "node-1"):
+        assert resumed["clients"][name]["epsilon"] >= whole["clients"][name]["epsilon"] - 1e-9
