@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import faults
 from client import secure_aggregation as secagg
 from client.config import TrainingPlan, node_identity
 from client.node_training import device, load_node_data, train_round
@@ -33,10 +34,28 @@ def _setup(context: Context):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    plan, node, data = _setup(context)
+    """One round of local training; any error becomes a named failure reply, never a crash."""
+    plan = TrainingPlan.from_run_config(dict(context.run_config))
+    node = node_identity(context, plan)
+    try:
+        return _train(msg, context, plan, node)
+    except Exception as err:  # noqa: BLE001 - one node's failure must not take others down
+        # Only the exception's type and message leave the node (no traceback, no data).
+        return Message(content=RecordDict({
+            "metrics": MetricRecord({"failed": 1}),
+            "node": ConfigRecord({"name": node.name, "error": f"{type(err).__name__}: {err}"}),
+        }), reply_to=msg)
+
+
+def _train(msg: Message, context: Context, plan: TrainingPlan, node) -> Message:
+    data = load_node_data(node, plan)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     global_state = msg.content["arrays"].to_torch_state_dict()
+    run_cfg = context.run_config
+    if float(run_cfg.get("fault-rate", 0.0)) > 0:  # simulation only: fail on purpose
+        faults.inject(plan.seed, server_round, node.name, float(run_cfg["fault-rate"]),
+                      hang_seconds=float(run_cfg.get("round-timeout", 3600.0)) + 5.0)
     outcome = train_round(node, plan, data, global_state, server_round, str(config["run-id"]))
     metrics = {**outcome.metrics, "declined": int(outcome.declined)}
     secure = bool(config.get("secagg", False))

@@ -116,26 +116,34 @@ class TrainReplies:
     val_accuracy: float | None = None
 
 
-def _train_stage(grid, arrays, config, sampled, settings, ledger, report) -> TrainReplies:
+def _train_stage(grid, arrays, config, sampled, settings, ledger, report, known_names: dict[int, str]) -> TrainReplies:
     messages = [
         Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=nid, message_type=MessageType.TRAIN)
         for nid in sampled
     ]
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
     out = TrainReplies()
+    for reply in replies:
+        if not reply.has_error():
+            known_names[reply.metadata.src_node_id] = _reply_node_name(reply)
     for nid in sorted(set(sampled) - {r.metadata.src_node_id for r in replies}):
-        name = f"node-id-{nid}"
+        name = known_names.get(nid, f"node-id-{nid}")
         ledger.record_failure(name, report.round, f"no reply within {settings.round_timeout:.0f} s")
         report.failed.append(name)
     val_acc, val_n = 0.0, 0.0
     for reply in replies:
-        nid, name = reply.metadata.src_node_id, _reply_node_name(reply)
+        nid = reply.metadata.src_node_id
+        name = known_names.get(nid, f"node-id-{nid}")
         out.names[nid] = name
         if reply.has_error():
             ledger.record_failure(name, report.round, f"{reply.error.code}: {reply.error.reason}")
             report.failed.append(name)
             continue
         metrics = dict(reply.content["metrics"])
+        if metrics.get("failed"):  # the node caught its own error and said so
+            ledger.record_failure(name, report.round, str(reply.content["node"]["error"]))
+            report.failed.append(name)
+            continue
         declined = bool(metrics.get("declined", 0))
         ledger.record_reply(name, report.round, metrics, declined)
         if declined:
@@ -260,6 +268,7 @@ def run_federation(
         client_accountant.history = [tuple(h) for h in resume["client_history"]]
         first_round = int(resume["round"]) + 1
     arrays, reports = initial, []
+    known_names: dict[int, str] = {}  # node id -> the name it reported, for nodes that later go silent
     for server_round in range(first_round, settings.rounds + 1):
         started = time.monotonic()
         report = RoundReport(round=server_round)
@@ -270,7 +279,7 @@ def run_federation(
         if settings.secagg:
             config.update(secagg_train_config(settings, arrays, len(sampled)))
         config = ConfigRecord(config)
-        train = _train_stage(grid, arrays, config, sampled, settings, ledger, report)
+        train = _train_stage(grid, arrays, config, sampled, settings, ledger, report, known_names)
 
         if settings.secagg:
             new_arrays = _aggregate_secure(grid, arrays, config, train, settings, ledger, report)

@@ -24,7 +24,7 @@ class NodeRecord:
     rounds_trained: list[int] = field(default_factory=list)
     declined_rounds: list[int] = field(default_factory=list)
     failed_rounds: list[int] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # {"round": int, "error": str}
     epsilon_by_round: dict[str, float] = field(default_factory=dict)
 
 
@@ -57,8 +57,9 @@ class CoordinatorLedger:
     def record_failure(self, name: str, server_round: int, error: str) -> None:
         """A node that raised, timed out or sent an invalid reply in `server_round`."""
         rec = self._node(name)
-        rec.failed_rounds.append(server_round)
-        rec.failures.append(f"round {server_round}: {error}")
+        if server_round not in rec.failed_rounds:
+            rec.failed_rounds.append(server_round)
+        rec.failures.append({"round": server_round, "error": error})
 
     @classmethod
     def from_dict(cls, nodes: dict[str, dict], client_level: dict | None = None) -> CoordinatorLedger:

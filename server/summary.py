@@ -57,6 +57,10 @@ def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: Coord
         "secure_aggregation": bool(cfg.get("secagg", False)),
         "client_level": ledger.client_level or None,
         "secure_rounds_failed": [r["round"] for r in rows if (r.get("secure_aggregation") or {}).get("error")],
+        "failures": sorted(
+            ({"round": f["round"], "node": name, "error": f["error"]} for name, c in clients.items() for f in c["failures"]),
+            key=lambda f: (f["round"], f["node"]),
+        ),
         "max_client_epsilon": max((c["epsilon"] for c in clients.values() if c["epsilon"] is not None), default=None),
         "clients": clients,
         "seconds": seconds,
@@ -70,7 +74,8 @@ def write_report(folder: RunFolder, summary: dict) -> None:
         f"# fedpriv run `{summary['run_name']}`",
         "",
         f"- task **{summary['task']}**, dataset **{summary['dataset']}**, model {summary['model']}",
-        f"- rounds completed: {summary['rounds_completed']} of {summary['rounds_planned']}",
+        f"- rounds completed: {summary['rounds_completed']} of {summary['rounds_planned']}, "
+        f"of which {summary['rounds_aggregated']} changed the model",
         f"- final test accuracy: **{final['test_accuracy']:.4f}** (majority class {summary['majority_class_rate']:.4f})"
         + (f", AUC {final['test_auc']:.4f}" if "test_auc" in final else ""),
         f"- secure aggregation: {'SecAgg+ (the server saw only sums)' if summary['secure_aggregation'] else 'off'}",

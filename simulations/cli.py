@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--client-delta", type=_positive_float, default=1e-5, help="client-level DP delta")
     sec.add_argument("--dropout-rate", type=float, default=0.0,
                      help="chance a simulated node vanishes at one SecAgg+ stage in a round")
+    sim.add_argument("--round-timeout", type=_positive_float, default=3600.0,
+                     help="seconds the server waits for a round's replies (a node later than that counts as failed)")
+    sim.add_argument("--fault-rate", type=float, default=0.0,
+                     help="simulation: chance that a node raises or hangs past --round-timeout in a round")
     sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
     return parser
@@ -128,6 +132,44 @@ def resume(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def preflight(run_config: dict, clients: int) -> list[str]:
+    """Check the run before any Flower process starts; returns the nodes that will decline.
+
+    Loads and splits the data (a bad path, a malformed file or an impossible partition is
+    reported at once), checks delta < 1/n per node, and reads each simulated node's ledger:
+    raises ValueError when *every* node has already spent its budget on this data, since the
+    run could then only decline every round.
+    """
+    from client.config import NodeIdentity, TrainingPlan
+    from client.node_training import load_node_data, plan_noise
+    from privacy.accountants import NodePrivacyLedger
+
+    plan = TrainingPlan.from_run_config(run_config)
+    state_dir = Path(run_config["state-dir"])
+    exhausted = []
+    for pid in range(clients):
+        node = NodeIdentity(name=f"node-{pid}", state_dir=state_dir, max_epsilon=float(run_config["max-epsilon"]),
+                            delta=plan.delta, data_path=None, partition_id=pid, num_partitions=clients)
+        data = load_node_data(node, plan)
+        if not plan.dp:
+            continue
+        if plan.delta >= 1.0 / len(data.train):
+            raise ValueError(f"--delta {plan.delta:g} must be < 1/n = {1 / len(data.train):.3g} for {node.name}'s "
+                             f"{len(data.train)} training records")
+        if NodePrivacyLedger.path_for(state_dir, node.name, data.fingerprint).exists():
+            sigma, q, steps = plan_noise(plan, len(data.train), plan.delta)
+            ledger = NodePrivacyLedger(state_dir, node.name, data.fingerprint, plan.delta)
+            if ledger.epsilon_if_charged(sigma, q, steps) > node.max_epsilon:
+                exhausted.append(f"{node.name} (spent {ledger.epsilon():.2f} of {node.max_epsilon:g})")
+    if exhausted and len(exhausted) == clients:
+        raise ValueError(
+            f"every node has already spent its privacy budget on this data (ledgers in {state_dir}): "
+            + ", ".join(exhausted) + ". The budget belongs to the data and persists across runs; "
+            "use a fresh --state-dir to simulate new data owners, or raise --max-epsilon."
+        )
+    return exhausted
+
+
 def simulate(args: argparse.Namespace, console: Console) -> int:
     from client.config import default_state_dir
     from simulations.datasets import data_dir, dataset_task
@@ -143,6 +185,8 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
                              f"[2, {min(args.num_shares, args.clients)}], got {args.threshold}")
         if args.secagg and args.clients < 2:
             raise ValueError("secure aggregation needs at least 2 clients (or use --no-secagg)")
+        if not 0.0 <= args.fault_rate < 1.0:
+            raise ValueError(f"--fault-rate must be in [0, 1), got {args.fault_rate}")
         if not 0.0 <= args.dropout_rate < 1.0:
             raise ValueError(f"--dropout-rate must be in [0, 1), got {args.dropout_rate}")
         if args.client_noise_multiplier < 0:
@@ -181,6 +225,8 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "state-dir": str((args.state_dir or default_state_dir()).resolve()),
         "data-dir": str(data_dir().resolve()),
         "num-supernodes": args.clients,
+        "round-timeout": args.round_timeout,
+        "fault-rate": args.fault_rate,
         "secagg": args.secagg,
         "num-shares": args.num_shares,
         "threshold": args.threshold,
@@ -189,6 +235,13 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "client-delta": args.client_delta,
         "dropout-rate": args.dropout_rate,
     }
+    try:
+        exhausted = preflight(run_config, args.clients)
+    except ValueError as err:  # DataFormatError and ConfigError are ValueErrors too
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    if exhausted:
+        console.print(f"[yellow]these nodes have too little budget left and will decline: {', '.join(exhausted)}[/yellow]")
     console.print(f"node privacy ledgers: {run_config['state-dir']}")
     console.print(f"fedpriv: {args.clients} nodes, {args.rounds} rounds, {task} on {args.dataset} "
                   f"({'DP-SGD epsilon %g, delta %g per node' % (args.epsilon, args.delta) if not args.no_dp else 'no DP'}) -> {out}")

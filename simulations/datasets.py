@@ -51,6 +51,9 @@ def data_dir() -> Path:
 def dataset_task(name_or_path: str, task: str | None = None) -> str:
     """The task of a named dataset, or `task` for a path. Raises ValueError on a mismatch."""
     named = DATASET_TASKS.get(name_or_path)
+    if not named and not Path(name_or_path).expanduser().exists():
+        raise ValueError(f"dataset {name_or_path!r} is neither a named dataset ({', '.join(DATASET_TASKS)}) "
+                         "nor an existing path")
     if named and task and task != named:
         raise ValueError(f"dataset {name_or_path!r} is a {named} dataset, but --task is {task!r}")
     if not named and not task:

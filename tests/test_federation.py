@@ -27,7 +27,7 @@ def test_coordinator_ledger_records_replies_declines_and_failures():
     out = ledger.to_dict()
     assert out["a"]["epsilon"] == 2.9 and out["a"]["rounds_trained"] == [1, 2] and out["a"]["declined_rounds"] == [3]
     assert out["a"]["epsilon_by_round"] == {"1": 1.5, "2": 2.9, "3": 2.9}
-    assert out["b"]["failed_rounds"] == [3] and "bad data" in out["b"]["failures"][0]
+    assert out["b"]["failed_rounds"] == [3] and out["b"]["failures"] == [{"round": 3, "error": "ValueError: bad data"}]
 
 
 def test_default_threshold_is_two_thirds_of_the_neighbourhood():

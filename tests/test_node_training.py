@@ -85,3 +85,22 @@ def test_run_config_errors_name_the_key():
         TrainingPlan.from_run_config({**RUN_CONFIG, "optimizer": "lbfgs"})
     plan = TrainingPlan.from_run_config(RUN_CONFIG)
     assert dataclasses.replace(plan, rounds=3).rounds == 3
+
+
+def test_cli_preflight_refuses_a_run_whose_nodes_all_spent_their_budget(tmp_path):
+    from simulations.cli import preflight
+
+    run_config = {**RUN_CONFIG, "max-epsilon": 2.0, "state-dir": str(tmp_path)}
+    assert preflight(run_config, 2) == []  # fresh ledgers: nothing to decline
+    plan = TrainingPlan.from_run_config(run_config)
+    for pid in range(2):
+        node = NodeIdentity(name=f"node-{pid}", state_dir=tmp_path, max_epsilon=2.0, delta=1e-5,
+                            data_path=None, partition_id=pid, num_partitions=2)
+        data = load_node_data(node, plan)
+        sigma, q, steps = plan_noise(plan, len(data.train), 1e-5)
+        NodePrivacyLedger(tmp_path, node.name, data.fingerprint, 1e-5).charge(
+            noise_multiplier=sigma, sample_rate=q, steps=2 * steps, max_epsilon=2.0, run="r", round=1)
+        if pid == 0:  # one node spent: it is listed, the run may go on
+            assert [n.split()[0] for n in preflight(run_config, 2)] == ["node-0"]
+    with pytest.raises(ValueError, match="every node has already spent its privacy budget"):
+        preflight(run_config, 2)

@@ -156,3 +156,24 @@ def test_server_killed_after_a_round_resumes_to_the_same_model_without_privacy_u
     # was charged in the nodes' ledgers and stays charged.
     for name in ("node-0", "node-1"):
         assert resumed["clients"][name]["epsilon"] >= whole["clients"][name]["epsilon"] - 1e-9
+
+
+def test_injected_faults_never_stop_the_run_and_every_one_is_in_the_summary(tmp_path):
+    from client.faults import planned_fault
+
+    out = tmp_path / "faults"
+    _simulate("--dataset", "digits", "--clients", "5", "--rounds", "5", "--fault-rate", "0.2", "--seed", "1",
+              "--round-timeout", "40", "--out", str(out), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    planned = {(r, f"node-{i}"): planned_fault(1, r, f"node-{i}", 0.2) for r in range(1, 6) for i in range(5)}
+    planned = {k: v for k, v in planned.items() if v}
+    # Seed 1 plans 4 faults, both kinds, at most one hang per round (2 CPU workers).
+    assert sorted(planned.values()) == ["hang", "hang", "hang", "raise"]
+    summary = _summary(out)
+    assert summary["rounds_completed"] == 5
+    recorded = {(f["round"], f["node"]) for f in summary["failures"]}
+    assert recorded == set(planned)
+    for (rnd, node), kind in planned.items():
+        error = next(f["error"] for f in summary["failures"] if (f["round"], f["node"]) == (rnd, node))
+        assert ("InjectedFault" in error) if kind == "raise" else ("no reply within 40 s" in error)
+        assert rnd in summary["clients"][node]["failed_rounds"]
+    assert summary["rounds_aggregated"] == 5  # 4 of 5 nodes >= the SecAgg+ threshold (4) every round

@@ -75,6 +75,11 @@ class NodePrivacyLedger:
     delta would change every epsilon already reported).
     """
 
+    @staticmethod
+    def path_for(state_dir: str | os.PathLike, node: str, fingerprint: str) -> Path:
+        """Where the ledger of (node, fingerprint) lives under `state_dir` (it may not exist yet)."""
+        return Path(state_dir) / "ledgers" / f"{node}--{fingerprint[:16]}.json"
+
     def __init__(self, state_dir: str | os.PathLike, node: str, fingerprint: str, delta: float) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", node):
             raise ValueError(f"node name must use letters, digits, '_', '.', '-' only, got {node!r}")
@@ -83,7 +88,7 @@ class NodePrivacyLedger:
         self.node = node
         self.fingerprint = fingerprint
         self.delta = float(delta)
-        self.path = Path(state_dir) / "ledgers" / f"{node}--{fingerprint[:16]}.json"
+        self.path = self.path_for(state_dir, node, fingerprint)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked():
             state = self._read()
