@@ -1,7 +1,6 @@
 """Loaders on real files (../shared/data) and on broken ones (clear errors naming the file)."""
 
 import shutil
-import zipfile
 
 import numpy as np
 import pytest

@@ -116,13 +116,14 @@ def test_dropouts_mid_protocol_never_stop_the_run_and_are_all_recorded(tmp_path)
     assert summary["client_level"] is None or summary["client_level"]["rounds"] == aggregated
 
 
-def test_server_killed_after_a_round_resumes_to_the_same_model_without_privacy_undercount(tmp_path):
+def test_server_killed_after_a_round_resumes_to_the_same_model_without_privacy_undercount(shared_data, tmp_path):
     import time
 
     import psutil
     import torch
 
-    common = ["--dataset", "digits", "--clients", "2", "--rounds", "4", "--epsilon", "4", "--max-epsilon", "20"]
+    common = ["--dataset", "sms_spam", "--clients", "2", "--partition", "dirichlet", "--rounds", "4",
+              "--epsilon", "4", "--max-epsilon", "20"]
     _simulate(*common, "--out", str(tmp_path / "whole"), "--state-dir", str(tmp_path / "s-whole"), cwd=tmp_path)
 
     out = tmp_path / "crashed"

@@ -284,7 +284,7 @@ class SecAggServer:
         mod_mask = np.uint64((1 << k) - 1)
         b_shares: dict[str, list] = {}
         sk_shares: dict[str, list] = {}
-        for holder, revealed in replies.items():
+        for revealed in replies.values():
             for owner, (kind, idx, share) in revealed.items():
                 (b_shares if kind == "b" else sk_shares).setdefault(owner, []).append((idx, share))
         total = self._masked_sum.copy()
