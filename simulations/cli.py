@@ -293,7 +293,7 @@ def _exit_on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(soft_wrap=True)  # long messages stay on one line (easy to read, grep and test)
     if args.command == "simulate":
         return resume(args, console) if args.resume else simulate(args, console)
     return 2
