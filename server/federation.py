@@ -50,7 +50,7 @@ class FederationSettings:
     secagg: bool = False
     num_shares: int = 5  # neighbourhood size, self included (>= #clients: complete graph)
     threshold: int = 0  # t; 0 = max(2, ceil(2/3 of the round's participants))
-    clip_norm: float = 1.0  # L2 clip C of each client's model delta
+    clip_norm: float = 1000.0  # L2 clip C of each client's model delta (run-config default: encoding bound only)
     client_noise_multiplier: float = 0.0  # sigma of the distributed client-level Gaussian
     client_delta: float = 1e-5
     dropout_rate: float = 0.0  # simulation: chance a node vanishes at one SecAgg+ stage

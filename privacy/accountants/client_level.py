@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .sample_level import HistoryEntry, epsilon_for_history
+from .sample_level import HistoryEntry, compose_history, epsilon_for_history
 
 
 @dataclass
@@ -24,11 +24,7 @@ class ClientLevelAccountant:
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
         """Record one released aggregate."""
-        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
-            s, q, n = self.history.pop()
-            self.history.append((s, q, n + 1))
-        else:
-            self.history.append((float(noise_multiplier), float(sample_rate), 1))
+        self.history = compose_history(self.history, noise_multiplier, sample_rate, 1)
 
     def epsilon(self) -> float:
         """Client-level epsilon so far (inf when the noise multiplier is 0)."""

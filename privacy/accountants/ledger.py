@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .sample_level import HistoryEntry, PrivacyBudgetError, epsilon_for_history
+from .sample_level import HistoryEntry, PrivacyBudgetError, compose_history, epsilon_for_history
 
 # Float tolerance on the budget check: Opacus's noise search lands within 0.01 below target.
 _BUDGET_SLACK = 1e-9
@@ -122,7 +122,7 @@ class NodePrivacyLedger:
 
     def epsilon_if_charged(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon this ledger would show after `steps` more steps (nothing is written)."""
-        return epsilon_for_history(_compose(self.history, noise_multiplier, sample_rate, steps), self.delta)
+        return epsilon_for_history(compose_history(self.history, noise_multiplier, sample_rate, steps), self.delta)
 
     # -- updates -----------------------------------------------------------------------
     def charge(
@@ -148,7 +148,8 @@ class NodePrivacyLedger:
             state = self._read()
             assert state is not None
             spent = epsilon_for_history(state.history, self.delta)
-            after = epsilon_for_history(_compose(state.history, noise_multiplier, sample_rate, steps), self.delta)
+            composed = compose_history(state.history, noise_multiplier, sample_rate, steps)
+            after = epsilon_for_history(composed, self.delta)
             declined = after > max_epsilon + _BUDGET_SLACK
             entry = LedgerEntry(
                 time=time.time(),
@@ -167,7 +168,7 @@ class NodePrivacyLedger:
                 ),
             )
             if not declined:
-                state.history = [list(h) for h in _compose(state.history, noise_multiplier, sample_rate, steps)]
+                state.history = [list(h) for h in composed]
             state.events.append(asdict(entry))
             self._write(state)
             return entry
@@ -203,14 +204,3 @@ class NodePrivacyLedger:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-def _compose(history: list[HistoryEntry], noise_multiplier: float, sample_rate: float, steps: int) -> list[HistoryEntry]:
-    """Append steps, merging with the last entry when (noise, rate) are equal, as Opacus does."""
-    out = [tuple(h) for h in history]
-    if out and out[-1][0] == noise_multiplier and out[-1][1] == sample_rate:
-        s, q, n = out.pop()
-        out.append((s, q, int(n) + steps))
-    else:
-        out.append((float(noise_multiplier), float(sample_rate), int(steps)))
-    return out  # type: ignore[return-value]

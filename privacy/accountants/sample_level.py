@@ -22,6 +22,23 @@ HistoryEntry = tuple[float, float, int]
 RDP_ORDERS = list(RDPAccountant.DEFAULT_ALPHAS) + [64, 72, 80, 96, 112, 128, 160, 192, 256]
 
 
+def compose_history(
+    history: Sequence[Sequence[float]], noise_multiplier: float, sample_rate: float, steps: int
+) -> list[HistoryEntry]:
+    """`history` plus `steps` steps, merged into the last entry when (noise, rate) are equal.
+
+    The same merge as Opacus's `RDPAccountant.step`, so histories stay one entry per
+    (noise multiplier, sampling rate) run and compare equal to Opacus's own.
+    """
+    out = [(float(s), float(q), int(n)) for s, q, n in history]
+    if out and out[-1][0] == noise_multiplier and out[-1][1] == sample_rate:
+        s, q, n = out.pop()
+        out.append((s, q, n + int(steps)))
+    else:
+        out.append((float(noise_multiplier), float(sample_rate), int(steps)))
+    return out
+
+
 class PrivacyBudgetError(ValueError):
     """The requested (epsilon, delta, sampling rate, steps) cannot be met or is invalid."""
 
