@@ -58,6 +58,8 @@ class FederationSettings:
 
 @dataclass
 class RoundReport:
+    """What happened in one round: who trained, declined or failed, test metrics, SecAgg+ outcome."""
+
     round: int
     trained: list[str] = field(default_factory=list)
     declined: list[str] = field(default_factory=list)

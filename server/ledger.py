@@ -70,4 +70,5 @@ class CoordinatorLedger:
         return ledger
 
     def to_dict(self) -> dict[str, dict]:
+        """Node name -> its NodeRecord as a JSON-ready dict, sorted by name."""
         return {name: asdict(rec) for name, rec in sorted(self.nodes.items())}

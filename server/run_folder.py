@@ -62,13 +62,16 @@ class RunFolder:
         return target
 
     def write_json(self, name: str, data: Any) -> Path:
+        """Write `data` as indented JSON (NaN/Inf become null), atomically; returns the path."""
         text = json.dumps(_clean(data), indent=2, default=_json_default).encode()
         return self._atomic_write(name, lambda h: h.write(text))
 
     def write_text(self, name: str, text: str) -> Path:
+        """Write UTF-8 text atomically; returns the path."""
         return self._atomic_write(name, lambda h: h.write(text.encode()))
 
     def write_torch(self, name: str, obj: Any) -> Path:
+        """`torch.save(obj)` atomically; returns the path."""
         return self._atomic_write(name, lambda h: torch.save(obj, h))
 
     def read_metrics(self, up_to_round: int | None = None) -> list[dict]:

@@ -109,6 +109,7 @@ class NodePrivacyLedger:
 
     @property
     def events(self) -> list[LedgerEntry]:
+        """Every charge and decline recorded, oldest first."""
         state = self._read()
         return [LedgerEntry(**e) for e in state.events] if state else []
 

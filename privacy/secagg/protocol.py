@@ -77,6 +77,7 @@ class RoundSetup:
 
     @classmethod
     def from_config(cls, cfg) -> RoundSetup:
+        """Inverse of `to_config` (accepts a Flower ConfigRecord); raises ValueError like the constructor."""
         return cls(
             round_id=bytes(cfg["round-id"]), participants=tuple(str(p) for p in cfg["participants"]),
             num_shares=int(cfg["num-shares"]), threshold=int(cfg["threshold"]), graph_seed=bytes(cfg["graph-seed"]),
@@ -99,11 +100,13 @@ class RoundSetup:
 
 
 def encoding_to_config(params: EncodingParams) -> dict:
+    """EncodingParams as run/round config keys (clip-norm, client-noise-multiplier, min-clients, scale, max-clients)."""
     return {"clip-norm": params.clip_norm, "client-noise-multiplier": params.noise_multiplier,
             "min-clients": params.min_clients, "scale": params.scale, "max-clients": params.max_clients}
 
 
 def encoding_from_config(cfg) -> EncodingParams:
+    """Inverse of `encoding_to_config`; raises KeyError naming a missing key."""
     return EncodingParams(
         clip_norm=float(cfg["clip-norm"]), noise_multiplier=float(cfg["client-noise-multiplier"]),
         min_clients=int(cfg["min-clients"]), scale=float(cfg["scale"]), max_clients=int(cfg["max-clients"]),
@@ -145,6 +148,7 @@ class SecAggClient:
 
     @classmethod
     def from_bytes(cls, blob: bytes, setup: RoundSetup) -> SecAggClient:
+        """Inverse of `to_bytes` for the same round's `setup`."""
         state = json.loads(blob)
         return cls(
             cid=state["cid"], setup=setup, _c_sk=bytes.fromhex(state["c_sk"]), _s_sk=bytes.fromhex(state["s_sk"]),
@@ -156,6 +160,7 @@ class SecAggClient:
 
     @property
     def neighbours(self) -> tuple[str, ...]:
+        """N(self): the sorted ids this client shares secrets with, itself included."""
         return self.setup.neighbourhoods()[self.cid]
 
     def advertise_keys(self) -> tuple[bytes, bytes]:
