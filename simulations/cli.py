@@ -2,14 +2,17 @@
 
     fedpriv simulate [options]   a whole federation on this machine (Flower simulation engine)
 
-`fedpriv simulate --help` lists the options. Flag names are a promise to users: add, never
-rename.
+Other commands live beside the concept they drive and register themselves here (see
+`_COMMAND_MODULES`): each module has `register(subparsers)`, which adds its parser and sets
+`handler(args, console) -> exit code`. `fedpriv COMMAND --help` lists the options. Flag names
+are a promise to users: add, never rename.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import signal
 import sys
 from pathlib import Path
@@ -26,6 +29,9 @@ from simulations.partitioning import PARTITIONS
 # a bound far above the update norms seen here (8-50) keeps the update intact, and the
 # quantisation step stays below 1e-4 of a typical coordinate.
 UNCLIPPED_NORM = 1000.0
+
+# Modules that add a `fedpriv` command: each has `register(subparsers)`.
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _positive_float(text: str) -> float:
@@ -101,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulation: chance that a node raises or hangs past --round-timeout in a round")
     sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
+    sim.set_defaults(handler=lambda args, console: resume(args, console) if args.resume else simulate(args, console))
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -294,9 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     console = Console(soft_wrap=True)  # long messages stay on one line (easy to read, grep and test)
-    if args.command == "simulate":
-        return resume(args, console) if args.resume else simulate(args, console)
-    return 2
+    return args.handler(args, console)
 
 
 if __name__ == "__main__":
