@@ -70,6 +70,10 @@ class RunFolder:
         """Write UTF-8 text atomically; returns the path."""
         return self._atomic_write(name, lambda h: h.write(text.encode()))
 
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write raw bytes (e.g. a PNG) atomically; returns the path."""
+        return self._atomic_write(name, lambda h: h.write(data))
+
     def write_torch(self, name: str, obj: Any) -> Path:
         """`torch.save(obj)` atomically; returns the path."""
         return self._atomic_write(name, lambda h: torch.save(obj, h))

@@ -7,6 +7,7 @@ only), and writes the run folder (`server.run_folder`).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def main(grid: Grid, context: Context) -> None:
     summary["final"].update(final_validation)
     folder.write_json("summary.json", summary)
     write_report(folder, summary)
+    try:  # the HTML report is a convenience: failing to draw it must never lose the run
+        from simulations.report import write_run_report
+
+        write_run_report(folder.path)
+    except Exception as err:
+        logging.getLogger("fedpriv.server").warning("report.html not written (%s: %s)", type(err).__name__, err)
 
 
 def federation_settings(cfg: dict, plan: TrainingPlan, run_id: str) -> FederationSettings:

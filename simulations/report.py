@@ -1,0 +1,416 @@
+"""The run report: one self-contained HTML page with PNG plots of a finished run (DESIGN 8).
+
+    fedpriv report RUN_DIR      (re)writes RUN_DIR/report.html and RUN_DIR/plots/*.png
+
+Reads the run folder's summary.json, metrics.jsonl, ledger.json and config.json (written by
+`server.server_app`), draws three PNGs with matplotlib's Agg renderer (no display needed):
+
+    plots/accuracy_loss.png   global test accuracy (and AUC) and loss by round; rounds that
+                              did not change the model are shaded
+    plots/epsilon.png         each node's sample-level epsilon by round against its budget
+                              (max-epsilon); declined and failed rounds marked
+    plots/participation.png   node x round: trained, declined, failed, not sampled
+
+and writes report.html with the PNGs embedded as base64 data URIs, so the one file can be
+mailed (e.g. to a privacy officer) and opened anywhere without the folder. Every number
+on the page is taken from summary.json; each carries a stable `data-key` (and, for a
+node's values, the row's `data-node`) and its exact value in `data-value`, so a test or
+a script can read the page back. The page has no scripts and loads nothing from the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from server.run_folder import RunFolder
+from simulations.report_template import TEMPLATE
+
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+PLOT_FILES = {
+    "accuracy": "accuracy_loss.png",
+    "epsilon": "epsilon.png",
+    "participation": "participation.png",
+}
+
+# Colours of the participation grid and the epsilon markers (colour-blind-safe Okabe-Ito).
+_TRAINED, _DECLINED, _FAILED, _ABSENT = "#009E73", "#E69F00", "#D55E00", "#FFFFFF"
+
+
+class RunReportError(ValueError):
+    """A run folder that cannot be reported: a file is missing, not valid JSON, or lacks a field."""
+
+
+@dataclass
+class RunRecord:
+    """What a run folder holds, as read from its files.
+
+    summary: summary.json (see `server.summary.build_summary`).
+    rows: metrics.jsonl, one dict per round, in file order.
+    ledger: ledger.json, {"nodes": {name: record with "epsilon_by_round"}, "client_level": {...}}.
+    config: config.json, the resolved run-config.
+    """
+
+    path: Path
+    summary: dict
+    rows: list[dict]
+    ledger: dict
+    config: dict
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> object:
+    if not path.is_file():
+        raise RunReportError(f"{path}: missing (a fedpriv run folder holds summary.json, metrics.jsonl, "
+                             "ledger.json and config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunReportError(f"{path}: not valid JSON ({err})") from err
+
+
+def _require(obj: object, field: str | tuple[str, ...], kind: type | tuple[type, ...], where: str | Path) -> object:
+    """obj[a][b]... for field 'a.b' (or ("a", "b") when a key may hold a dot), checked to be of `kind`.
+
+    Raises RunReportError naming `where` (the file) and the field.
+    """
+    parts = field if isinstance(field, tuple) else tuple(field.split("."))
+    dotted = ".".join(parts)
+    value = obj
+    for part in parts:
+        if not isinstance(value, dict) or part not in value:
+            raise RunReportError(f"{where}: field '{dotted}' is missing")
+        value = value[part]
+    if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in _as_tuple(kind))
+        raise RunReportError(f"{where}: field '{dotted}' should be {names}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+_NUMBER = (int, float)
+_OPT_NUMBER = (int, float, type(None))
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Read and check a run folder.
+
+    Raises RunReportError naming the file (and field or line) when run_dir is not a folder,
+    a file is missing or not JSON, or a field the report shows is missing or of the wrong type.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunReportError(f"{path}: not a folder (expected a fedpriv run folder)")
+    summary_path, ledger_path, config_path = path / "summary.json", path / "ledger.json", path / "config.json"
+    summary = _read_json(summary_path)
+    if not isinstance(summary, dict):
+        raise RunReportError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
+    for field, kind in (("run_name", str), ("dataset", str), ("task", str), ("model", str), ("dp", bool),
+                        ("rounds_planned", int), ("rounds_completed", int), ("rounds_aggregated", int),
+                        ("final", dict), ("final.test_accuracy", _OPT_NUMBER), ("final.test_loss", _OPT_NUMBER),
+                        ("majority_class_rate", _NUMBER), ("secure_aggregation", bool), ("failures", list),
+                        ("clients", dict)):
+        _require(summary, field, kind, summary_path)
+    for name in summary["clients"]:
+        for field, kind in (("epsilon", _OPT_NUMBER), ("delta", _OPT_NUMBER), ("max_epsilon", _OPT_NUMBER),
+                            ("declined_rounds", list), ("failed_rounds", list), ("rounds_trained", list)):
+            _require(summary, ("clients", name, field), kind, summary_path)
+    for i, failure in enumerate(summary["failures"]):
+        for field, kind in (("round", int), ("node", str), ("error", str)):
+            _require(failure, field, kind, f"{summary_path} (failures[{i}])")
+    ledger = _read_json(ledger_path)
+    if not isinstance(ledger, dict):
+        raise RunReportError(f"{ledger_path}: expected a JSON object, got {type(ledger).__name__}")
+    _require(ledger, "nodes", dict, ledger_path)
+    for name in ledger["nodes"]:
+        _require(ledger, ("nodes", name, "epsilon_by_round"), dict, ledger_path)
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise RunReportError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return RunRecord(path=path, summary=summary, rows=_read_rows(path / "metrics.jsonl"), ledger=ledger, config=config)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise RunReportError(f"{path}: missing (a fedpriv run folder holds summary.json, metrics.jsonl, "
+                             "ledger.json and config.json)")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunReportError(f"{where}: not valid JSON ({err.msg})") from err
+        _require(row, "round", int, where)
+        _require(row, "test", dict, where)
+        for field in ("trained", "declined", "failed"):
+            _require(row, field, list, where)
+        _require(row, "aggregated", bool, where)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shade_unaggregated(ax, rows: list[dict]) -> None:
+    first = True
+    for row in rows:
+        if not row["aggregated"]:
+            ax.axvspan(row["round"] - 0.5, row["round"] + 0.5, color="#BBBBBB", alpha=0.45, lw=0,
+                       label="model unchanged (nothing aggregated)" if first else None)
+            first = False
+
+
+def plot_accuracy_loss(run: RunRecord) -> bytes:
+    """PNG bytes: test accuracy (and AUC when present) and test loss by round, round 0 = initial model."""
+    initial = run.summary.get("initial") or {}
+    rounds = [0] + [row["round"] for row in run.rows]
+    accuracy = [initial.get("test_accuracy")] + [row["test"].get("accuracy") for row in run.rows]
+    loss = [initial.get("test_loss")] + [row["test"].get("loss") for row in run.rows]
+    auc = [None] + [row["test"].get("auc") for row in run.rows]
+    fig = Figure(figsize=(10, 3.6))
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    _line(ax_acc, rounds, accuracy, "test accuracy", "#0072B2")
+    if any(_finite(v) for v in auc):
+        _line(ax_acc, rounds, auc, "test AUC", "#CC79A7")
+    ax_acc.axhline(run.summary["majority_class_rate"], color="#555555", ls=":", lw=1.2, label="majority class")
+    ax_acc.set_ylim(0, 1.02)
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_title("Global model on the test split")
+    _line(ax_loss, rounds, loss, "test loss", "#D55E00")
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.set_title("Test loss")
+    for ax in (ax_acc, ax_loss):
+        _shade_unaggregated(ax, run.rows)
+        ax.set_xlabel("round (0 = initial model)")
+        ax.set_xlim(-0.5, max(rounds) + 0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
+def _line(ax, xs: list, ys: list, label: str, color: str) -> None:
+    points = [(x, y) for x, y in zip(xs, ys) if _finite(y)]
+    if points:
+        ax.plot(*zip(*points), marker="o", ms=4, color=color, label=label)
+
+
+def _node_names(run: RunRecord) -> list[str]:
+    names = set(run.summary["clients"]) | set(run.ledger["nodes"])
+    for row in run.rows:
+        names.update(row["trained"], row["declined"], row["failed"])
+    return sorted(names)
+
+
+def plot_epsilon(run: RunRecord) -> bytes:
+    """PNG bytes: each node's epsilon by round (ledger.json) with its budget as a dashed line.
+
+    Declined rounds are marked x and failed rounds v, at the node's epsilon at that round.
+    Without DP the plot says so instead.
+    """
+    fig = Figure(figsize=(10, 3.8))
+    ax = fig.subplots()
+    ax.set_title("Sample-level epsilon per node (at each node's delta)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent (cumulative)")
+    ax.grid(alpha=0.3)
+    last_round = max([row["round"] for row in run.rows] + [run.summary["rounds_planned"], 1])
+    ax.set_xlim(0.5, last_round + 0.5)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if not run.summary["dp"]:
+        ax.text(0.5, 0.5, "differential privacy was off in this run: no epsilon to show",
+                transform=ax.transAxes, ha="center", va="center", fontsize=12)
+        return _png(fig)
+    colors = [f"C{i % 10}" for i in range(len(_node_names(run)))]
+    budgets: dict[float, list[str]] = {}
+    for color, name in zip(colors, _node_names(run)):
+        by_round = {int(r): e for r, e in run.ledger["nodes"].get(name, {}).get("epsilon_by_round", {}).items()
+                    if _finite(e)}
+        if by_round:
+            xs = sorted(by_round)
+            ax.plot(xs, [by_round[x] for x in xs], marker="o", ms=3, color=color, label=name)
+        client = run.summary["clients"].get(name, {})
+
+        def at(r: int) -> float:
+            earlier = [by_round[x] for x in by_round if x <= r]
+            return earlier[-1] if earlier else 0.0
+
+        declined, failed = client.get("declined_rounds", []), client.get("failed_rounds", [])
+        if declined:
+            ax.scatter(declined, [at(r) for r in declined], marker="x", s=60, color=_DECLINED, zorder=3, lw=2)
+        if failed:
+            ax.scatter(failed, [at(r) for r in failed], marker="v", s=50, color=_FAILED, zorder=3)
+        if _finite(client.get("max_epsilon")):
+            budgets.setdefault(float(client["max_epsilon"]), []).append(name)
+    for budget, names in budgets.items():
+        who = "all nodes" if len(names) == len(run.summary["clients"]) else ", ".join(names)
+        ax.axhline(budget, color="#333333", ls="--", lw=1.2, label=f"budget {budget:g} ({who})")
+    # Legend entries for the markers, drawn once whatever node they belong to.
+    ax.scatter([], [], marker="x", color=_DECLINED, lw=2, label="declined round")
+    ax.scatter([], [], marker="v", color=_FAILED, label="failed round")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(fig)
+
+
+def participation(run: RunRecord) -> dict[str, dict[int, str]]:
+    """node -> round -> "trained" | "declined" | "failed" (from metrics.jsonl; absent = not sampled).
+
+    A node that trained but then dropped out of secure aggregation counts as failed.
+    """
+    grid: dict[str, dict[int, str]] = {name: {} for name in _node_names(run)}
+    for row in run.rows:
+        for state in ("trained", "declined", "failed"):  # later states win
+            for name in row[state]:
+                grid[name][row["round"]] = state
+    return grid
+
+
+def plot_participation(run: RunRecord) -> bytes:
+    """PNG bytes: a node x round grid coloured by what each node did in each round."""
+    grid = participation(run)
+    names = list(grid)
+    rounds = [row["round"] for row in run.rows]
+    fig = Figure(figsize=(10, 0.9 + 0.32 * max(len(names), 1)))
+    ax = fig.subplots()
+    palette = {"trained": _TRAINED, "declined": _DECLINED, "failed": _FAILED}
+    for y, name in enumerate(names):
+        for r in rounds:
+            ax.add_patch(_cell(r, y, palette.get(grid[name].get(r, ""), _ABSENT)))
+    ax.set_xlim(min(rounds, default=1) - 0.5, max(rounds, default=1) + 0.5)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(rounds)
+    ax.set_xlabel("round")
+    ax.set_title("What each node did in each round")
+    for state, color in (*palette.items(), ("not sampled", _ABSENT)):
+        ax.add_patch(_cell(-10, -10, color, label=state))
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(fig)
+
+
+def _cell(x: float, y: float, color: str, label: str | None = None) -> Rectangle:
+    return Rectangle((x - 0.45, y - 0.4), 0.9, 0.8, facecolor=color, edgecolor="#777777", lw=0.6, label=label)
+
+
+def draw_plots(run: RunRecord) -> dict[str, bytes]:
+    """{"accuracy", "epsilon", "participation"} -> PNG bytes (file names in PLOT_FILES)."""
+    return {"accuracy": plot_accuracy_loss(run), "epsilon": plot_epsilon(run), "participation": plot_participation(run)}
+
+
+# ---------------------------------------------------------------------------- page
+
+
+def threat_model(summary: dict) -> str:
+    """The threat model of this run in two sentences (README "Threat model", DESIGN 3)."""
+    if summary["secure_aggregation"]:
+        first = ("The server is honest-but-curious: with SecAgg+ secure aggregation it saw only the sum of "
+                 "at least t nodes' updates, never one node's, and up to t-1 nodes colluding with it learn "
+                 "nothing of the others' updates.")
+    else:
+        first = ("The server is honest-but-curious and, with secure aggregation off, saw each node's "
+                 "model update in the clear.")
+    if summary["dp"]:
+        second = ("The released model and these metrics are public: each node's (epsilon, delta) below "
+                  "bounds what they reveal about any one of its records, and record counts are public metadata.")
+    else:
+        second = ("Differential privacy was off, so nothing bounds what the model, the updates or these "
+                  "metrics reveal about any one record.")
+    return f"{first} {second}"
+
+
+def _fmt(value: object, spec: str) -> str:
+    return format(value, spec) if _finite(value) else "-"
+
+
+def _exact(value: object) -> str:
+    """The value as JSON writes it (float repr round-trips), for data-value attributes."""
+    return json.dumps(value)
+
+
+def render_html(run: RunRecord, plots: dict[str, bytes]) -> str:
+    """The report page as one HTML string with `plots` (PNG bytes) embedded as data URIs."""
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    env.filters["exact"] = _exact
+    template = env.from_string(TEMPLATE)
+    summary = run.summary
+    client_level = summary.get("client_level") or {}
+    return template.render(
+        s=summary,
+        final=summary["final"],
+        client_level=client_level,
+        client_level_on=bool(summary["secure_aggregation"] and client_level.get("enabled")),
+        threat_model=threat_model(summary),
+        plots={key: "data:image/png;base64," + base64.b64encode(png).decode("ascii") for key, png in plots.items()},
+        plot_files=PLOT_FILES,
+        unaggregated=[row["round"] for row in run.rows if not row["aggregated"]],
+        config=run.config,
+        config_json={key: _exact(value) for key, value in run.config.items()},
+    )
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """(Re)write run_dir/plots/*.png and run_dir/report.html, each atomically; returns report.html's path.
+
+    Raises RunReportError (naming the file and field) when the run folder cannot be read.
+    """
+    run = load_run(run_dir)
+    plots = draw_plots(run)
+    plot_folder = RunFolder(run.path / PLOTS_DIR)
+    for key, png in plots.items():
+        plot_folder.write_bytes(PLOT_FILES[key], png)
+    return RunFolder(run.path).write_text(REPORT_FILE, render_html(run, plots))
+
+
+# ---------------------------------------------------------------------------- command
+
+
+def register(subparsers) -> None:
+    """Add `fedpriv report RUN_DIR` to the CLI (see `simulations.cli._COMMAND_MODULES`)."""
+    parser = subparsers.add_parser(
+        "report", help="(re)write a run folder's report.html and plots/*.png",
+        description="Write RUN_DIR/report.html (self-contained: plots embedded) and RUN_DIR/plots/*.png "
+                    "from the run's summary.json, metrics.jsonl, ledger.json and config.json.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a run folder written by `fedpriv simulate`")
+    parser.set_defaults(handler=report_command)
+
+
+def report_command(args, console) -> int:
+    """Handler of `fedpriv report`: prints the report's path; exit code 0, or 2 for an unreadable run folder."""
+    try:
+        path = write_run_report(args.run_dir)
+    except RunReportError as err:
+        console.print(f"error: {err}", style="red", markup=False, highlight=False)
+        return 2
+    console.print(str(path), markup=False, highlight=False)
+    return 0
