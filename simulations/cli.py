@@ -31,7 +31,9 @@ from simulations.partitioning import PARTITIONS
 UNCLIPPED_NORM = 1000.0
 
 # Modules that add a `fedpriv` command: each has `register(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = (
+    "simulations.report",
+)
 
 
 def _positive_float(text: str) -> float:

@@ -213,7 +213,7 @@ def plot_accuracy_loss(run: RunRecord) -> bytes:
         ax.set_xlim(-0.5, max(rounds) + 0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     return _png(fig)
 
 
@@ -271,8 +271,8 @@ def plot_epsilon(run: RunRecord) -> bytes:
         if _finite(client.get("max_epsilon")):
             budgets.setdefault(float(client["max_epsilon"]), []).append(name)
     for budget, names in budgets.items():
-        who = "all nodes" if len(names) == len(run.summary["clients"]) else ", ".join(names)
-        ax.axhline(budget, color="#333333", ls="--", lw=1.2, label=f"budget {budget:g} ({who})")
+        who = f" ({', '.join(names)})" if len(budgets) > 1 else ""  # name nodes only when budgets differ
+        ax.axhline(budget, color="#333333", ls="--", lw=1.2, label=f"budget {budget:g}{who}")
     # Legend entries for the markers, drawn once whatever node they belong to.
     ax.scatter([], [], marker="x", color=_DECLINED, lw=2, label="declined round")
     ax.scatter([], [], marker="v", color=_FAILED, label="failed round")
