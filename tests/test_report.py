@@ -216,3 +216,22 @@ def test_missing_or_mistyped_field_is_named(run_dir, tmp_path, capsys):
     (copy / "summary.json").write_text(json.dumps(summary))
     assert fedpriv_main(["report", str(copy)]) == 2
     assert "field 'clients.node-1.epsilon' should be int or float or null, got str" in capsys.readouterr().out
+
+
+def test_run_without_dp_or_secure_aggregation_says_so(run_dir, tmp_path):
+    copy = _copy(run_dir, tmp_path)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary.update(dp=False, target_epsilon=None, delta=None, secure_aggregation=False, client_level=None,
+                   max_client_epsilon=None)
+    for client in summary["clients"].values():
+        client.update(epsilon=None, delta=None, max_epsilon=None)
+    (copy / "summary.json").write_text(json.dumps(summary))
+    ledger = json.loads((copy / "ledger.json").read_text())
+    for node in ledger["nodes"].values():
+        node["epsilon_by_round"] = {}
+    (copy / "ledger.json").write_text(json.dumps(ledger))
+    page = write_run_report(copy).read_text(encoding="utf-8")
+    assert "Differential privacy was off" in page and "in the clear" in page
+    assert re.search(r'<tr data-node="node-0">\s*<td>node-0</td>\s*<td class="num" data-key="epsilon" data-value="null">-</td>',
+                     page)
+    assert 'id="client-level-epsilon" data-key="client_level.epsilon" data-value="null">off<' in page
