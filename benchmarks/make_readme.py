@@ -10,6 +10,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+GPU_NOTE = [
+    "## GPU",
+    "",
+    "`gpu_run.sh` runs `dp_sgd_cost.py --device cuda` and `gpu_utility_row.py` on a CUDA machine in under 8 minutes,",
+    "installing Opacus from a carried wheel folder (see the script's header). No GPU machine was lent to the task",
+    "that built these benchmarks, so it has only been dry-run on CPU (`DEVICE=cpu QUICK=1`); no CUDA figure here",
+    "comes from it unless a `*_cuda.json` table appears above.",
+]
+
 
 def _fmt(value, digits=2):
     if value is None:
@@ -42,6 +51,121 @@ def secagg_table(result: dict) -> list[str]:
         )
     return lines
 
+def dp_cost_table(result: dict) -> list[str]:
+    lines = [
+        f"## DP-SGD step cost (`dp_sgd_cost.py`, {result['device']})",
+        "",
+        f"Command: `{result['command']}` — {result['device_name']}, {result['machine']['cpus']} CPUs, torch "
+        f"{result['machine']['torch']}, {result['threads']} torch thread(s), batch {result['batch']}, median of up to "
+        f"{result['steps']} timed steps after {result['warmup']} warm-up (a row stops after {result.get('budget_s', '-')} s "
+        f"of timed steps, at least 3). Memory: {result['memory_measure']}. 1-min load average before/after: "
+        f"{_fmt(result['load_average_1m_before_and_after'][0], 1)}/{_fmt(result['load_average_1m_before_and_after'][1], 1)} "
+        "(a shared machine: absolute times are noisy, ratios measured minutes apart on the same inputs less so).",
+        "",
+        "| model | params | mode | step (ms) | x plain | peak mem (MiB) | x plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        label = f"{r['task']} {r['model']}"
+        if "error" in r:
+            lines.append(f"| {label} | | {r['mode']} | failed: {r['error'][:90]} | | | |")
+            continue
+        lines.append(
+            f"| {label} | {r['params']:,} | {r['mode']} | {_fmt(r['step_ms_median'], 1)} | "
+            f"{_fmt(r.get('time_ratio_vs_plain'))} | {_fmt(r['peak_mem_mib'], 0)} | {_fmt(r.get('mem_ratio_vs_plain'))} |"
+        )
+    return lines
+
+
+def scale_table(result: dict) -> list[str]:
+    lines = [
+        "## Simulation scale (`simulation_scale.py`)",
+        "",
+        f"Command: `{result['command']}` — {result['machine']['cpus']} CPUs, "
+        f"{result['machine']['memory_gib']:.0f} GiB. Dataset {result['dataset']} ({result['partition']}), model "
+        f"{result['model']}, {result['dp']}, SecAgg+ {'on' if result['secagg'] else 'off'}, 10% of the nodes sampled per "
+        "round. Round time: server-side seconds per round from metrics.jsonl (round 1 includes the nodes' first start); "
+        "startup+shutdown: wall time less the rounds (SuperLink, Ray, final evaluation on every node). Peak memory: sum "
+        "over the process tree, sampled with psutil (RSS counts shared pages per process; PSS splits them). 1-min load "
+        f"average before/after: {_fmt(result['load_average_1m_before_and_after'][0], 1)}/"
+        f"{_fmt(result['load_average_1m_before_and_after'][1], 1)}.",
+        "",
+        "| nodes | trained per round | round seconds | mean after round 1 | startup+shutdown (s) | peak RSS (MiB) | "
+        "peak PSS (MiB) | processes | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        outcome = f"failed: {r['error'][:100]}" if "error" in r else f"test acc {_fmt(r.get('final_test_accuracy'), 3)}"
+        lines.append(
+            f"| {r['clients']:,} | {r.get('nodes_trained_per_round', '-')} | "
+            f"{', '.join(_fmt(s, 1) for s in r.get('round_seconds', [])) or '-'} | "
+            f"{_fmt(r.get('mean_round_seconds_after_first'), 1)} | {_fmt(r.get('startup_and_shutdown_seconds'), 0)} | "
+            f"{_fmt(r.get('peak_rss_mib'), 0)} | {_fmt(r.get('peak_pss_mib'), 0)} | {r.get('peak_processes', '-')} | "
+            f"{outcome} |"
+        )
+    return lines
+
+
+_KIND_LABEL = {"central": "(a) centralized", "fed": "(b) federated", "fed-dp": "(c) fed + DP-SGD",
+               "fed-dp-secagg-cdp": "(d) (c) + SecAgg+ + client DP"}
+
+
+def utility_tables(result: dict) -> list[str]:
+    lines = [
+        f"## Utility (`utility_table.py`{', quick' if result['quick'] else ''})",
+        "",
+        f"Command: `{result['command']}`"
+        + (f" (rows kept from earlier invocations: {'; '.join(f'`{c}`' for c in result['commands'][:-1])})"
+           if len(result.get("commands", [])) > 1 else "")
+        + f" — seed {result['seed']}, delta {result['delta']:g}. Every federated row ran the `fedpriv simulate` "
+        "command in its JSON row. (a) trains the same model with the same code on the pooled node shares for "
+        "rounds x local-epochs epochs. `best` marks the best DP row per epsilon (selected on the test split, so "
+        "optimistic). Client eps: client-level epsilon of (d) from summary.json `client_level`.",
+        "",
+    ]
+    for ds, cfg in result["datasets"].items():
+        lines += [
+            f"### {ds}: {cfg['clients']} nodes, {cfg['partition']}"
+            + (f" {cfg['alpha']}" if cfg["partition"] == "dirichlet" else "")
+            + f", model {cfg['model']}, base {cfg['rounds']} rounds x {cfg['local_epochs']} local epoch(s), batch "
+            f"{cfg['batch']}, lr {cfg['lr']:g}",
+            "",
+            f"Published centralized baseline: {cfg['published_centralized_baseline']}.",
+            "",
+            "| row | epsilon | variant (rounds, batch, lr) | test acc | test AUC | node eps spent | client eps | best |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in result["rows"] if r["dataset"] == ds):
+            c = r["config"]
+            variant = f"{r['variant']} ({c['rounds']}, {c['batch']}, {c['lr']:g})"
+            if "skipped" in r or "error" in r:
+                why = r.get("skipped") or f"failed: {r['error'][:120]}"
+                lines.append(f"| {_KIND_LABEL[r['kind']]} | {_fmt(r['epsilon'], 0)} | {variant} | {why} | | | | |")
+                continue
+            client = (r.get("client_level") or {}).get("epsilon")
+            client_text = "-" if client is None else (
+                f"{client:.3g} (sigma {r['config']['client_sigma']:g}, C {r.get('clip_norm_probe', 0):.3g})")
+            lines.append(
+                f"| {_KIND_LABEL[r['kind']]} | {_fmt(r['epsilon'], 0)} | {variant} | {_fmt(r['test_accuracy'], 4)} | "
+                f"{_fmt(r.get('test_auc'), 3)} | {_fmt(r.get('max_node_epsilon'), 2)} | "
+                f"{client_text} | "
+                f"{'best' if r.get('best_for_epsilon') else ''} |"
+            )
+        lines.append("")
+    return lines
+
+
+def gpu_row_table(result: dict) -> list[str]:
+    return [
+        f"## Utility row on {result['device']} (`gpu_utility_row.py`)",
+        "",
+        f"Command: `{result['command']}` — {result['device_name']}. {result['row']}: epsilon {result['epsilon_spent']:.2f} "
+        f"(target {result['epsilon_target']:g}, delta {result['delta']:g}, noise {result['noise_multiplier']:.3f}), "
+        f"{result['epochs']} epoch(s), batch {result['batch']}, lr {result['lr']:g}: test accuracy "
+        f"{result['test_accuracy']:.4f}, AUC {result['test_auc']:.3f}, {result['train_seconds']:.1f} s of training.",
+        "",
+    ]
+
 
 def main() -> None:
     parts = [
@@ -55,6 +179,16 @@ def main() -> None:
     secagg = HERE / "results" / "secagg_round.json"
     if secagg.exists():
         parts += secagg_table(json.loads(secagg.read_text()))
+    results = HERE / "results"
+    for path in sorted(results.glob("dp_sgd_cost*.json")):
+        parts += [""] + dp_cost_table(json.loads(path.read_text()))
+    if (results / "simulation_scale.json").exists():
+        parts += [""] + scale_table(json.loads((results / "simulation_scale.json").read_text()))
+    if (results / "utility_table.json").exists():
+        parts += [""] + utility_tables(json.loads((results / "utility_table.json").read_text()))
+    for path in sorted(results.glob("gpu_utility_row*.json")):
+        parts += [""] + gpu_row_table(json.loads(path.read_text()))
+    parts += ["", *GPU_NOTE]
     (HERE / "README.md").write_text("\n".join(parts) + "\n")
 
 
