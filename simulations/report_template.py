@@ -98,12 +98,15 @@ TEMPLATE = """<!DOCTYPE html>
 </table>
 
 <img class="plot" id="plot-epsilon" data-plot="{{ plot_files.epsilon }}" alt="each node's epsilon by round against its budget" src="{{ plots.epsilon }}">
+<p class="sub">Each line is one node's cumulative epsilon as the node reported it after each round (ledger.json);
+  nodes that spent the same overlap. A round that would take a node past its budget (dashed) is declined.</p>
 
 <h2>Model quality</h2>
 <img class="plot" id="plot-accuracy" data-plot="{{ plot_files.accuracy }}" alt="global test accuracy and loss by round" src="{{ plots.accuracy }}">
 
 <h2>Declined rounds and failures</h2>
 <img class="plot" id="plot-participation" data-plot="{{ plot_files.participation }}" alt="what each node did in each round" src="{{ plots.participation }}">
+<p class="sub">A node that never replied before it failed is named by its Flower node id.</p>
 <p>Rounds that did not change the model:
   <span id="unaggregated-rounds">{{ unaggregated | join(', ') or 'none' }}</span>.
   {% if s.secure_aggregation %}Rounds whose secure aggregation failed:
