@@ -41,7 +41,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _bin(name: str) -> str:
+def console_script(name: str) -> str:
     """A console script of the running interpreter's environment (works without an activated venv)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
@@ -61,7 +61,7 @@ def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path) -> None:
     raise SimulationError(f"flower-superlink did not become healthy within {SUPERLINK_START_TIMEOUT_S:.0f} s; see {log_file}")
 
 
-def _stop(process: subprocess.Popen | None) -> None:
+def stop_process_tree(process: subprocess.Popen | None) -> None:
     """Stop the SuperLink and everything under it, then SIGKILL what is left after 15 s.
 
     The simulation process and Ray's daemons start their own process groups, so the whole
@@ -128,8 +128,6 @@ def run_simulation_job(
     (flwr_home / "config.toml").write_text(
         tomli_w.dumps({"superlink": {"default": "fedpriv-sim", "fedpriv-sim": {"address": f"127.0.0.1:{port}", "insecure": True}}})
     )
-    run_toml = flwr_home / "run-config.toml"
-    run_toml.write_text(tomli_w.dumps(run_config))
     env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
@@ -141,11 +139,10 @@ def run_simulation_job(
         "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
     }
     superlink_log = out_dir / "superlink.log"
-    flwr_log = out_dir / "flower.log"
     superlink = None
     try:
         superlink = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
              "--log-file", str(superlink_log)],
             env=env, stdout=subprocess.DEVNULL, stderr=open(out_dir / "superlink.stderr", "wb"),
@@ -155,23 +152,39 @@ def run_simulation_job(
         # Flower wants whole CPUs (an integer); GPUs may be a fraction.
         federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
                       f"client-resources-num-gpus={gpus_per_client}")
-        with open(flwr_log, "wb") as log_handle:
-            runner = subprocess.Popen(
-                [_bin("flwr"), "run", str(APP_DIR), "fedpriv-sim", "--run-config", str(run_toml),
-                 "--federation-config", federation, "--stream"],
-                env=env, stdout=log_handle, stderr=subprocess.STDOUT, cwd=str(APP_DIR),
-            )
-            try:
-                _follow(runner, out_dir, int(run_config["num-server-rounds"]), console)
-            finally:
-                if runner.poll() is None:  # interrupted: stop `flwr run` too
-                    runner.terminate()
-                    runner.wait(timeout=10)
-        if runner.returncode != 0:
-            raise SimulationError(f"`flwr run` exited with code {runner.returncode}{_last_error(flwr_log)}; see {flwr_log}")
+        return submit_and_follow(run_config, out_dir, "fedpriv-sim", env, console,
+                                 starting="starting SuperLink and simulated SuperNodes",
+                                 extra_args=["--federation-config", federation])
     finally:
-        _stop(superlink)
+        stop_process_tree(superlink)
         shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+def submit_and_follow(run_config: dict, out_dir: Path, connection: str, env: dict[str, str], console: Console, *,
+                      starting: str, extra_args: list[str] = ()) -> dict:
+    """`flwr run` this app on the SuperLink `connection` (of env's FLWR_HOME); returns summary.json.
+
+    Shows a per-round progress bar from `out_dir/metrics.jsonl` (the ServerApp writes it) and
+    raises SimulationError, naming `out_dir/flower.log`, when `flwr run` fails or no summary
+    is written. `run_config["out-dir"]` must be `out_dir`.
+    """
+    run_toml = out_dir / "run-config.toml"
+    run_toml.write_text(tomli_w.dumps(run_config))
+    flwr_log = out_dir / "flower.log"
+    with open(flwr_log, "wb") as log_handle:
+        runner = subprocess.Popen(
+            [console_script("flwr"), "run", str(APP_DIR), connection, "--run-config", str(run_toml), *extra_args,
+             "--stream"],
+            env=env, stdout=log_handle, stderr=subprocess.STDOUT, cwd=str(APP_DIR),
+        )
+        try:
+            _follow(runner, out_dir, int(run_config["num-server-rounds"]), console, starting)
+        finally:
+            if runner.poll() is None:  # interrupted: stop `flwr run` too
+                runner.terminate()
+                runner.wait(timeout=10)
+    if runner.returncode != 0:
+        raise SimulationError(f"`flwr run` exited with code {runner.returncode}{_last_error(flwr_log)}; see {flwr_log}")
     summary_file = out_dir / "summary.json"
     if not summary_file.exists():
         raise SimulationError(f"the run ended without writing {summary_file}{_last_error(flwr_log)}; see {flwr_log}")
@@ -187,14 +200,14 @@ def _last_error(log_file: Path) -> str:
     return f": {hits[-1]}" if hits else ""
 
 
-def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Console) -> None:
+def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Console, starting: str) -> None:
     """Progress bar over rounds while `flwr run --stream` runs."""
     metrics_file = out_dir / "metrics.jsonl"
     with Progress(
         TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=console, transient=False,
     ) as progress:
-        task = progress.add_task("rounds", total=rounds, status="starting SuperLink and simulated SuperNodes")
+        task = progress.add_task("rounds", total=rounds, status=starting)
         while runner.poll() is None:
             done = _rounds_done(metrics_file)
             if done:

@@ -1,0 +1,118 @@
+"""`fedpriv node --kit DIR --data PATH --task T`: a hospital's SuperNode (DESIGN 1, 6).
+
+Checks the local data first (a malformed file is named here, before anything connects),
+then runs `flower-supernode` in the foreground with the kit's CA (`--root-certificates`:
+the node talks only to the real SuperLink, over TLS), its EC P-384 key
+(`--auth-supernode-private-key`: the SuperLink only accepts registered keys) and a
+node-config that points the ClientApp at the local data and the owner's privacy budget.
+The ledger of epsilon spent on this data stays in `--state-dir` on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from client.config import default_state_dir
+from client.datasets import DataFormatError, load_local
+from privacy.provisioning import ProvisioningError, load_kit
+from shared_models import TASKS
+from simulations.runner import console_script
+
+
+class NodeConfigError(ValueError):
+    """A `fedpriv node` option does not fit the node's data (message names the option)."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: float, state_dir: Path) -> str:
+    """Flower's `--node-config` text (space-separated TOML key=value pairs) for `client.config.node_identity`."""
+    return " ".join([
+        f"node-name={_toml_string(node)}", f"data-path={_toml_string(str(data))}", f"task={_toml_string(task)}",
+        f"max-epsilon={max_epsilon!r}", f"delta={delta!r}", f"state-dir={_toml_string(str(state_dir))}",
+    ])
+
+
+def check_local_data(data: Path, task: str, delta: float) -> int:
+    """Read the node's data as the ClientApp will; returns its record count.
+
+    Raises DataFormatError naming the file, or NodeConfigError when `delta` >= 1/records
+    (DP's delta must be well below the chance of picking one record).
+    """
+    records = len(load_local(data, task))
+    if delta >= 1.0 / records:
+        raise NodeConfigError(f"--delta {delta:g} must be < 1/records = {1.0 / records:.3g} for {data} "
+                              f"({records} records)")
+    return records
+
+
+def supernode_command(kit: dict, node_cfg: str, clientappio_port: int) -> list[str]:
+    """The `flower-supernode` command line for a node kit (see the module docstring)."""
+    return [console_script("flower-supernode"), "--superlink", kit["superlink"], "--root-certificates", str(kit["ca"]),
+            "--auth-supernode-private-key", str(kit["private_key"]), "--node-config", node_cfg,
+            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(clientappio_port)]
+
+
+def register(subparsers) -> None:
+    """Add `fedpriv node` to the CLI."""
+    parser = subparsers.add_parser("node", help="data owner: run this site's SuperNode on local data",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--kit", type=Path, required=True, help="this node's kit (from `fedpriv provision`)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="local data: image/audio folders (one subfolder per class), .npz, or text .csv/.tsv")
+    parser.add_argument("--task", choices=TASKS, required=True, help="what the data is")
+    parser.add_argument("--max-epsilon", type=float, default=8.0,
+                        help="lifetime privacy budget of this data (sample-level epsilon); rounds past it are declined")
+    parser.add_argument("--delta", type=float, default=1e-5, help="DP delta; must be < 1/records")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where the privacy ledger lives (default: a per-user folder on this machine)")
+    parser.add_argument("--superlink", default=None, metavar="HOST:PORT",
+                        help="the SuperLink's node-facing address (default: the one written in the kit)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="local port for Flower's ClientApp channel (0: a free one; each SuperNode on a host needs its own)")
+    parser.set_defaults(handler=_run_node)
+
+
+def _run_node(args, console) -> int:
+    try:
+        kit = load_kit(args.kit, "node")
+        kit["superlink"] = args.superlink or kit["superlink"]
+        if not args.max_epsilon > 0 or not math.isfinite(args.max_epsilon):
+            raise NodeConfigError(f"--max-epsilon must be a positive number, got {args.max_epsilon}")
+        if not 0 < args.delta < 1:
+            raise NodeConfigError(f"--delta must be in (0, 1), got {args.delta}")
+        data = args.data.expanduser().resolve()
+        records = check_local_data(data, args.task, args.delta)
+    except (ProvisioningError, DataFormatError, NodeConfigError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    state = (args.state_dir or default_state_dir()).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    cfg = node_config(node=kit["node"], data=data, task=args.task, max_epsilon=args.max_epsilon, delta=args.delta,
+                      state_dir=state)
+    command = supernode_command(kit, cfg, args.port or _free_port())
+    console.print(f"{kit['node']}: {records} {args.task} records in {data}; budget epsilon {args.max_epsilon:g} at "
+                  f"delta {args.delta:g}; ledger in {state}; connecting to {kit['superlink']} (TLS)")
+    console.print(f"  {shlex.join(command)}", markup=False)
+    process = subprocess.Popen(command)
+    # Pass Ctrl-C / SIGTERM on to Flower so the SuperNode deregisters cleanly.
+    signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        return process.wait()

@@ -1,0 +1,107 @@
+"""The SuperLink's node-facing front door: nginx serving only the Fleet API over TLS.
+
+Why: Flower 1.42 serves the Fleet API (SuperNodes), the Control API (`/v1/control/*`: start
+runs, register nodes) and the Runtime API (`/v1/runtime/*`: the ServerApp's own channel) on
+one HTTP port, and the open-source build has no authentication on Control. So the SuperLink
+listens on 127.0.0.1 only, and nginx, a standard reverse proxy, listens where SuperNodes can
+reach it, terminates TLS with the federation's server certificate, forwards `/v1/fleet/*`
+to the SuperLink over TLS (verifying it against the federation's CA) and answers 403 to
+every other path. The SuperNodes' signed authentication headers pass through unchanged:
+the SuperLink still checks them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+FLEET_PREFIX = "/v1/fleet/"
+
+
+class GatewayError(RuntimeError):
+    """nginx is missing, its configuration is refused, or it did not start (message says which)."""
+
+
+def nginx_binary() -> str:
+    """Path of nginx; raises GatewayError with the install command when it is absent."""
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()),
+                                          None)
+    if found is None:
+        raise GatewayError("nginx is required to keep the Control API off the node-facing port: "
+                           "install it (Debian/Ubuntu: `apt-get install nginx`), then start again")
+    return found
+
+
+def nginx_config(*, listen_host: str, listen_port: int, upstream_port: int, certificate: Path, private_key: Path,
+                 ca_certificate: Path, workdir: Path) -> str:
+    """nginx.conf text for the front door; all runtime files (pid, logs, temp) stay in `workdir`.
+
+    listen_host/listen_port: where SuperNodes connect (TLS). upstream_port: the SuperLink on
+    127.0.0.1 (TLS, certificate checked against `ca_certificate` for the name localhost).
+    """
+    listen = f"[{listen_host}]:{listen_port}" if ":" in listen_host else f"{listen_host}:{listen_port}"
+    return f"""# Written by `fedpriv server`; regenerated at every start.
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/gateway-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {workdir}/gateway-access.log;
+    client_body_temp_path {workdir}/client_body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    server_tokens off;
+    server {{
+        listen {listen} ssl;
+        ssl_certificate {certificate};
+        ssl_certificate_key {private_key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        # Model updates are several MB; stream them rather than spool them to disk.
+        client_max_body_size 0;
+        proxy_request_buffering off;
+        proxy_buffering off;
+
+        location {FLEET_PREFIX} {{
+            proxy_pass https://127.0.0.1:{upstream_port};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;  # a DNS SAN: nginx does not match IP SANs here
+            proxy_ssl_trusted_certificate {ca_certificate};
+            proxy_read_timeout 600s;
+            proxy_send_timeout 600s;
+        }}
+        # Control API, Runtime API, health and everything else: not for SuperNodes.
+        location / {{
+            return 403 "fedpriv: only the Fleet API is served on this port\\n";
+        }}
+    }}
+}}
+"""
+
+
+def start_gateway(config_text: str, workdir: Path, log_file: Path) -> subprocess.Popen:
+    """Check and start nginx in the foreground with `config_text`; returns its process.
+
+    Raises GatewayError when nginx is missing or refuses the configuration (its message
+    is quoted).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "nginx.conf"
+    config.write_text(config_text)
+    nginx = nginx_binary()
+    check = subprocess.run([nginx, "-t", "-q", "-c", str(config), "-p", str(workdir)], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise GatewayError(f"nginx refused {config}: {check.stderr.strip()}")
+    process = subprocess.Popen([nginx, "-c", str(config), "-p", str(workdir), "-g", "daemon off;"],
+                               stdout=subprocess.DEVNULL, stderr=open(log_file, "ab"), start_new_session=True)
+    time.sleep(0.5)
+    if process.poll() is not None:
+        raise GatewayError(f"nginx exited with code {process.returncode}; see {log_file} and "
+                           f"{workdir / 'gateway-error.log'}")
+    return process

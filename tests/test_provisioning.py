@@ -1,0 +1,126 @@
+"""`fedpriv provision`: CA, server certificate and node keys, and the node-side config rules."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from client.config import ConfigError, TrainingPlan, node_identity
+from privacy.provisioning import ProvisioningError, load_kit, provision
+from server.fleet_gateway import nginx_config
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_kits_hold_a_ca_a_server_certificate_for_the_hosts_and_one_p384_openssh_key_per_node(tmp_path):
+    fed = provision(tmp_path, ["fl.hospital.org", "10.0.0.5"], ["hospital-a", "hospital-b"], port=9443)
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((fed.server_kit / "server.crt").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"fl.hospital.org", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("10.0.0.5"),
+                                                            ipaddress.ip_address("127.0.0.1")}
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey) and ca.public_key().curve.name == "secp384r1"
+    for secret in (tmp_path / "ca" / "ca.key", fed.server_kit / "server.key"):
+        assert _mode(secret) == 0o600
+    for node in ("hospital-a", "hospital-b"):
+        kit = fed.node_kits[node]
+        key_file = kit / f"{node}.key"
+        assert _mode(key_file) == 0o600
+        assert key_file.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+        key = serialization.load_ssh_private_key(key_file.read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        public = serialization.load_ssh_public_key((fed.server_kit / "node-keys" / f"{node}.pub").read_bytes())
+        assert public.public_numbers() == key.public_key().public_numbers()
+        assert (kit / "ca.crt").read_bytes() == (tmp_path / "ca" / "ca.crt").read_bytes()
+        meta = load_kit(kit, "node")
+        assert meta["superlink"] == "fl.hospital.org:9443" and meta["node"] == node
+    assert load_kit(fed.server_kit, "server")["nodes"] == ["hospital-a", "hospital-b"]
+
+
+def test_rerunning_keeps_every_key_and_adds_new_nodes(tmp_path):
+    provision(tmp_path, ["fl.example.org"], ["a"])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.key")}
+    fed = provision(tmp_path, ["fl.example.org"], ["a", "b"])
+    for path, content in before.items():
+        assert path.read_bytes() == content
+    assert (fed.node_kits["b"] / "b.key").exists()
+    assert load_kit(fed.server_kit, "server")["nodes"] == ["a", "b"]
+    with pytest.raises(ProvisioningError, match="server.crt is for"):
+        provision(tmp_path, ["other.example.org"], ["a"])
+
+
+@pytest.mark.parametrize("hosts, nodes, message", [
+    ([], ["a"], "--server-host needs"),
+    (["fl example"], ["a"], "is not a host name"),
+    (["fl.example.org"], [], "--nodes needs"),
+    (["fl.example.org"], ["a/b"], "letters, digits"),
+    (["fl.example.org"], ["a", "a"], "duplicates"),
+])
+def test_bad_provisioning_input_is_named(tmp_path, hosts, nodes, message):
+    with pytest.raises(ProvisioningError, match=message):
+        provision(tmp_path, hosts, nodes)
+    assert not (tmp_path / "ca").exists()  # nothing half-written
+
+
+def test_a_kit_with_a_readable_private_key_or_of_the_wrong_role_is_refused(tmp_path):
+    fed = provision(tmp_path, ["fl.example.org"], ["a"])
+    with pytest.raises(ProvisioningError, match="'server' kit, this command needs the 'node' kit"):
+        load_kit(fed.server_kit, "node")
+    (fed.node_kits["a"] / "a.key").chmod(0o644)
+    with pytest.raises(ProvisioningError, match="readable by others"):
+        load_kit(fed.node_kits["a"], "node")
+    with pytest.raises(ProvisioningError, match="kit.json not found"):
+        load_kit(tmp_path / "nowhere", "node")
+
+
+def test_the_gateway_forwards_only_the_fleet_api(tmp_path):
+    text = nginx_config(listen_host="0.0.0.0", listen_port=9092, upstream_port=9093, certificate=tmp_path / "s.crt",
+                        private_key=tmp_path / "s.key", ca_certificate=tmp_path / "ca.crt", workdir=tmp_path)
+    locations = [line.strip() for line in text.splitlines() if line.strip().startswith("location")]
+    assert locations == ["location /v1/fleet/ {", "location / {"]
+    assert text.count("proxy_pass") == 1 and "proxy_pass https://127.0.0.1:9093;" in text
+    assert "return 403" in text and "listen 0.0.0.0:9092 ssl;" in text and "proxy_ssl_verify on;" in text
+
+
+class _Context:
+    def __init__(self, node_config, run_config):
+        self.node_config, self.run_config = node_config, run_config
+
+
+def _plan(**overrides):
+    cfg = {"task": "text", "dataset": "sms_spam", "model": "", "num-server-rounds": 2, "local-epochs": 1,
+           "batch-size": 32, "lr": 8.0, "optimizer": "sgd", "dp": True, "epsilon": 8.0, "delta": 1e-5,
+           "max-grad-norm": 1.0, "val-fraction": 0.1, "partition": "iid", "alpha": 0.5, "seed": 0, "run-name": "t",
+           **overrides}
+    return cfg, TrainingPlan.from_run_config(cfg)
+
+
+def test_a_deployed_nodes_ledger_folder_and_budget_are_its_owners_not_the_coordinators(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPRIV_STATE_DIR", str(tmp_path / "owner-default"))
+    run_cfg, plan = _plan(**{"state-dir": str(tmp_path / "coordinator-chosen"), "max-epsilon": 100.0})
+    node = node_identity(_Context({"data-path": "/data/x.csv", "node-name": "h1"}, run_cfg), plan)
+    # A coordinator must not be able to point a node at a fresh ledger or raise its budget.
+    assert node.state_dir == tmp_path / "owner-default" and node.max_epsilon == 8.0
+    node = node_identity(_Context({"data-path": "/data/x.csv", "node-name": "h1", "state-dir": str(tmp_path / "own"),
+                                   "max-epsilon": 3.0}, run_cfg), plan)
+    assert node.state_dir == tmp_path / "own" and node.max_epsilon == 3.0
+    # Simulated nodes still take the run's folder and budget (the researcher plays every owner).
+    sim = node_identity(_Context({"partition-id": 0, "num-partitions": 2}, run_cfg), plan)
+    assert sim.state_dir == tmp_path / "coordinator-chosen" and sim.max_epsilon == 100.0
+
+
+def test_a_node_refuses_a_run_for_another_task():
+    run_cfg, plan = _plan(task="vision")
+    with pytest.raises(ConfigError, match="holds text data .* trains a vision model"):
+        node_identity(_Context({"data-path": "/data/x.csv", "task": "text"}, run_cfg), plan)
