@@ -189,7 +189,11 @@ def _shade_unaggregated(ax, rows: list[dict]) -> None:
 
 
 def plot_accuracy_loss(run: RunRecord) -> bytes:
-    """PNG bytes: test accuracy (and AUC when present) and test loss by round, round 0 = initial model."""
+    """PNG bytes (about 950 x 460 px): test accuracy (and AUC when present) and test loss by round.
+
+    Round 0 is the initial model (summary.json "initial"); rounds whose metrics.jsonl row says
+    `aggregated: false` are shaded. Values that are null are left out of the lines.
+    """
     initial = run.summary.get("initial") or {}
     rounds = [0] + [row["round"] for row in run.rows]
     accuracy = [initial.get("test_accuracy")] + [row["test"].get("accuracy") for row in run.rows]
@@ -233,8 +237,8 @@ def _node_names(run: RunRecord) -> list[str]:
 def plot_epsilon(run: RunRecord) -> bytes:
     """PNG bytes: each node's epsilon by round (ledger.json) with its budget as a dashed line.
 
-    Declined rounds are marked x and failed rounds v, at the node's epsilon at that round.
-    Without DP the plot says so instead.
+    About 1070 x 420 px. Declined rounds are marked x and failed rounds v, at the node's
+    epsilon at that round (0 before its first report). Without DP the plot says so instead.
     """
     fig = Figure(figsize=(10, 3.8))
     ax = fig.subplots()
@@ -295,7 +299,7 @@ def participation(run: RunRecord) -> dict[str, dict[int, str]]:
 
 
 def plot_participation(run: RunRecord) -> bytes:
-    """PNG bytes: a node x round grid coloured by what each node did in each round."""
+    """PNG bytes (about 1100-1300 px wide, 35 px per node): a node x round grid coloured by what each node did."""
     grid = participation(run)
     names = list(grid)
     rounds = [row["round"] for row in run.rows]
@@ -330,7 +334,12 @@ def draw_plots(run: RunRecord) -> dict[str, bytes]:
 
 
 def threat_model(summary: dict) -> str:
-    """The threat model of this run in two sentences (README "Threat model", DESIGN 3)."""
+    """The threat model of this run in two sentences (README "Threat model", DESIGN 3).
+
+    With secure aggregation it is SecAgg+'s semi-honest model (Bell et al. 2020); the DP
+    sentence is sample-level DP per node (Abadi et al. 2016). Reads summary's
+    "secure_aggregation" and "dp" (KeyError if absent; `load_run` checks both).
+    """
     if summary["secure_aggregation"]:
         first = ("The server is honest-but-curious: with SecAgg+ secure aggregation it saw only the sum of "
                  "at least t nodes' updates, never one node's, and up to t-1 nodes colluding with it learn "
