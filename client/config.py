@@ -43,6 +43,7 @@ class TrainingPlan:
     seed: int
     run_name: str
     data_dir: str  # folder of the named datasets ("" = default)
+    canaries: int = 0  # simulation audit aid: canaries built, half inserted (privacy.audit.canaries)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> TrainingPlan:
@@ -76,6 +77,7 @@ class TrainingPlan:
             seed=get("seed", int),
             run_name=get("run-name", str),
             data_dir=str(cfg.get("data-dir", "")),
+            canaries=get("canaries", int) if "canaries" in cfg else 0,
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -89,6 +91,7 @@ class TrainingPlan:
             (0 < plan.delta < 1, "delta", "in (0, 1)"),
             (plan.max_grad_norm > 0, "max-grad-norm", "> 0"),
             (0 <= plan.val_fraction < 0.5, "val-fraction", "in [0, 0.5)"),
+            (plan.canaries >= 0, "canaries", "an integer >= 0"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -61,13 +61,18 @@ def split_validation(data: LabeledArrays, fraction: float, seed: int) -> tuple[L
 def load_node_data(node: NodeIdentity, plan: TrainingPlan) -> NodeData:
     """The node's data: its local `data-path`, or in simulation its partition of the run's dataset."""
     return _load_node_data_cached(node.data_path, node.partition_id, node.num_partitions, plan.task, plan.dataset,
-                                  plan.partition, plan.alpha, plan.seed, plan.val_fraction, plan.data_dir)
+                                  plan.partition, plan.alpha, plan.seed, plan.val_fraction, plan.data_dir,
+                                  plan.canaries)
 
 
 @functools.lru_cache(maxsize=64)
 def _load_node_data_cached(data_path, partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction,
-                           data_dir):
+                           data_dir, canaries=0):
+    train = None
     if data_path is not None:
+        if canaries:
+            raise ValueError("canaries (run-config 'canaries') are a simulation-only audit aid; a deployed node "
+                             "never trains on them")
         records = load_local(data_path, task)
     else:
         from simulations.datasets import load_dataset
@@ -77,6 +82,12 @@ def _load_node_data_cached(data_path, partition_id, num_partitions, task, datase
         parts = partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed)
         records = train.subset(parts[partition_id])
     local_train, val = split_validation(records, val_fraction, seed + (partition_id or 0))
+    if canaries and train is not None:
+        # Audit canaries (privacy.audit.canaries) join the training share only, never validation.
+        from privacy.audit.canaries import node_canaries
+        from privacy.audit.audit import concat
+
+        local_train = concat([local_train, node_canaries(train, canaries, seed, partition_id, num_partitions)])
     if len(local_train) == 0:
         raise ValueError("node's training share is empty")
     return NodeData(train=local_train, val=val, fingerprint=dataset_fingerprint(local_train.record_ids))

@@ -33,6 +33,7 @@ UNCLIPPED_NORM = 1000.0
 # Modules that add a `fedpriv` command: each has `register(subparsers)`.
 _COMMAND_MODULES: tuple[str, ...] = (
     "simulations.report",
+    "privacy.audit.command",
 )
 
 
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds the server waits for a round's replies (a node later than that counts as failed)")
     sim.add_argument("--fault-rate", type=float, default=0.0,
                      help="simulation: chance that a node raises or hangs past --round-timeout in a round")
+    sim.add_argument("--canaries", type=int, default=0,
+                     help="audit aid: build N canaries (out-of-distribution records, random labels) and insert half "
+                          "into the nodes' training data, for `fedpriv audit` to score (privacy.audit.canaries)")
     sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
     sim.set_defaults(handler=lambda args, console: resume(args, console) if args.resume else simulate(args, console))
@@ -200,6 +204,8 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
             raise ValueError(f"--fault-rate must be in [0, 1), got {args.fault_rate}")
         if not 0.0 <= args.dropout_rate < 1.0:
             raise ValueError(f"--dropout-rate must be in [0, 1), got {args.dropout_rate}")
+        if args.canaries < 0:
+            raise ValueError(f"--canaries must be >= 0, got {args.canaries}")
         if args.client_noise_multiplier < 0:
             raise ValueError(f"--client-noise-multiplier must be >= 0, got {args.client_noise_multiplier}")
         if args.client_noise_multiplier > 0 and args.clip_norm is None:
@@ -245,6 +251,7 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "client-noise-multiplier": args.client_noise_multiplier,
         "client-delta": args.client_delta,
         "dropout-rate": args.dropout_rate,
+        "canaries": args.canaries,
     }
     try:
         exhausted = preflight(run_config, args.clients)

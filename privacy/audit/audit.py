@@ -1,0 +1,315 @@
+"""Empirical privacy audit of a finished run: membership inference on the final model.
+
+`audit_run(run_dir)` rebuilds the run's data exactly (config.json: dataset, partition,
+alpha, seed, num-supernodes, val-fraction, data-dir, through the same
+`client.node_training.load_node_data` the nodes used), loads `final_model.pt`, and attacks it:
+
+- members: training records of the nodes (each node's training share; validation shares
+  are never trained on and are not members);
+- non-members: the dataset's held-out records of the same distribution (its test split;
+  for PneumoniaMNIST also the official validation split, which no node sees);
+- the two are balanced: as many members as non-members, drawn at random (seeded).
+
+Attacks (`privacy.audit.membership`): the loss threshold (Yeom et al. 2018) and LiRA
+offline (Carlini et al. 2022) with K shadow models. Shadow models are trained *by the same
+code* as the nodes: `privacy.dp_sgd.LocalTrainingSession` with the run's model,
+activation, optimizer, learning rate, batch size, clipping norm and (under DP) a noise
+multiplier calibrated for the run's epsilon and delta, for rounds x local-epochs epochs.
+They are trained centrally (not federated: K small federations would cost K full runs
+here), each on a seeded random half of a shadow pool that holds none of the targets: the
+members not drawn as targets plus the nodes' validation shares. Centralised shadows
+fit the target's per-record OUT distribution less exactly than federated ones would; that
+can only weaken LiRA, never make the comparison with the bound unsafe.
+
+Canaries (`privacy.audit.canaries`, when the run was made with `--canaries N`): inserted vs.
+not-inserted canaries are scored apart, with the same attacks and the same shadow models.
+
+Bound (`privacy.audit.bounds`): the run's (epsilon, delta) = the largest per-node
+sample-level epsilon (summary.json `max_client_epsilon`) at the run's delta. Nodes hold
+disjoint records, so each record is protected by its own node's epsilon (parallel
+composition); the largest one bounds every record. Without DP the bound is vacuous.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.datasets import LabeledArrays
+
+from .bounds import advantage_bound, auc_bound, tpr_bound
+from .canaries import inserted_mask, is_canary, make_canaries
+from .membership import DEFAULT_FPRS, attack_metrics, lira_offline_scores, loss_threshold_scores, per_example_outputs
+
+log = logging.getLogger("fedpriv.audit")
+
+
+class AuditError(ValueError):
+    """A run folder lacks what the audit needs (the message names the file and field)."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise AuditError(f"{path} not found: is {path.parent} a finished fedpriv run folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AuditError(f"{path}: not valid JSON ({err})") from err
+
+
+def concat(parts: list[LabeledArrays]) -> LabeledArrays:
+    """Stack datasets of one task and class list into one (record ids kept)."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    first = parts[0]
+    return LabeledArrays(
+        task=first.task,
+        x=np.concatenate([p.x for p in parts]),
+        y=np.concatenate([p.y for p in parts]),
+        classes=first.classes,
+        record_ids=[r for p in parts for r in p.record_ids],
+        source=first.source,
+    )
+
+
+def node_records(config: dict, plan) -> tuple[list[LabeledArrays], list[LabeledArrays]]:
+    """Each simulated node's (training shares, validation shares), rebuilt as the nodes did."""
+    from client.config import NodeIdentity
+    from client.node_training import load_node_data
+
+    clients = int(config.get("num-supernodes", 0))
+    if clients < 1:
+        raise AuditError("config.json: 'num-supernodes' must be >= 1 (only simulated runs can be audited)")
+    trains, vals = [], []
+    for pid in range(clients):
+        node = NodeIdentity(name=f"node-{pid}", state_dir=Path("."), max_epsilon=1.0, delta=plan.delta,
+                            data_path=None, partition_id=pid, num_partitions=clients)
+        data = load_node_data(node, plan)
+        trains.append(data.train)
+        vals.append(data.val)
+    return trains, vals
+
+
+def held_out_records(plan) -> LabeledArrays:
+    """Records of the run's distribution that no node trained on: the test split (+ PneumoniaMNIST's val split)."""
+    from simulations.datasets import load_dataset
+
+    test = load_dataset(plan.dataset, plan.task, plan.data_dir)["test"]
+    if plan.dataset == "pneumoniamnist":
+        from client.datasets.images import load_npz
+        from simulations.datasets import _RELATIVE_PATHS, data_dir
+
+        root = Path(plan.data_dir) if plan.data_dir else data_dir()
+        splits = load_npz(root / _RELATIVE_PATHS["pneumoniamnist"], classes=test.classes)
+        if "val" in splits:
+            return concat([test, splits["val"]])
+    return test
+
+
+def run_bound(summary: dict, config: dict, fprs: tuple[float, ...] = DEFAULT_FPRS) -> dict:
+    """The (epsilon, delta) bound for a run, from summary.json; `vacuous` without DP."""
+    if not summary.get("dp", config.get("dp", True)):
+        return {"epsilon": None, "delta": None, "vacuous": True,
+                "note": "the run trained without DP (--no-dp): no bound applies",
+                "tpr_at_fpr": {str(f): 1.0 for f in fprs}, "advantage": 1.0, "auc": 1.0}
+    eps = summary.get("max_client_epsilon")
+    delta = summary.get("delta", config.get("delta"))
+    if eps is None or delta is None:
+        raise AuditError("summary.json: 'max_client_epsilon' and 'delta' are needed for the bound of a DP run")
+    eps, delta = float(eps), float(delta)
+    return {"epsilon": eps, "delta": delta, "vacuous": False,
+            "note": "largest per-node sample-level epsilon of the run (summary.json max_client_epsilon)",
+            "tpr_at_fpr": {str(f): tpr_bound(f, eps, delta) for f in fprs},
+            "advantage": advantage_bound(eps, delta), "auc": auc_bound(eps, delta)}
+
+
+def compare_with_bound(metrics: dict, bound: dict) -> dict:
+    """Does an attack beat the (epsilon, delta) bound? Two answers per ROC point:
+
+    `above_bound`: the empirical point (FPR, TPR) lies above the bound, informational only:
+    with a few hundred records an FPR of 0 is often measured where the true FPR is not 0.
+    `bound_violated`: it does so beyond sampling error: the lower end of the TPR interval
+    lies above the bound at the upper end of the FPR interval (Clopper-Pearson, jointly
+    at `metrics["confidence"]` over the points checked). That is the flag that means a bug.
+    """
+    if bound["vacuous"]:
+        return {"bound_violated": False, "above_bound": {}, "detail": "no bound (no DP)"}
+    eps, delta = bound["epsilon"], bound["delta"]
+    above, violated = {}, {}
+    for key, p in metrics["roc_points"].items():
+        above[key] = bool(p["tpr"] > tpr_bound(p["fpr"], eps, delta) + 1e-12)
+        violated[key] = bool(p["tpr_ci"][0] > tpr_bound(p["fpr_ci"][1], eps, delta) + 1e-12)
+    above["auc"] = bool(metrics["auc"] > bound["auc"] + 1e-12)
+    return {"bound_violated": any(violated.values()), "above_bound": above, "violated_at": violated}
+
+
+def train_shadow_models(plan, pool: LabeledArrays, k: int, seed: int, epochs: int | None = None,
+                        progress: Callable[[str], None] | None = None) -> list[torch.nn.Module]:
+    """K shadow models, each on a seeded random half of `pool`, trained like the nodes.
+
+    Same model/optimizer/lr/batch/clipping as the run's plan; under DP the noise multiplier
+    is calibrated (Opacus RDP search) so that `epochs` passes spend the run's epsilon at its
+    delta. epochs defaults to rounds x local-epochs (each node's passes over its records).
+    """
+    from privacy.accountants import calibrate_noise_multiplier
+    from privacy.dp_sgd import LocalTrainingSession, poisson_sample_rate, steps_per_epoch
+    from shared_models import build_model
+
+    if k < 2:
+        raise ValueError(f"LiRA needs at least 2 shadow models, got {k}")
+    epochs = epochs or plan.rounds * plan.local_epochs
+    rng = np.random.default_rng(seed)
+    models = []
+    for i in range(k):
+        subset = pool.subset(np.sort(rng.permutation(len(pool))[: max(1, len(pool) // 2)]))
+        sigma = None
+        if plan.dp:
+            n = len(subset)
+            q = poisson_sample_rate(n, plan.batch_size)
+            sigma = calibrate_noise_multiplier(plan.epsilon, plan.delta, q,
+                                               epochs * steps_per_epoch(n, plan.batch_size))
+        torch.manual_seed(seed * 7919 + i)
+        model = build_model(plan.task, plan.model or None, pool.input_shape, pool.num_classes, plan.activation)
+        session = LocalTrainingSession(model, subset, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer,
+                                       momentum=plan.momentum, noise_multiplier=sigma,
+                                       max_grad_norm=plan.max_grad_norm, device=torch.device("cpu"))
+        result = session.train_epochs(epochs)
+        session.module.load_state_dict(result.state)
+        models.append(session.module.eval())
+        if progress:
+            progress(f"shadow model {i + 1}/{k}: {len(subset)} records, {epochs} epochs, "
+                     f"{'noise %.3f' % sigma if sigma else 'no DP'}, train loss {result.train_loss:.3f}")
+    return models
+
+
+def load_final_model(run_dir: Path, plan, shape, num_classes: int) -> torch.nn.Module:
+    """The run's released global model (final_model.pt state_dict), rebuilt as the server built it."""
+    from shared_models import build_model
+
+    path = run_dir / "final_model.pt"
+    if not path.exists():
+        raise AuditError(f"{path} not found: the run did not finish (no released model to audit)")
+    model = build_model(plan.task, plan.model or None, shape, num_classes, plan.activation)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (RuntimeError, OSError) as err:
+        raise AuditError(f"{path}: does not fit the run's {plan.task} model '{plan.model or 'default'}' ({err})") from err
+    return model.eval()
+
+
+def _audit_canaries(plan, template: LabeledArrays, model, shadows: list, bound: dict) -> dict:
+    """Score inserted vs. not-inserted canaries (Jagielski et al. 2020) with both attacks.
+
+    The shadow models never saw a canary, so they give every canary's OUT distribution.
+    """
+    from simulations.datasets import load_dataset
+
+    train = load_dataset(plan.dataset, plan.task, plan.data_dir)["train"]  # the nodes' template
+    canaries = make_canaries(train, plan.canaries, plan.seed)
+    inserted = inserted_mask(plan.canaries, plan.seed)
+    losses, phis = per_example_outputs(model, canaries)
+    scores = {"loss_threshold": loss_threshold_scores(losses)}
+    if shadows:
+        scores["lira_offline"] = lira_offline_scores(phis, np.stack([per_example_outputs(m, canaries)[1]
+                                                                     for m in shadows]))
+    attacks = {}
+    for name, s in scores.items():
+        metrics = attack_metrics(s[inserted], s[~inserted])
+        metrics.update(compare_with_bound(metrics, bound))
+        attacks[name] = metrics
+    return {"count": plan.canaries, "inserted": int(inserted.sum()), "not_inserted": int((~inserted).sum()),
+            "kind": f"out-of-distribution {plan.task} inputs with random labels (privacy.audit.canaries)",
+            "attacks": attacks, "bound_violated": any(a["bound_violated"] for a in attacks.values())}
+
+
+def audit_run(run_dir: Path, shadow_models: int = 4, seed: int = 0, max_targets: int | None = None,
+              shadow_epochs: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Audit one run folder; returns the JSON-ready report (see module docstring).
+
+    shadow_models: K for LiRA (0 = loss attack only). max_targets: cap on members (= on
+    non-members) per side, for quick checks. Raises AuditError naming the file/field when
+    the folder is incomplete.
+    """
+    from client.config import ConfigError, TrainingPlan
+
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json")
+    summary = _read_json(run_dir / "summary.json")
+    try:
+        plan = TrainingPlan.from_run_config(config)
+    except ConfigError as err:
+        raise AuditError(f"{run_dir / 'config.json'}: {err}") from err
+    say = progress or (lambda msg: None)
+    trains, vals = node_records(config, plan)
+    members_all = concat(trains)
+    natural = np.array([not is_canary(r) for r in members_all.record_ids])
+    members_all = members_all.subset(np.flatnonzero(natural))  # canaries are audited apart
+    held_out = held_out_records(plan)
+    member_ids = set(members_all.record_ids)
+    overlap = member_ids.intersection(held_out.record_ids)
+    if overlap:
+        raise AuditError(f"{len(overlap)} held-out records also appear in the nodes' training data")
+
+    rng = np.random.default_rng(seed)
+    n = min(len(members_all), len(held_out), max_targets or math.inf)
+    mem_idx = np.sort(rng.permutation(len(members_all))[:n])
+    non_idx = np.sort(rng.permutation(len(held_out))[:n])
+    members, nonmembers = members_all.subset(mem_idx), held_out.subset(non_idx)
+    say(f"{n} members (of {len(members_all)} training records on {len(trains)} nodes) vs {n} non-members "
+        f"(of {len(held_out)} held-out records)")
+
+    model = load_final_model(run_dir, plan, members.input_shape, members.num_classes)
+    targets = concat([members, nonmembers])
+    losses, phis = per_example_outputs(model, targets)
+    is_member = np.arange(len(targets)) < n
+    scores = {"loss_threshold": loss_threshold_scores(losses)}
+
+    shadow_info = {"count": 0}
+    if shadow_models:
+        rest = np.setdiff1d(np.arange(len(members_all)), mem_idx)
+        rest_out = np.setdiff1d(np.arange(len(held_out)), non_idx)
+        pool_parts = [members_all.subset(rest), *[v for v in vals if len(v)]]
+        if len(rest_out):
+            pool_parts.append(held_out.subset(rest_out))
+        pool = concat(pool_parts)
+        if set(pool.record_ids) & set(targets.record_ids):
+            raise RuntimeError("shadow pool overlaps the audit targets")  # would make LiRA's OUT models IN
+        models = train_shadow_models(plan, pool, shadow_models, seed, shadow_epochs, progress=say)
+        shadow_phi = np.stack([per_example_outputs(m, targets)[1] for m in models])
+        scores["lira_offline"] = lira_offline_scores(phis, shadow_phi)
+        shadow_info = {"count": shadow_models, "pool_records": len(pool), "records_each": len(pool) // 2,
+                       "epochs": shadow_epochs or plan.rounds * plan.local_epochs,
+                       "training": "centralised, privacy.dp_sgd.LocalTrainingSession with the run's settings"}
+
+    bound = run_bound(summary, config)
+    attacks = {}
+    for name, s in scores.items():
+        metrics = attack_metrics(s[is_member], s[~is_member])
+        metrics.update(compare_with_bound(metrics, bound))
+        attacks[name] = metrics
+
+    canary_report = None
+    if plan.canaries:
+        canary_report = _audit_canaries(plan, members_all, model, models if shadow_models else [], bound)
+        say(f"canaries: {canary_report['inserted']} inserted vs {canary_report['not_inserted']} not")
+    return {
+        "run_dir": str(run_dir.resolve()),
+        "dataset": plan.dataset, "task": plan.task, "model": summary.get("model", plan.model),
+        "dp": plan.dp, "rounds": summary.get("rounds_completed"), "test_accuracy": summary.get("final", {}).get("test_accuracy"),
+        "sizes": {"members": int(n), "nonmembers": int(n), "training_records": len(members_all),
+                  "held_out_records": len(held_out), "nodes": len(trains),
+                  "note": "TPR at FPR f is resolved only when nonmembers >= 1/f (1000 for 0.1%)"},
+        "attacks": attacks,
+        "bound": bound,
+        "bound_violated": any(a["bound_violated"] for a in attacks.values())
+        or bool(canary_report and canary_report["bound_violated"]),
+        "canaries": canary_report,
+        "shadow_models": shadow_info,
+        "seed": seed,
+    }

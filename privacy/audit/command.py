@@ -1,0 +1,103 @@
+"""`fedpriv audit RUN_DIR`: membership inference against a finished run's final model.
+
+Prints one row per attack (AUC, advantage, TPR at 0.1% and 1% FPR) beside what the run's
+(epsilon, delta) allows, and writes the full report as JSON (RUN_DIR/audit.json, or --out).
+Exit code 0 when no attack beats the bound, 3 when one does (that would be a bug in the
+privacy machinery, or a wrongly reported epsilon), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def register(subparsers) -> None:
+    """Add the `audit` command to the `fedpriv` parser."""
+    parser = subparsers.add_parser(
+        "audit", help="membership-inference audit of a finished run vs its (epsilon, delta) bound",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished `fedpriv simulate` run folder")
+    parser.add_argument("--shadow-models", type=int, default=4,
+                        help="shadow models for LiRA offline (0: loss-threshold attack only; else >= 2)")
+    parser.add_argument("--shadow-epochs", type=int, default=None,
+                        help="epochs per shadow model (default: the run's rounds x local-epochs)")
+    parser.add_argument("--max-targets", type=int, default=None,
+                        help="cap on members (and as many non-members) to score (default: all held-out records)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the target draw and the shadow models")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON report (default RUN_DIR/audit.json)")
+    parser.set_defaults(handler=run_audit_command)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def run_audit_command(args: argparse.Namespace, console: Console) -> int:
+    """Handler of `fedpriv audit`; returns the exit code."""
+    from privacy.audit.audit import AuditError, audit_run
+
+    if args.shadow_models == 1 or args.shadow_models < 0:
+        console.print(f"[red]error:[/red] --shadow-models must be 0 or >= 2, got {args.shadow_models}")
+        return 2
+    if args.max_targets is not None and args.max_targets < 1:
+        console.print(f"[red]error:[/red] --max-targets must be >= 1, got {args.max_targets}")
+        return 2
+    if not args.run_dir.is_dir():
+        console.print(f"[red]error:[/red] RUN_DIR {args.run_dir} is not a folder")
+        return 2
+    try:
+        report = audit_run(args.run_dir, shadow_models=args.shadow_models, seed=args.seed,
+                           max_targets=args.max_targets, shadow_epochs=args.shadow_epochs,
+                           progress=lambda msg: console.print(f"audit: {msg}"))
+    except (AuditError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    out = args.out or args.run_dir / "audit.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out)  # a reader never sees half a report
+
+    bound = report["bound"]
+    sizes = report["sizes"]
+    title = (f"membership inference on {report['dataset']} ({sizes['members']} members vs "
+             f"{sizes['nonmembers']} non-members)")
+    table = Table(title=title)
+    table.add_column("attack", no_wrap=True)
+    for col in ("AUC", "advantage", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "beats bound"):
+        table.add_column(col)
+    for name, a in report["attacks"].items():
+        table.add_row(name, f"{a['auc']:.4f}", f"{a['advantage']:.4f}", _pct(a["tpr_at_fpr"]["0.001"]),
+                      _pct(a["tpr_at_fpr"]["0.01"]),
+                      "[red]YES[/red]" if a["bound_violated"]
+                      else "no (point above, within noise)" if any(a["above_bound"].values()) else "no")
+    canaries = report.get("canaries")
+    for name, a in (canaries or {}).get("attacks", {}).items():
+        table.add_row(f"{name} on canaries ({canaries['inserted']} in / {canaries['not_inserted']} out)",
+                      f"{a['auc']:.4f}", f"{a['advantage']:.4f}", _pct(a["tpr_at_fpr"]["0.001"]),
+                      _pct(a["tpr_at_fpr"]["0.01"]), "[red]YES[/red]" if a["bound_violated"]
+                      else "no (point above, within noise)" if any(a["above_bound"].values()) else "no")
+    if bound["vacuous"]:
+        table.add_row("bound (no DP)", "1", "1", "100%", "100%", "-")
+    else:
+        table.add_row(f"bound eps={bound['epsilon']:.3g}, delta={bound['delta']:g}", f"{bound['auc']:.4f}",
+                      f"{bound['advantage']:.4f}", _pct(bound["tpr_at_fpr"]["0.001"]),
+                      _pct(bound["tpr_at_fpr"]["0.01"]), "-")
+    console.print(table)
+    if sizes["nonmembers"] < 1000:
+        console.print(f"[yellow]only {sizes['nonmembers']} non-members: TPR at 0.1% FPR is TPR at FPR 0 "
+                      "(1000+ are needed to resolve it)[/yellow]")
+    if bound["vacuous"]:
+        console.print("the run trained without DP: no bound applies")
+    console.print(f"report: {out}")
+    if report["bound_violated"]:
+        console.print("[red bold]an attack beats the (epsilon, delta) bound beyond sampling error (95% confidence): "
+                      "the privacy accounting or training is wrong somewhere[/red bold]")
+        return 3
+    return 0

@@ -1,0 +1,223 @@
+"""The empirical privacy audit: the DP bound, the attacks on known cases, `fedpriv audit` on a real run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from client.datasets import LabeledArrays
+from privacy.audit import (
+    advantage_bound,
+    attack_metrics,
+    auc_bound,
+    lira_offline_scores,
+    loss_threshold_scores,
+    per_example_outputs,
+    tpr_bound,
+)
+from client.config import TrainingPlan
+from privacy.audit.audit import compare_with_bound, node_records, run_bound
+
+
+# --- the (epsilon, delta) bound, against values worked out by hand ---------------------------
+
+def test_tpr_bound_hand_computed():
+    # eps = ln 2, delta = 0: min(2x, 1 - (1 - x)/2)
+    assert tpr_bound(0.1, math.log(2), 0.0) == pytest.approx(0.2)
+    assert tpr_bound(0.5, math.log(2), 0.0) == pytest.approx(0.75)
+    # eps = 1, delta = 0.05 at FPR 1%: e * 0.01 + 0.05
+    assert tpr_bound(0.01, 1.0, 0.05) == pytest.approx(math.e * 0.01 + 0.05)
+    # eps = 0, delta = 0: no test beats chance
+    assert np.allclose(tpr_bound(np.array([0.0, 0.3, 1.0]), 0.0, 0.0), [0.0, 0.3, 1.0])
+    assert tpr_bound(0.9, 5.0, 0.0) == pytest.approx(1 - math.exp(-5) * 0.1)
+    assert tpr_bound(0.99, 1.0, 0.05) == 1.0  # past FPR = 1 - delta the cap binds
+
+
+def test_advantage_and_auc_bounds_hand_computed():
+    # eps = ln 3: lines 3x and 1 - (1 - x)/3 cross at (1/4, 3/4): advantage 1/2,
+    # area 1/4 * 3/4 / 2 + 3/4 * (3/4 + 1) / 2 = 0.75
+    assert advantage_bound(math.log(3), 0.0) == pytest.approx(0.5)
+    assert auc_bound(math.log(3), 0.0) == pytest.approx(0.75)
+    assert auc_bound(0.0, 0.0) == pytest.approx(0.5)
+    assert advantage_bound(0.0, 0.1) == pytest.approx(0.1)
+    # The area matches a dense numerical integral with delta > 0.
+    x = np.linspace(0, 1, 200_001)
+    assert auc_bound(1.0, 0.01) == pytest.approx(np.trapezoid(tpr_bound(x, 1.0, 0.01), x), abs=1e-8)
+
+
+@pytest.mark.parametrize("args", [(0.1, -1.0, 0.0), (0.1, 1.0, 1.0), (1.5, 1.0, 0.0), (0.1, math.inf, 0.0)])
+def test_bound_rejects_bad_input(args):
+    with pytest.raises(ValueError):
+        tpr_bound(*args)
+
+
+def test_no_dp_bound_is_vacuous_and_dp_bound_reads_summary():
+    assert run_bound({"dp": False}, {})["vacuous"] is True
+    bound = run_bound({"dp": True, "max_client_epsilon": math.log(3), "delta": 0.0}, {})
+    assert bound["advantage"] == pytest.approx(0.5) and bound["tpr_at_fpr"]["0.01"] == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="max_client_epsilon"):
+        run_bound({"dp": True}, {})
+
+
+# --- attack metrics and attacks on synthetic cases with a known answer ----------------------
+
+def test_attack_metrics_on_separable_and_tied_scores():
+    m = attack_metrics(np.array([3.0, 4.0, 5.0]), np.array([0.0, 1.0, 2.0]))
+    assert m["auc"] == 1.0 and m["advantage"] == 1.0 and m["tpr_at_fpr"]["0.001"] == 1.0
+    # 10 non-members: FPR 1% cannot be resolved, so the point used is FPR 0.
+    members, non = np.arange(10, 20, dtype=float), np.arange(0, 10, dtype=float)
+    members[:2] = [0.5, 1.5]  # two members below some non-members
+    m = attack_metrics(members, non)
+    assert m["roc_points"]["0.01"]["fpr"] == 0.0 and m["tpr_at_fpr"]["0.01"] == pytest.approx(0.8)
+    assert m["fpr_resolution"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="non-members"):
+        attack_metrics(np.ones(3), np.zeros(0))
+
+
+def test_a_lucky_point_on_few_records_is_not_called_a_violation():
+    # 4 of 200 members score above every non-member: empirical TPR 2% at FPR 0, above the
+    # eps=1 bound (TPR <= delta at FPR 0), but 0 false positives in 200 is no proof of FPR 0.
+    members = np.r_[np.full(4, 10.0), np.linspace(0, 1, 196)]
+    non = np.linspace(0, 1, 200)
+    m = attack_metrics(members, non)
+    flags = compare_with_bound(m, run_bound({"dp": True, "max_client_epsilon": 1.0, "delta": 1e-5}, {}))
+    assert flags["above_bound"]["0.001"] is True and flags["bound_violated"] is False
+    # The same pattern on 100x the records is beyond sampling error (TPR ~2.1% at FPR 0.1%).
+    m = attack_metrics(np.r_[np.full(400, 10.0), np.linspace(0, 1, 19600)], np.linspace(0, 1, 20000))
+    flags = compare_with_bound(m, run_bound({"dp": True, "max_client_epsilon": 1.0, "delta": 1e-5}, {}))
+    assert flags["violated_at"]["0.001"] is True and flags["bound_violated"] is True
+
+
+def test_identical_distributions_give_chance_auc():
+    rng = np.random.default_rng(1)
+    m = attack_metrics(rng.normal(size=3000), rng.normal(size=3000))
+    assert abs(m["auc"] - 0.5) < 0.03 and m["advantage"] < 0.06
+    assert compare_with_bound(m, run_bound({"dp": True, "max_client_epsilon": 1.0, "delta": 1e-5}, {}))[
+        "bound_violated"] is False
+
+
+def test_a_model_that_memorises_its_members_is_caught_by_the_loss_attack():
+    # Random labels on random inputs: only memorisation can fit the members.
+    gen = torch.Generator().manual_seed(0)
+    # 1000 dimensions: fresh inputs are near-orthogonal to the members, so non-members get
+    # unconfident outputs.
+    x = torch.randn(200, 1000, generator=gen)
+    y = torch.randint(0, 2, (200,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1000, 64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:100]), y[:100]).backward()
+        opt.step()
+    data = LabeledArrays(task="vision", x=x.numpy(), y=y.numpy(), classes=["a", "b"],
+                         record_ids=[str(i) for i in range(200)])
+    losses, phi = per_example_outputs(model, data)
+    m = attack_metrics(loss_threshold_scores(losses[:100]), loss_threshold_scores(losses[100:]))
+    assert m["auc"] > 0.95
+    # Two classes: phi = -log(expm1(loss)), where the loss has not underflowed; where it has,
+    # phi (taken from the logits) still tells the records apart.
+    ok = losses > 1e-6
+    assert np.allclose(phi[ok], -np.log(np.expm1(losses[ok])), atol=1e-6)
+    assert np.all(phi[~ok] > 13) and len(np.unique(phi[~ok])) == (~ok).sum()
+    # An (eps = 1)-DP run could never do this: the flag goes up.
+    flags = compare_with_bound(m, run_bound({"dp": True, "max_client_epsilon": 1.0, "delta": 1e-5}, {}))
+    assert flags["bound_violated"] is True and flags["above_bound"]["auc"] is True
+
+
+def test_lira_calibrates_per_example_difficulty():
+    # Each record has its own OUT mean; members sit 2 std above theirs. Raw phi is swamped by
+    # the spread of difficulty, LiRA's per-example calibration is not.
+    rng = np.random.default_rng(0)
+    n, k = 2000, 8
+    difficulty = rng.normal(0, 5, size=2 * n)
+    shadow = difficulty + rng.normal(size=(k, 2 * n))
+    target = difficulty + rng.normal(size=2 * n) + np.r_[np.full(n, 2.0), np.zeros(n)]
+    lira = attack_metrics(*np.split(lira_offline_scores(target, shadow), 2))
+    raw = attack_metrics(*np.split(target, 2))
+    assert lira["auc"] > 0.88 and raw["auc"] < 0.7
+    # Same distribution IN and OUT: chance.
+    null = difficulty + rng.normal(size=2 * n)
+    assert abs(attack_metrics(*np.split(lira_offline_scores(null, shadow), 2))["auc"] - 0.5) < 0.04
+    with pytest.raises(ValueError, match="at least 2"):
+        lira_offline_scores(target, shadow[:1])
+
+
+# --- canaries ---------------------------------------------------------------------------------
+
+def test_canaries_are_deterministic_and_half_are_dealt_to_the_nodes():
+    from client.config import NodeIdentity
+    from client.node_training import load_node_data
+    from privacy.audit.canaries import inserted_mask, make_canaries, node_canaries
+    from simulations.datasets import load_dataset
+
+    train = load_dataset("digits")["train"]
+    a, b = make_canaries(train, 11, seed=3), make_canaries(train, 11, seed=3)
+    assert np.array_equal(a.x, b.x) and a.input_shape == train.input_shape and a.x.dtype == train.x.dtype
+    assert 0.0 <= a.x.min() and a.x.max() <= 1.0 and a.record_ids[0] == "canary-0"
+    assert inserted_mask(11, 3).sum() == 5
+    dealt = [r for pid in range(3) for r in node_canaries(train, 11, 3, pid, 3).record_ids]
+    expected = [f"canary-{i}" for i in np.flatnonzero(inserted_mask(11, 3))]
+    assert sorted(dealt) == sorted(expected)  # every inserted canary on exactly one node
+    # A node's training share gains its canaries; its validation share never does.
+    cfg = {"task": "vision", "dataset": "digits", "model": "", "num-server-rounds": 1, "local-epochs": 1,
+           "batch-size": 32, "lr": 0.5, "optimizer": "sgd", "dp": True, "epsilon": 8.0, "delta": 1e-5,
+           "max-grad-norm": 1.0, "val-fraction": 0.1, "partition": "iid", "alpha": 0.5, "seed": 3,
+           "run-name": "t"}
+    node = NodeIdentity(name="node-0", state_dir=None, max_epsilon=8.0, delta=1e-5, data_path=None,
+                        partition_id=0, num_partitions=3)
+    plain = load_node_data(node, TrainingPlan.from_run_config(cfg))
+    with_canaries = load_node_data(node, TrainingPlan.from_run_config({**cfg, "canaries": 11}))
+    mine = node_canaries(train, 11, 3, 0, 3).record_ids
+    assert with_canaries.train.record_ids == plain.train.record_ids + mine
+    assert with_canaries.val.record_ids == plain.val.record_ids
+    assert with_canaries.fingerprint != plain.fingerprint  # different data, its own ledger
+    with pytest.raises(ValueError, match="canaries"):
+        TrainingPlan.from_run_config({**cfg, "canaries": -1})
+
+
+# --- `fedpriv audit` on a tiny real run (embedded digits, needs no shared data) --------------
+
+def _cli(*args, cwd):
+    env = {**os.environ, "COLUMNS": "200"}  # rich sizes its table to the (absent) terminal
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env=env)
+
+
+def test_fedpriv_audit_on_a_dp_run(tmp_path):
+    run = tmp_path / "run"
+    sim = _cli("simulate", "--dataset", "digits", "--clients", "2", "--rounds", "1", "--epsilon", "4", "--no-secagg",
+               "--canaries", "60",
+               "--out", str(run), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    assert sim.returncode == 0, sim.stdout[-2000:] + sim.stderr[-2000:]
+    proc = _cli("audit", str(run), "--shadow-models", "2", "--max-targets", "200", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "loss_threshold" in proc.stdout and "lira_offline" in proc.stdout
+    report = json.loads((run / "audit.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert report["sizes"]["members"] == report["sizes"]["nonmembers"] == 200
+    assert report["bound"]["epsilon"] == pytest.approx(summary["max_client_epsilon"]) and report["bound"]["epsilon"] <= 4
+    assert report["bound"]["tpr_at_fpr"]["0.01"] == pytest.approx(tpr_bound(0.01, summary["max_client_epsilon"], 1e-5))
+    for attack in ("loss_threshold", "lira_offline"):
+        a = report["attacks"][attack]
+        assert 0.3 < a["auc"] < report["bound"]["auc"] and a["bound_violated"] is False
+        assert set(a["tpr_at_fpr"]) == {"0.001", "0.01"}
+    assert report["bound_violated"] is False and report["shadow_models"]["count"] == 2
+    # Canaries are scored apart (30 inserted vs 30 not) and kept out of the natural members.
+    canaries = report["canaries"]
+    assert canaries["inserted"] == canaries["not_inserted"] == 30
+    assert set(canaries["attacks"]) == {"loss_threshold", "lira_offline"}
+    config = {**json.loads((run / "config.json").read_text()), "canaries": 0}
+    trains, _ = node_records(config, TrainingPlan.from_run_config(config))
+    assert report["sizes"]["training_records"] == sum(len(t) for t in trains)
+
+
+def test_fedpriv_audit_names_the_missing_file(tmp_path):
+    proc = _cli("audit", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "config.json" in proc.stdout
