@@ -16,6 +16,7 @@ from privacy.audit import (
     advantage_bound,
     attack_metrics,
     auc_bound,
+    epsilon_lower_bound,
     lira_offline_scores,
     loss_threshold_scores,
     per_example_outputs,
@@ -49,6 +50,16 @@ def test_advantage_and_auc_bounds_hand_computed():
     # The area matches a dense numerical integral with delta > 0.
     x = np.linspace(0, 1, 200_001)
     assert auc_bound(1.0, 0.01) == pytest.approx(np.trapezoid(tpr_bound(x, 1.0, 0.01), x), abs=1e-8)
+
+
+def test_epsilon_lower_bound_inverts_the_bound():
+    # The point (FPR 1/4, TPR 3/4) lies on the eps = ln 3 boundary: both lines give ln 3.
+    assert epsilon_lower_bound(0.75, 0.25, 0.0) == pytest.approx(math.log(3))
+    assert epsilon_lower_bound(0.5, 0.05, 0.0) == pytest.approx(math.log(10))
+    assert epsilon_lower_bound(0.1, 0.2, 0.0) == 0.0  # worse than chance proves nothing
+    # Any point the (eps, delta) region allows proves at most eps.
+    for fpr in (0.001, 0.01, 0.3):
+        assert epsilon_lower_bound(tpr_bound(fpr, 2.0, 1e-5), fpr, 1e-5) <= 2.0 + 1e-9
 
 
 @pytest.mark.parametrize("args", [(0.1, -1.0, 0.0), (0.1, 1.0, 1.0), (1.5, 1.0, 0.0), (0.1, math.inf, 0.0)])
@@ -92,6 +103,7 @@ def test_a_lucky_point_on_few_records_is_not_called_a_violation():
     m = attack_metrics(np.r_[np.full(400, 10.0), np.linspace(0, 1, 19600)], np.linspace(0, 1, 20000))
     flags = compare_with_bound(m, run_bound({"dp": True, "max_client_epsilon": 1.0, "delta": 1e-5}, {}))
     assert flags["violated_at"]["0.001"] is True and flags["bound_violated"] is True
+    assert flags["epsilon_lower_bound"] > 1.0  # the same evidence, as an epsilon
 
 
 def test_identical_distributions_give_chance_auc():

@@ -7,10 +7,10 @@
 """
 
 from .audit import AuditError, audit_run
-from .bounds import advantage_bound, auc_bound, tpr_bound
+from .bounds import advantage_bound, auc_bound, epsilon_lower_bound, tpr_bound
 from .membership import attack_metrics, lira_offline_scores, loss_threshold_scores, per_example_outputs
 
 __all__ = [
-    "AuditError", "audit_run", "advantage_bound", "auc_bound", "tpr_bound",
+    "AuditError", "audit_run", "advantage_bound", "auc_bound", "epsilon_lower_bound", "tpr_bound",
     "attack_metrics", "lira_offline_scores", "loss_threshold_scores", "per_example_outputs",
 ]

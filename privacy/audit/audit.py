@@ -43,7 +43,7 @@ import torch
 
 from client.datasets import LabeledArrays
 
-from .bounds import advantage_bound, auc_bound, tpr_bound
+from .bounds import advantage_bound, auc_bound, epsilon_lower_bound, tpr_bound
 from .canaries import inserted_mask, is_canary, make_canaries
 from .membership import DEFAULT_FPRS, attack_metrics, lira_offline_scores, loss_threshold_scores, per_example_outputs
 
@@ -137,16 +137,24 @@ def compare_with_bound(metrics: dict, bound: dict) -> dict:
     `bound_violated`: it does so beyond sampling error: the lower end of the TPR interval
     lies above the bound at the upper end of the FPR interval (Clopper-Pearson, jointly
     at `metrics["confidence"]` over the points checked). That is the flag that means a bug.
+    `epsilon_lower_bound`: the largest epsilon those intervals prove (`bounds.epsilon_lower_bound`),
+    at the same joint confidence; a violation is the same event as it exceeding the run's epsilon.
     """
+    # The epsilon the attack proves (at the run's delta; 1e-5 when the run had none).
+    delta_lb = bound["delta"] if bound["delta"] is not None else 1e-5
+    eps_lb = max(epsilon_lower_bound(p["tpr_ci"][0], p["fpr_ci"][1], delta_lb)
+                 for p in metrics["roc_points"].values())
     if bound["vacuous"]:
-        return {"bound_violated": False, "above_bound": {}, "detail": "no bound (no DP)"}
+        return {"bound_violated": False, "above_bound": {}, "epsilon_lower_bound": eps_lb,
+                "detail": "no bound (no DP)"}
     eps, delta = bound["epsilon"], bound["delta"]
     above, violated = {}, {}
     for key, p in metrics["roc_points"].items():
         above[key] = bool(p["tpr"] > tpr_bound(p["fpr"], eps, delta) + 1e-12)
         violated[key] = bool(p["tpr_ci"][0] > tpr_bound(p["fpr_ci"][1], eps, delta) + 1e-12)
     above["auc"] = bool(metrics["auc"] > bound["auc"] + 1e-12)
-    return {"bound_violated": any(violated.values()), "above_bound": above, "violated_at": violated}
+    return {"bound_violated": any(violated.values()), "above_bound": above, "violated_at": violated,
+            "epsilon_lower_bound": eps_lb}
 
 
 def train_shadow_models(plan, pool: LabeledArrays, k: int, seed: int, epochs: int | None = None,

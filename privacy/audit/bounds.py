@@ -72,3 +72,23 @@ def auc_bound(epsilon: float, delta: float) -> float:
     xs = np.unique(np.clip([0.0, (1.0 - delta) / (e + 1.0), 1.0 - delta, 1.0], 0.0, 1.0))
     ys = tpr_bound(xs, epsilon, delta)
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0))
+
+
+def epsilon_lower_bound(tpr_lo: float, fpr_hi: float, delta: float) -> float:
+    """Smallest epsilon consistent with an attack's ROC point, from its confidence interval.
+
+    Inverts `tpr_bound` (Jagielski et al., NeurIPS 2020, Sec. 3; Nasr et al. 2021): a test
+    with TPR >= tpr_lo at FPR <= fpr_hi proves eps >= log((tpr_lo - delta) / fpr_hi), and by
+    the bound's other line eps >= log((1 - delta - fpr_hi) / (1 - tpr_lo)). Rates in [0, 1],
+    delta in [0, 1). Returns the larger, at least 0 (inf when a denominator is 0 and its
+    numerator positive). Raises ValueError on rates outside [0, 1] or a bad delta.
+    """
+    for name, v in (("tpr_lo", tpr_lo), ("fpr_hi", fpr_hi)):
+        if not 0 <= v <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
+    _check(0.0, delta)
+    best = 0.0
+    for num, den in ((tpr_lo - delta, fpr_hi), (1.0 - delta - fpr_hi, 1.0 - tpr_lo)):
+        if num > 0:
+            best = max(best, math.inf if den <= 0 else math.log(num / den))
+    return best

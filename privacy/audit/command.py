@@ -70,25 +70,26 @@ def run_audit_command(args: argparse.Namespace, console: Console) -> int:
              f"{sizes['nonmembers']} non-members)")
     table = Table(title=title)
     table.add_column("attack", no_wrap=True)
-    for col in ("AUC", "advantage", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "beats bound"):
+    for col in ("AUC", "advantage", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "eps proven (95%)", "beats bound"):
         table.add_column(col)
     for name, a in report["attacks"].items():
         table.add_row(name, f"{a['auc']:.4f}", f"{a['advantage']:.4f}", _pct(a["tpr_at_fpr"]["0.001"]),
-                      _pct(a["tpr_at_fpr"]["0.01"]),
+                      _pct(a["tpr_at_fpr"]["0.01"]), f"{a['epsilon_lower_bound']:.3g}",
                       "[red]YES[/red]" if a["bound_violated"]
                       else "no (point above, within noise)" if any(a["above_bound"].values()) else "no")
     canaries = report.get("canaries")
     for name, a in (canaries or {}).get("attacks", {}).items():
         table.add_row(f"{name} on canaries ({canaries['inserted']} in / {canaries['not_inserted']} out)",
                       f"{a['auc']:.4f}", f"{a['advantage']:.4f}", _pct(a["tpr_at_fpr"]["0.001"]),
-                      _pct(a["tpr_at_fpr"]["0.01"]), "[red]YES[/red]" if a["bound_violated"]
+                      _pct(a["tpr_at_fpr"]["0.01"]), f"{a['epsilon_lower_bound']:.3g}",
+                      "[red]YES[/red]" if a["bound_violated"]
                       else "no (point above, within noise)" if any(a["above_bound"].values()) else "no")
     if bound["vacuous"]:
-        table.add_row("bound (no DP)", "1", "1", "100%", "100%", "-")
+        table.add_row("bound (no DP)", "1", "1", "100%", "100%", "-", "-")
     else:
         table.add_row(f"bound eps={bound['epsilon']:.3g}, delta={bound['delta']:g}", f"{bound['auc']:.4f}",
                       f"{bound['advantage']:.4f}", _pct(bound["tpr_at_fpr"]["0.001"]),
-                      _pct(bound["tpr_at_fpr"]["0.01"]), "-")
+                      _pct(bound["tpr_at_fpr"]["0.01"]), f"{bound['epsilon']:.3g}", "-")
     console.print(table)
     if sizes["nonmembers"] < 1000:
         console.print(f"[yellow]only {sizes['nonmembers']} non-members: TPR at 0.1% FPR is TPR at FPR 0 "
