@@ -31,6 +31,7 @@ as skipped); results are written after every row, so an interrupted run still le
 Each federated row records the exact `fedpriv simulate` command it ran.
 
     python benchmarks/utility_table.py [--quick] [--datasets sms_spam pneumoniamnist fsdd] [--budget-min 60]
+    python benchmarks/utility_table.py --merge A.json B.json [--out FILE]   # rows of runs made in parallel
 
 `--quick`: SMS Spam only, 2 rounds, rows (a), (b), (c) at epsilon 8, (d) at epsilon 8 (a dry
 run, ~3 minutes). Prints JSON and writes benchmarks/results/utility_table[_quick].json.
@@ -56,13 +57,15 @@ EPSILONS = (1.0, 3.0, 8.0)
 DELTA = 1e-5
 SEED = 0
 
-# Per dataset: the federation and the local-training budget shared by all its rows.
+# Per dataset: the federation and the local-training budget shared by all its rows. Rounds are
+# few because the machine these were measured on has 2 shared cores (a CNN DP-SGD round of 5
+# nodes there took about a minute under load); the tuning rows double them.
 DATASETS = {
     "sms_spam": {"clients": 5, "partition": "dirichlet", "alpha": 0.5, "model": "ngram-linear", "rounds": 15,
                  "local_epochs": 2, "batch": 128, "lr": 8.0, "client_sigma": 0.01},
-    "pneumoniamnist": {"clients": 5, "partition": "dirichlet", "alpha": 0.5, "model": "cnn", "rounds": 10,
+    "pneumoniamnist": {"clients": 5, "partition": "dirichlet", "alpha": 0.5, "model": "cnn", "rounds": 5,
                        "local_epochs": 1, "batch": 128, "lr": 0.5, "client_sigma": 0.003},
-    "fsdd": {"clients": 6, "partition": "natural", "alpha": 0.5, "model": "conv", "rounds": 10,
+    "fsdd": {"clients": 6, "partition": "natural", "alpha": 0.5, "model": "conv", "rounds": 5,
              "local_epochs": 1, "batch": 32, "lr": 0.5, "client_sigma": 0.003},
 }
 
@@ -236,8 +239,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run only rows whose id starts with one of these")
     parser.add_argument("--resume", action="store_true", help="keep finished rows of an existing --out file")
     parser.add_argument("--work-dir", type=Path, default=None, help="run folders and ledgers (default: a temp dir)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="combine the rows and commands of these result files into --out and exit")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out or ROOT / "benchmarks" / "results" / "utility_table.json")
+        return
     datasets = args.datasets or (["sms_spam"] if args.quick else list(DATASETS))
     out = args.out or ROOT / "benchmarks" / "results" / f"utility_table{'_quick' if args.quick else ''}.json"
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedpriv-utility-"))
@@ -273,6 +281,32 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "config"}), file=sys.stderr, flush=True)
         _write(out, rows, datasets, commands, args.quick)
     print(json.dumps(_write(out, rows, datasets, commands, args.quick), indent=2))
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """Write one result from several (e.g. datasets run in parallel); later files win on a repeated row id.
+
+    Raises SystemExit naming a file that is missing or is not a utility_table result.
+    """
+    rows: dict[str, dict] = {}
+    commands: list[str] = []
+    datasets: list[str] = []
+    quick = False
+    for path in paths:
+        try:
+            part = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"{path}: cannot read a utility_table result ({err})") from err
+        if part.get("benchmark") != "utility_table":
+            raise SystemExit(f"{path}: field 'benchmark' is {part.get('benchmark')!r}, expected 'utility_table'")
+        rows.update({r["id"]: r for r in part["rows"]})
+        commands += [c for c in part.get("commands", [part.get("command", "")]) if c not in commands]
+        datasets += [d for d in part["datasets"] if d not in datasets]
+        quick = quick or part["quick"]
+    merged = list(rows.values())
+    mark_best(merged)
+    commands.append("python benchmarks/utility_table.py --merge " + " ".join(str(p) for p in paths))
+    print(json.dumps(_write(out, merged, datasets, commands, quick), indent=2))
 
 
 def _write(out: Path, rows: list[dict], datasets: list[str], commands: list[str], quick: bool) -> dict:
