@@ -161,6 +161,18 @@ def test_lira_calibrates_per_example_difficulty():
         lira_offline_scores(target, shadow[:1])
 
 
+def test_targets_are_balanced_per_label():
+    from privacy.audit.audit import balanced_targets
+
+    member_y = np.r_[np.zeros(100), np.ones(300)].astype(int)  # 75% label 1, like PneumoniaMNIST train
+    nonmember_y = np.r_[np.zeros(60), np.ones(40)].astype(int)
+    mem, non = balanced_targets(member_y, nonmember_y, seed=0)
+    assert len(mem) == len(non) == 100
+    assert np.bincount(member_y[mem]).tolist() == np.bincount(nonmember_y[non]).tolist() == [60, 40]
+    mem, non = balanced_targets(member_y, nonmember_y, seed=0, max_targets=7)
+    assert len(mem) == len(non) == 7 and np.bincount(member_y[mem]).tolist() == [4, 3]
+
+
 # --- canaries ---------------------------------------------------------------------------------
 
 def test_canaries_are_deterministic_and_half_are_dealt_to_the_nodes():

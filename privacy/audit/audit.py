@@ -8,7 +8,8 @@ alpha, seed, num-supernodes, val-fraction, data-dir, through the same
   are never trained on and are not members);
 - non-members: the dataset's held-out records of the same distribution (its test split;
   for PneumoniaMNIST also the official validation split, which no node sees);
-- the two are balanced: as many members as non-members, drawn at random (seeded).
+- the two are balanced: as many members as non-members, drawn at random (seeded), with the
+  same number of each label on both sides (`balanced_targets`).
 
 Attacks (`privacy.audit.membership`): the loss threshold (Yeom et al. 2018) and LiRA
 offline (Carlini et al. 2022) with K shadow models. Shadow models are trained *by the same
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,6 +110,35 @@ def held_out_records(plan) -> LabeledArrays:
         if "val" in splits:
             return concat([test, splits["val"]])
     return test
+
+
+def balanced_targets(member_y: np.ndarray, nonmember_y: np.ndarray, seed: int,
+                     max_targets: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of as many members as non-members, with the same count of each label on both sides.
+
+    Why per label: a held-out split can have other class priors than the training data
+    (PneumoniaMNIST: 74% pneumonia in train, 62.5% in test), and then even a constant model
+    has a lower loss on members, an "attack" that measures label shift, not memorisation.
+    max_targets caps each side (per-label counts scaled down proportionally). Returns two
+    sorted int arrays of equal length. Raises AuditError when no label occurs on both sides.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.intersect1d(np.unique(member_y), np.unique(nonmember_y))
+    counts = {c: min(int((member_y == c).sum()), int((nonmember_y == c).sum())) for c in labels}
+    total = sum(counts.values())
+    if total == 0:
+        raise AuditError("members and held-out records share no label: nothing to compare")
+    if max_targets and max_targets < total:
+        # Scale down per label, handing the rounding remainder to the largest fractions.
+        exact = {c: k * max_targets / total for c, k in counts.items()}
+        counts = {c: int(v) for c, v in exact.items()}
+        for c in sorted(exact, key=lambda c: exact[c] - counts[c], reverse=True)[: max_targets - sum(counts.values())]:
+            counts[c] += 1
+    mem, non = [], []
+    for c, k in counts.items():
+        mem.append(rng.permutation(np.flatnonzero(member_y == c))[:k])
+        non.append(rng.permutation(np.flatnonzero(nonmember_y == c))[:k])
+    return np.sort(np.concatenate(mem)), np.sort(np.concatenate(non))
 
 
 def run_bound(summary: dict, config: dict, fprs: tuple[float, ...] = DEFAULT_FPRS) -> dict:
@@ -264,10 +293,8 @@ def audit_run(run_dir: Path, shadow_models: int = 4, seed: int = 0, max_targets:
     if overlap:
         raise AuditError(f"{len(overlap)} held-out records also appear in the nodes' training data")
 
-    rng = np.random.default_rng(seed)
-    n = min(len(members_all), len(held_out), max_targets or math.inf)
-    mem_idx = np.sort(rng.permutation(len(members_all))[:n])
-    non_idx = np.sort(rng.permutation(len(held_out))[:n])
+    mem_idx, non_idx = balanced_targets(members_all.y, held_out.y, seed, max_targets)
+    n = len(mem_idx)
     members, nonmembers = members_all.subset(mem_idx), held_out.subset(non_idx)
     say(f"{n} members (of {len(members_all)} training records on {len(trains)} nodes) vs {n} non-members "
         f"(of {len(held_out)} held-out records)")
