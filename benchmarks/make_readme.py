@@ -92,23 +92,25 @@ def scale_table(result: dict) -> list[str]:
     lines = [
         "## Simulation scale (`simulation_scale.py`)",
         "",
-        f"Command: `{result['command']}` — {result['machine']['cpus']} CPUs, "
+        f"Command: {', then '.join(f'`{c}`' for c in result.get('commands', [result['command']]))} — "
+        f"{result['machine']['cpus']} CPUs, "
         f"{result['machine']['memory_gib']:.0f} GiB. Dataset {result['dataset']} ({result['partition']}), model "
         f"{result['model']}, {result['dp']}, SecAgg+ {'on' if result['secagg'] else 'off'}, 10% of the nodes sampled per "
-        "round. Round time: server-side seconds per round from metrics.jsonl (round 1 includes the nodes' first start); "
+        "round (preflight: `fedpriv simulate`'s checks, which load every node's partition). Round time: server-side seconds per round from metrics.jsonl (round 1 includes the nodes' first start); "
         "startup+shutdown: wall time less the rounds (SuperLink, Ray, final evaluation on every node). Peak memory: sum "
         "over the process tree, sampled with psutil (RSS counts shared pages per process; PSS splits them). 1-min load "
         f"average before/after: {_fmt(result['load_average_1m_before_and_after'][0], 1)}/"
         f"{_fmt(result['load_average_1m_before_and_after'][1], 1)}.",
         "",
-        "| nodes | trained per round | round seconds | mean after round 1 | startup+shutdown (s) | peak RSS (MiB) | "
-        "peak PSS (MiB) | processes | result |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| nodes | load at start | preflight (s) | trained per round | round seconds | mean after round 1 | "
+        "startup+shutdown (s) | peak RSS (MiB) | peak PSS (MiB) | processes | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        outcome = f"failed: {r['error'][:100]}" if "error" in r else f"test acc {_fmt(r.get('final_test_accuracy'), 3)}"
+        outcome = f"failed: {r['error'][:300]}" if "error" in r else f"test acc {_fmt(r.get('final_test_accuracy'), 3)}"
         lines.append(
-            f"| {r['clients']:,} | {r.get('nodes_trained_per_round', '-')} | "
+            f"| {r['clients']:,} | {_fmt(r.get('load_average_1m_at_start'), 1)} | {_fmt(r.get('preflight_seconds'), 0)} | "
+            f"{r.get('nodes_trained_per_round', '-')} | "
             f"{', '.join(_fmt(s, 1) for s in r.get('round_seconds', [])) or '-'} | "
             f"{_fmt(r.get('mean_round_seconds_after_first'), 1)} | {_fmt(r.get('startup_and_shutdown_seconds'), 0)} | "
             f"{_fmt(r.get('peak_rss_mib'), 0)} | {_fmt(r.get('peak_pss_mib'), 0)} | {r.get('peak_processes', '-')} | "

@@ -23,7 +23,12 @@ Measured per size:
   sum of RSS (counts shared pages once per process, so an upper bound) and sum of PSS
   (shared pages split between processes).
 
-    python benchmarks/simulation_scale.py [--clients 10 100 1000] [--rounds 3] [--secagg]
+A size that takes longer than `--timeout-min` (preflight and simulation together) is
+stopped (SIGALRM; the runner's `finally` stops the SuperLink and Ray) and recorded with the
+stage it was in and the innermost project function on the stack.
+
+    python benchmarks/simulation_scale.py [--clients 10 100 1000] [--rounds 3] [--secagg] [--timeout-min 20]
+    python benchmarks/simulation_scale.py --clients 1000 --resume   # keep the other sizes' rows
 
 Prints JSON and writes benchmarks/results/simulation_scale.json.
 """
@@ -34,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import threading
@@ -103,8 +109,34 @@ def run_config_for(clients: int, rounds: int, secagg: bool, out: Path, state_dir
     }
 
 
-def run_size(clients: int, rounds: int, secagg: bool, work: Path, sample_s: float) -> dict:
-    """One federation of `clients` nodes; returns the row (with "error" when it failed)."""
+class SizeTimeout(Exception):
+    """A size ran past --timeout-min."""
+
+
+def _where(err: BaseException) -> str:
+    """The three innermost frames of the traceback that lie in this project, innermost first."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if f.filename.startswith(str(ROOT)) and f.name != "_alarm"]
+    return " < ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.name}" for f in reversed(frames[-3:])) or "?"
+
+
+def _alarm(signum, frame):
+    raise SizeTimeout()
+
+
+def run_size(clients: int, rounds: int, secagg: bool, work: Path, sample_s: float, timeout_min: float = 1e9) -> dict:
+    """One federation of `clients` nodes; returns the row (with "error" when it failed or timed out)."""
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(max(1, int(timeout_min * 60)))
+    try:
+        return _run_size(clients, rounds, secagg, work, sample_s, timeout_min)
+    finally:
+        signal.alarm(0)
+
+
+def _run_size(clients: int, rounds: int, secagg: bool, work: Path, sample_s: float, timeout_min: float) -> dict:
     from rich.console import Console
 
     from simulations.cli import preflight
@@ -112,18 +144,26 @@ def run_size(clients: int, rounds: int, secagg: bool, work: Path, sample_s: floa
 
     out, state = work / f"run-{clients}", work / f"state-{clients}"
     cfg = run_config_for(clients, rounds, secagg, out, state)
-    row: dict = {"clients": clients, "rounds": rounds, "fraction_train": 0.1, "secagg": secagg, "dp": True}
+    row: dict = {"clients": clients, "rounds": rounds, "fraction_train": 0.1, "secagg": secagg, "dp": True,
+                 "load_average_1m_at_start": os.getloadavg()[0]}
     started = time.perf_counter()
     try:
         preflight(cfg, clients)
     except ValueError as err:
         row.update(error=f"preflight: {err}", preflight_seconds=time.perf_counter() - started)
         return row
+    except SizeTimeout as err:
+        row.update(error=f"timeout: preflight (`fedpriv simulate`'s checks) did not finish within {timeout_min:g} min; "
+                         f"it was in {_where(err)}", preflight_seconds=time.perf_counter() - started)
+        return row
     row["preflight_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     with TreeMemorySampler(sample_s) as sampler:
         try:
             summary = run_simulation_job(cfg, clients, out, console=Console(stderr=True, quiet=True))
+        except SizeTimeout as err:
+            summary, row["error"] = None, (f"timeout: the simulation did not finish within {timeout_min:g} min "
+                                           f"(preflight included); stopped in {_where(err)}")
         except Exception as err:  # noqa: BLE001 - any failure is the measurement
             summary, row["error"] = None, f"{type(err).__name__}: {err}"[:800]
     row["wall_seconds"] = time.perf_counter() - started
@@ -150,14 +190,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+ (default: plain FedAvg)")
     parser.add_argument("--sample-s", type=float, default=1.0, help="memory sampling interval (seconds)")
+    parser.add_argument("--timeout-min", type=float, default=20.0, help="stop one size after this many minutes")
+    parser.add_argument("--resume", action="store_true", help="keep the rows of other sizes already in --out")
     parser.add_argument("--work-dir", type=Path, default=None, help="run folders and ledgers (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "simulation_scale.json")
     args = parser.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedpriv-scale-"))
     load_before = os.getloadavg()
-    rows = []
+    rows, commands = [], []
+    if args.resume and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        rows = [r for r in previous["rows"] if r["clients"] not in args.clients]
+        commands = previous.get("commands", [previous["command"]])
+    commands.append("python benchmarks/simulation_scale.py " + " ".join(sys.argv[1:]))
+    args.commands = commands
     for n in args.clients:
-        rows.append(run_size(n, args.rounds, args.secagg, work, args.sample_s))
+        rows.append(run_size(n, args.rounds, args.secagg, work, args.sample_s, args.timeout_min))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         # Partial results survive a later size that runs out of time or memory.
         _write(args, rows, load_before)
@@ -172,8 +220,9 @@ def _write(args, rows: list[dict], load_before) -> dict:
         "machine": {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
                     "python": platform.python_version(), "platform": platform.platform()},
         "load_average_1m_before_and_after": [load_before[0], os.getloadavg()[0]],
-        "command": "python benchmarks/simulation_scale.py " + " ".join(sys.argv[1:]),
-        "rows": rows,
+        "command": args.commands[-1],
+        "commands": args.commands,
+        "rows": sorted(rows, key=lambda r: r["clients"]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
