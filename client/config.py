@@ -125,10 +125,12 @@ def default_state_dir() -> Path:
 def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
     """Read the node's identity and budget from node-config (deployment) or the run (simulation).
 
-    Deployment node-config keys: `data-path` (required), `node-name`, `max-epsilon`,
-    `delta`, `state-dir`. Simulation: Flower sets `partition-id`/`num-partitions`; the
+    Deployment node-config keys: `data-path` (required), `node-name`, `task`, `max-epsilon`,
+    `delta`, `state-dir`. In deployment the ledger folder is the data owner's alone (node-config
+    or the per-user default), never the run-config's: a coordinator must not be able to point a
+    node at a fresh ledger. Simulation: Flower sets `partition-id`/`num-partitions`; the
     run-config's `max-epsilon`, `delta` and `state-dir` stand in for the data owner's.
-    Raises ConfigError naming the key.
+    Raises ConfigError naming the key (also when the node's `task` is not the run's).
     """
     node_cfg, run_cfg = dict(context.node_config), dict(context.run_config)
     data_path = node_cfg.get("data-path")
@@ -140,15 +142,20 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
     else:
         pid = n = None
         name = str(node_cfg.get("node-name", "node"))
+        node_task = node_cfg.get("task")
+        if node_task is not None and str(node_task) != plan.task:
+            raise ConfigError(f"this node holds {node_task} data (node-config 'task'), but the run trains a {plan.task} "
+                              "model (run-config 'task')")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"node-config 'node-name' must use letters, digits, '_', '.', '-' only, got {name!r}")
-    max_eps = float(node_cfg.get("max-epsilon", run_cfg.get("max-epsilon", plan.epsilon)) or plan.epsilon)
+    budget_default = run_cfg.get("max-epsilon", plan.epsilon) if data_path is None else plan.epsilon
+    max_eps = float(node_cfg.get("max-epsilon", budget_default) or plan.epsilon)
     delta = float(node_cfg.get("delta", plan.delta))
     if max_eps <= 0:
         raise ConfigError(f"'max-epsilon' must be > 0, got {max_eps}")
     if not 0 < delta < 1:
         raise ConfigError(f"'delta' must be in (0, 1), got {delta}")
-    state = node_cfg.get("state-dir") or run_cfg.get("state-dir") or ""
+    state = node_cfg.get("state-dir") or (run_cfg.get("state-dir") if data_path is None else "") or ""
     return NodeIdentity(
         name=name,
         state_dir=Path(state).expanduser() if state else default_state_dir(),

@@ -12,6 +12,8 @@ Layout written under `out`:
         server.key                 the SuperLink's TLS key (0600)
         node-keys/<node>.pub       each SuperNode's public key (OpenSSH), for
                                    `flwr supernode register`
+        flwr/config.toml           Flower CLI connection settings (FLWR_HOME=server/flwr
+                                   flwr ls): the SuperLink on 127.0.0.1:9093 over TLS
         README.md
     nodes/<node>/                  one kit per hospital / firm
         kit.json                   role, node name, SuperLink address
@@ -40,6 +42,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,6 +54,7 @@ CA_VALIDITY = dt.timedelta(days=3 * 365)
 SERVER_VALIDITY = dt.timedelta(days=825)  # the CA/Browser Forum's historical maximum
 DEFAULT_FLEET_PORT = 9092  # the port SuperNodes reach (TLS, Fleet API only)
 DEFAULT_INTERNAL_PORT = 9093  # the SuperLink itself, on loopback only (Fleet + Control + Runtime APIs)
+FLWR_CONNECTION = "fedpriv"  # the connection name in the Flower CLI's config
 _LOCAL_NAMES = ("localhost", "127.0.0.1")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -162,6 +166,13 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def flwr_connection(ca: Path, control_port: int) -> dict:
+    """Flower CLI settings (`FLWR_HOME/config.toml`) that reach the SuperLink's Control API on
+    this machine's loopback over TLS, verified against the federation's CA."""
+    return {"superlink": {"default": FLWR_CONNECTION, FLWR_CONNECTION: {
+        "address": f"127.0.0.1:{control_port}", "root-certificates": str(Path(ca).resolve()), "insecure": False}}}
+
+
 def check_names(server_hosts: list[str], nodes: list[str]) -> None:
     """Raise ProvisioningError unless hosts and node names are usable (non-empty, unique, safe as file names)."""
     if not server_hosts or any(not h.strip() for h in server_hosts):
@@ -238,6 +249,9 @@ def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = 
         "role": "server", "server_hosts": hosts, "fleet_port": port, "internal_port": DEFAULT_INTERNAL_PORT,
         "ca": "ca.crt", "certificate": "server.crt", "private_key": "server.key", "nodes": all_nodes,
     })
+    (server_dir / "flwr").mkdir(exist_ok=True)
+    (server_dir / "flwr" / "config.toml").write_text(
+        tomli_w.dumps(flwr_connection(server_dir / "ca.crt", DEFAULT_INTERNAL_PORT)))
     (server_dir / "README.md").write_text(_server_readme(superlink, all_nodes))
     return Federation(out=out, server_kit=server_dir, node_kits=node_kits)
 
@@ -290,6 +304,7 @@ runs, registering nodes) listens on 127.0.0.1 only. Then, on this machine:
     fedpriv run --kit {'{this folder}'} --dataset ... --rounds ...
 
 Nodes: {', '.join(nodes)}. `server.key` is secret (mode 0600). Keep `../ca/ca.key` offline.
+Flower's own CLI works too: `FLWR_HOME={'{this folder}'}/flwr flwr ls` (uses `flwr/config.toml`).
 """
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 from pathlib import Path
 
 import httpx
@@ -78,7 +79,8 @@ def _run(args, console) -> int:
         console.print(f"[red]error:[/red] {err}")
         return 2
     try:
-        httpx.get(f"https://127.0.0.1:{control_port}/health", verify=str(kit["ca"]), timeout=3.0)
+        httpx.get(f"https://127.0.0.1:{control_port}/health", timeout=3.0,
+                  verify=ssl.create_default_context(cafile=str(kit["ca"])))
     except httpx.HTTPError as err:
         console.print(f"[red]error:[/red] no SuperLink on 127.0.0.1:{control_port} ({err}); "
                       f"start it first with `fedpriv server --kit {kit['path']}`")

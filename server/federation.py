@@ -29,6 +29,7 @@ from privacy.accountants import ClientLevelAccountant
 from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort, default_scale
 from privacy.secagg.protocol import encoding_from_config, encoding_to_config
 from server.ledger import CoordinatorLedger
+from server.messaging import exchange
 from server.secure_aggregation import secure_sum
 from server.run_folder import RunFolder
 
@@ -41,7 +42,7 @@ class FederationSettings:
 
     rounds: int
     fraction_train: float = 1.0
-    min_nodes: int = 1
+    min_nodes: int = 1  # connected nodes needed before the first round (later rounds: any)
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     node_wait_timeout: float = 120.0  # seconds to wait for min_nodes to connect
     seed: int = 0
@@ -102,11 +103,11 @@ def sample_nodes(
     return sorted(node_ids[int(i)] for i in picks)
 
 
-def _reply_node_name(reply: Message) -> str:
+def _reply_node_name(reply: Message, nid: int) -> str:
     try:
         return str(reply.content["node"]["name"])
     except (KeyError, TypeError):
-        return f"node-id-{reply.metadata.src_node_id}"
+        return f"node-id-{nid}"
 
 
 @dataclass
@@ -123,18 +124,18 @@ def _train_stage(grid, arrays, config, sampled, settings, ledger, report, known_
         Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=nid, message_type=MessageType.TRAIN)
         for nid in sampled
     ]
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    replies = exchange(grid, messages, settings.round_timeout)
     out = TrainReplies()
-    for reply in replies:
+    for nid, reply in replies.items():
         if not reply.has_error():
-            known_names[reply.metadata.src_node_id] = _reply_node_name(reply)
-    for nid in sorted(set(sampled) - {r.metadata.src_node_id for r in replies}):
+            known_names[nid] = _reply_node_name(reply, nid)
+            ledger.merge_alias(f"node-id-{nid}", known_names[nid])
+    for nid in sorted(set(sampled) - set(replies)):
         name = known_names.get(nid, f"node-id-{nid}")
         ledger.record_failure(name, report.round, f"no reply within {settings.round_timeout:.0f} s")
         report.failed.append(name)
     val_acc, val_n = 0.0, 0.0
-    for reply in replies:
-        nid = reply.metadata.src_node_id
+    for nid, reply in sorted(replies.items()):
         name = known_names.get(nid, f"node-id-{nid}")
         out.names[nid] = name
         if reply.has_error():
@@ -234,7 +235,7 @@ def evaluate_on_nodes(grid: Grid, arrays: ArrayRecord, timeout: float) -> dict[s
                 for nid in sorted(grid.get_node_ids())]
     total = {"loss": 0.0, "accuracy": 0.0}
     n, nodes = 0.0, 0
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in exchange(grid, messages, timeout).values():
         if reply.has_error():
             continue
         metrics = reply.content["metrics"]
@@ -274,7 +275,10 @@ def run_federation(
     for server_round in range(first_round, settings.rounds + 1):
         started = time.monotonic()
         report = RoundReport(round=server_round)
-        node_ids = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_timeout)
+        # min-nodes gates the start of the run; later rounds go on with whoever is still
+        # connected, so one lost node (crash, network) never stalls or ends the federation.
+        minimum = settings.min_nodes if server_round == first_round else 1
+        node_ids = wait_for_nodes(grid, minimum, settings.node_wait_timeout)
         poisson = settings.secagg and settings.client_noise_multiplier > 0
         sampled = sample_nodes(node_ids, settings.fraction_train, settings.min_nodes, rng, poisson=poisson)
         config = {"server-round": server_round, "run-id": settings.run_id}

@@ -61,6 +61,22 @@ class CoordinatorLedger:
             rec.failed_rounds.append(server_round)
         rec.failures.append({"round": server_round, "error": error})
 
+    def merge_alias(self, alias: str, name: str) -> None:
+        """Fold the record kept under `alias` into `name`'s.
+
+        A node that fails before it ever replied is known only by its Flower node id
+        (`node-id-<id>`); once it names itself, its earlier failures join its own record so
+        one node never shows up as two.
+        """
+        old = self.nodes.pop(alias, None)
+        if old is None or alias == name:
+            if old is not None:
+                self.nodes[alias] = old
+            return
+        rec = self._node(name)
+        rec.failed_rounds = sorted(set(rec.failed_rounds) | set(old.failed_rounds))
+        rec.failures = sorted(old.failures + rec.failures, key=lambda f: f["round"])
+
     @classmethod
     def from_dict(cls, nodes: dict[str, dict], client_level: dict | None = None) -> CoordinatorLedger:
         """Inverse of `to_dict` (plus the client-level record), for resuming from a checkpoint."""

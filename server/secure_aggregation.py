@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from privacy.secagg import RoundSetup, SecAggAbort, SecAggServer, decode_sum
+from server.messaging import exchange
 
 log = logging.getLogger("fedpriv.server")
 
@@ -35,8 +36,7 @@ def _exchange(grid: Grid, stage: str, payloads: dict[int, RecordDict], timeout: 
     """Send each node its payload as `query.<stage>`; return the content of good replies."""
     messages = [Message(content, dst_node_id=nid, message_type=f"query.{stage}") for nid, content in payloads.items()]
     replies = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        nid = reply.metadata.src_node_id
+    for nid, reply in exchange(grid, messages, timeout).items():
         if reply.has_error():
             outcome.errors[nid] = f"{stage}: {reply.error.reason}"
         else:

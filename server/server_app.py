@@ -94,6 +94,7 @@ def federation_settings(cfg: dict, plan: TrainingPlan, run_id: str) -> Federatio
         rounds=plan.rounds,
         fraction_train=float(cfg.get("fraction-train", 1.0)),
         min_nodes=int(cfg.get("min-nodes", 1)),
+        node_wait_timeout=float(cfg.get("node-wait-timeout", 120.0)),
         round_timeout=float(cfg.get("round-timeout", 3600.0)),
         seed=plan.seed,
         run_id=run_id,

@@ -15,6 +15,7 @@ The `flwr` CLI on this machine reaches the SuperLink through a Flower config fol
 from __future__ import annotations
 
 import json
+import ssl
 import os
 import subprocess
 import time
@@ -24,11 +25,10 @@ from pathlib import Path
 import httpx
 import tomli_w
 
-from privacy.provisioning import load_kit
+from privacy.provisioning import FLWR_CONNECTION, flwr_connection, load_kit
 from server.fleet_gateway import GatewayError, nginx_config, start_gateway
 from simulations.runner import console_script, stop_process_tree
 
-FLWR_CONNECTION = "fedpriv"
 COORDINATOR_FILE = "coordinator.json"  # in the state folder: where the running SuperLink listens
 START_TIMEOUT_S = 60.0
 
@@ -49,11 +49,7 @@ def write_flwr_home(kit: dict, state: Path, control_port: int) -> Path:
     """A Flower config folder whose default connection is this SuperLink on loopback, over TLS."""
     home = state / "flwr"
     home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
-        "default": FLWR_CONNECTION,
-        FLWR_CONNECTION: {"address": f"127.0.0.1:{control_port}", "root-certificates": str(kit["ca"]),
-                          "insecure": False},
-    }}))
+    (home / "config.toml").write_text(tomli_w.dumps(flwr_connection(kit["ca"], control_port)))
     return home
 
 
@@ -75,11 +71,12 @@ def wait_for_superlink(port: int, ca: Path, process: subprocess.Popen, log_file:
                        timeout: float = START_TIMEOUT_S) -> None:
     """Block until the SuperLink answers /health over TLS on 127.0.0.1:`port`; raises CoordinatorError."""
     deadline = time.monotonic() + timeout
+    tls = ssl.create_default_context(cafile=str(ca))
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise CoordinatorError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
         try:
-            if httpx.get(f"https://127.0.0.1:{port}/health", verify=str(ca), timeout=1.0).is_success:
+            if httpx.get(f"https://127.0.0.1:{port}/health", verify=tls, timeout=1.0).is_success:
                 return
         except httpx.HTTPError:
             pass

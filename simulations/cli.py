@@ -32,6 +32,10 @@ UNCLIPPED_NORM = 1000.0
 
 # Modules that add a `fedpriv` command: each has `register(subparsers)`.
 _COMMAND_MODULES: tuple[str, ...] = (
+    "privacy.provisioning",
+    "server.superlink",
+    "client.supernode",
+    "server.deployed_run",
     "simulations.report",
     "privacy.audit.command",
 )
@@ -56,38 +60,61 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federation of simulated nodes on this machine",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sim.add_argument("--task", choices=TASKS, help="model family; inferred for named datasets")
-    sim.add_argument("--dataset", default="digits",
-                     help=f"a named dataset ({', '.join(DATASET_TASKS)}) or a local path (folder, .csv, .npz)")
     sim.add_argument("--clients", type=_positive_int, default=5, help="number of simulated nodes (SuperNodes)")
-    sim.add_argument("--rounds", type=_positive_int, default=10, help="federated rounds")
     sim.add_argument("--partition", choices=PARTITIONS, default="iid", help="how the training set is split across nodes")
     sim.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (with --partition dirichlet)")
-    sim.add_argument("--epsilon", type=_positive_float, default=8.0,
-                     help="epsilon each node may spend in this run (sets the DP-SGD noise multiplier)")
-    sim.add_argument("--max-epsilon", type=_positive_float, default=None,
-                     help="each node's lifetime budget on its data; rounds that would exceed it are declined (default: --epsilon)")
-    sim.add_argument("--delta", type=_positive_float, default=1e-5, help="DP delta; must be < 1/(records per node)")
-    sim.add_argument("--no-dp", action="store_true", help="train without differential privacy (for comparison)")
-    sim.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="DP-SGD per-sample clipping norm C")
-    sim.add_argument("--local-epochs", type=_positive_int, default=1, help="passes over local data per round")
-    sim.add_argument("--batch-size", type=_positive_int, default=64, help="(expected, under Poisson sampling) batch size")
-    sim.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv, 8 ngram-linear; 0.002 for adam)")
-    sim.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    sim.add_argument("--momentum", type=float, default=0.0,
-                     help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
-    sim.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
-                     help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
-    sim.add_argument("--model", default="", help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: ngram-linear, conv, lstm, gru)")
-    sim.add_argument("--val-fraction", type=float, default=0.1, help="share of each node's records kept for validation")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<dataset>-<time>)")
-    sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                     help="continue an interrupted run from its last complete round (other options are taken "
-                          "from RUN_DIR/config.json)")
     sim.add_argument("--state-dir", type=Path, default=None,
                      help="where simulated nodes keep their privacy ledgers (default: a per-user folder)")
-    sec = sim.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
+    add_training_options(sim, dataset_help=f"a named dataset ({', '.join(DATASET_TASKS)}) or a local path "
+                                           "(folder, .csv, .npz)")
+    sim.add_argument("--dropout-rate", type=float, default=0.0,
+                     help="chance a simulated node vanishes at one SecAgg+ stage in a round")
+    sim.add_argument("--fault-rate", type=float, default=0.0,
+                     help="simulation: chance that a node raises or hangs past --round-timeout in a round")
+    sim.add_argument("--canaries", type=int, default=0,
+                     help="audit aid: build N canaries (out-of-distribution records, random labels) and insert half "
+                          "into the nodes' training data, for `fedpriv audit` to score (privacy.audit.canaries)")
+    sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
+    sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
+    sim.set_defaults(handler=lambda args, console: resume(args, console) if args.resume else simulate(args, console))
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> None:
+    """The training plan's options, shared by `fedpriv simulate` and `fedpriv run` (same names, same defaults)."""
+    parser.add_argument("--task", choices=TASKS, help="model family; inferred for named datasets")
+    parser.add_argument("--dataset", default="digits", help=dataset_help)
+    parser.add_argument("--rounds", type=_positive_int, default=10, help="federated rounds")
+    parser.add_argument("--epsilon", type=_positive_float, default=8.0,
+                        help="epsilon each node may spend in this run (sets the DP-SGD noise multiplier)")
+    parser.add_argument("--max-epsilon", type=_positive_float, default=None,
+                        help="each node's lifetime budget on its data; rounds that would exceed it are declined "
+                             "(default: --epsilon; a deployed node's own --max-epsilon always wins)")
+    parser.add_argument("--delta", type=_positive_float, default=1e-5, help="DP delta; must be < 1/(records per node)")
+    parser.add_argument("--no-dp", action="store_true", help="train without differential privacy (for comparison)")
+    parser.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="DP-SGD per-sample clipping norm C")
+    parser.add_argument("--local-epochs", type=_positive_int, default=1, help="passes over local data per round")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="(expected, under Poisson sampling) batch size")
+    parser.add_argument("--lr", type=_positive_float, default=None,
+                        help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv, 8 ngram-linear; 0.002 for adam)")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    parser.add_argument("--momentum", type=float, default=0.0,
+                        help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
+    parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
+                        help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
+    parser.add_argument("--model", default="",
+                        help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: ngram-linear, conv, lstm, gru)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of each node's records kept for validation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<dataset>-<time>)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="continue an interrupted run from its last complete round (other options are taken "
+                             "from RUN_DIR/config.json)")
+    parser.add_argument("--round-timeout", type=_positive_float, default=3600.0,
+                        help="seconds the server waits for a round's replies (a node later than that counts as failed)")
+    sec = parser.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
     sec.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                      help="aggregate with SecAgg+: the server sees only the sum of the nodes' updates")
     sec.add_argument("--num-shares", type=_positive_int, default=5,
@@ -102,21 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sigma of the distributed client-level Gaussian: the sum carries noise std >= sigma*C "
                           "(useful with hundreds of nodes; with 5 nodes sigma=0.03 already destroyed accuracy here)")
     sec.add_argument("--client-delta", type=_positive_float, default=1e-5, help="client-level DP delta")
-    sec.add_argument("--dropout-rate", type=float, default=0.0,
-                     help="chance a simulated node vanishes at one SecAgg+ stage in a round")
-    sim.add_argument("--round-timeout", type=_positive_float, default=3600.0,
-                     help="seconds the server waits for a round's replies (a node later than that counts as failed)")
-    sim.add_argument("--fault-rate", type=float, default=0.0,
-                     help="simulation: chance that a node raises or hangs past --round-timeout in a round")
-    sim.add_argument("--canaries", type=int, default=0,
-                     help="audit aid: build N canaries (out-of-distribution records, random labels) and insert half "
-                          "into the nodes' training data, for `fedpriv audit` to score (privacy.audit.canaries)")
-    sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
-    sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
-    sim.set_defaults(handler=lambda args, console: resume(args, console) if args.resume else simulate(args, console))
-    for module in _COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
-    return parser
 
 
 def resume(args: argparse.Namespace, console: Console) -> int:
@@ -185,40 +197,44 @@ def preflight(run_config: dict, clients: int) -> list[str]:
     return exhausted
 
 
-def simulate(args: argparse.Namespace, console: Console) -> int:
-    from client.config import default_state_dir
-    from simulations.datasets import data_dir, dataset_task
-    from simulations.runner import SimulationError, run_simulation_job
-    from shared_models import default_lr, model_names
+def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str = "--clients") -> str:
+    """Range-check the shared training options for a federation of `nodes`; returns the task.
 
-    try:
-        task = dataset_task(args.dataset, args.task)
-        if args.model and args.model not in model_names(task):
-            raise ValueError(f"--model for task {task!r} must be one of {model_names(task)}, got {args.model!r}")
-        if args.secagg and args.threshold and not 2 <= args.threshold <= min(args.num_shares, args.clients):
-            raise ValueError(f"--threshold must be in [2, min(--num-shares, --clients)] = "
-                             f"[2, {min(args.num_shares, args.clients)}], got {args.threshold}")
-        if args.secagg and args.clients < 2:
-            raise ValueError("secure aggregation needs at least 2 clients (or use --no-secagg)")
-        if not 0.0 <= args.fault_rate < 1.0:
-            raise ValueError(f"--fault-rate must be in [0, 1), got {args.fault_rate}")
-        if not 0.0 <= args.dropout_rate < 1.0:
-            raise ValueError(f"--dropout-rate must be in [0, 1), got {args.dropout_rate}")
-        if args.canaries < 0:
-            raise ValueError(f"--canaries must be >= 0, got {args.canaries}")
-        if args.client_noise_multiplier < 0:
-            raise ValueError(f"--client-noise-multiplier must be >= 0, got {args.client_noise_multiplier}")
-        if args.client_noise_multiplier > 0 and args.clip_norm is None:
-            raise ValueError("--client-noise-multiplier needs an explicit --clip-norm: the noise std is sigma*C, so C "
-                             "should sit near the nodes' update norms (reported as update_norms in metrics.jsonl)")
-    except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+    nodes_label: how error messages name the node count (a flag, or the kit's nodes).
+    Raises ValueError naming the flag.
+    """
+    from simulations.datasets import dataset_task
+    from shared_models import model_names
+
+    task = dataset_task(args.dataset, args.task)
+    if args.model and args.model not in model_names(task):
+        raise ValueError(f"--model for task {task!r} must be one of {model_names(task)}, got {args.model!r}")
+    if args.secagg and args.threshold and not 2 <= args.threshold <= min(args.num_shares, nodes):
+        raise ValueError(f"--threshold must be in [2, min(--num-shares, {nodes_label})] = "
+                         f"[2, {min(args.num_shares, nodes)}], got {args.threshold}")
+    if args.secagg and nodes < 2:
+        raise ValueError("secure aggregation needs at least 2 clients (or use --no-secagg)")
+    if args.client_noise_multiplier < 0:
+        raise ValueError(f"--client-noise-multiplier must be >= 0, got {args.client_noise_multiplier}")
+    if args.client_noise_multiplier > 0 and args.clip_norm is None:
+        raise ValueError("--client-noise-multiplier needs an explicit --clip-norm: the noise std is sigma*C, so C "
+                         "should sit near the nodes' update norms (reported as update_norms in metrics.jsonl)")
+    return task
+
+
+def run_folder_for(args: argparse.Namespace) -> Path:
+    """--out, or runs/<dataset>-<time> (absolute)."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = Path(args.dataset).name
-    out = (args.out or Path("runs") / f"{name}-{stamp}").resolve()
+    return (args.out or Path("runs") / f"{Path(args.dataset).name}-{stamp}").resolve()
+
+
+def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
+    """The run-config keys (pyproject's [tool.flwr.app.config]) set by the shared training options."""
+    from simulations.datasets import data_dir
+    from shared_models import default_lr
+
     lr = args.lr if args.lr is not None else default_lr(task, args.model or None, args.optimizer)
-    run_config = {
+    return {
         "task": task,
         "dataset": args.dataset if args.dataset in DATASET_TASKS else str(Path(args.dataset).resolve()),
         "model": args.model,
@@ -235,21 +251,42 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "delta": args.delta,
         "max-grad-norm": args.max_grad_norm,
         "val-fraction": args.val_fraction,
-        "partition": args.partition,
-        "alpha": args.alpha,
         "seed": args.seed,
         "run-name": out.name,
-        "state-dir": str((args.state_dir or default_state_dir()).resolve()),
         "data-dir": str(data_dir().resolve()),
-        "num-supernodes": args.clients,
         "round-timeout": args.round_timeout,
-        "fault-rate": args.fault_rate,
         "secagg": args.secagg,
         "num-shares": args.num_shares,
         "threshold": args.threshold,
         "clip-norm": args.clip_norm if args.clip_norm is not None else UNCLIPPED_NORM,
         "client-noise-multiplier": args.client_noise_multiplier,
         "client-delta": args.client_delta,
+    }
+
+
+def simulate(args: argparse.Namespace, console: Console) -> int:
+    from client.config import default_state_dir
+    from simulations.runner import SimulationError, run_simulation_job
+
+    try:
+        task = check_training_args(args, args.clients)
+        if not 0.0 <= args.fault_rate < 1.0:
+            raise ValueError(f"--fault-rate must be in [0, 1), got {args.fault_rate}")
+        if not 0.0 <= args.dropout_rate < 1.0:
+            raise ValueError(f"--dropout-rate must be in [0, 1), got {args.dropout_rate}")
+        if args.canaries < 0:
+            raise ValueError(f"--canaries must be >= 0, got {args.canaries}")
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    out = run_folder_for(args)
+    run_config = {
+        **training_run_config(args, task, out),
+        "partition": args.partition,
+        "alpha": args.alpha,
+        "state-dir": str((args.state_dir or default_state_dir()).resolve()),
+        "num-supernodes": args.clients,
+        "fault-rate": args.fault_rate,
         "dropout-rate": args.dropout_rate,
         "canaries": args.canaries,
     }

@@ -38,3 +38,73 @@ def test_default_threshold_is_two_thirds_of_the_neighbourhood():
     assert round_threshold(settings, 3) == 2
     assert round_threshold(FederationSettings(rounds=1, num_shares=10), 10) == 7
     assert round_threshold(FederationSettings(rounds=1, num_shares=10, threshold=6), 10) == 6
+
+
+def test_a_node_known_only_by_its_id_until_it_replies_is_one_node_in_the_ledger():
+    ledger = CoordinatorLedger()
+    ledger.record_failure("node-id-77", 1, "no reply within 20 s")
+    ledger.record_reply("site-a", 2, {"num-examples": 10}, declined=False)
+    ledger.record_failure("site-a", 3, "ValueError: bad data")
+    ledger.merge_alias("node-id-77", "site-a")
+    out = ledger.to_dict()
+    assert list(out) == ["site-a"]
+    assert out["site-a"]["failed_rounds"] == [1, 3] and out["site-a"]["rounds_trained"] == [2]
+    assert [f["round"] for f in out["site-a"]["failures"]] == [1, 3]
+    ledger.merge_alias("node-id-5", "site-a")  # nothing recorded under that id: no change
+    assert ledger.to_dict() == out
+
+
+class _Grid:
+    """Connected nodes over time: get_node_ids() returns the next list each call (the last one sticks)."""
+
+    def __init__(self, *snapshots):
+        self.snapshots = list(snapshots)
+
+    def get_node_ids(self):
+        return self.snapshots.pop(0) if len(self.snapshots) > 1 else self.snapshots[0]
+
+
+def test_waiting_for_nodes_returns_once_enough_are_connected_and_names_the_shortfall():
+    import pytest
+
+    from server.federation import wait_for_nodes
+
+    assert wait_for_nodes(_Grid([1], [1, 2], [1, 2, 3]), 2, timeout=10) == [1, 2]
+    with pytest.raises(TimeoutError, match="only 1 of the 3 required nodes connected within 0 s"):
+        wait_for_nodes(_Grid([1]), 3, timeout=0)
+
+
+class _FlowerLikeGrid:
+    """Stamps message ids on push like Flower's Grid; node 7 answers, node 8 went offline, so
+    the SuperLink answers for it with an error whose source is the SuperLink (node id 1)."""
+
+    def send_and_receive(self, messages, timeout):
+        from flwr.app import Error, Message, RecordDict
+
+        replies = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            if msg.metadata.dst_node_id == 7:
+                replies.append(Message(RecordDict(), reply_to=msg))
+            else:
+                error = Message(Error(code=0, reason="node offline"), reply_to=msg)
+                error.metadata.__dict__["_src_node_id"] = 1
+                replies.append(error)
+        return replies
+
+
+def test_replies_are_keyed_by_the_node_asked_even_when_the_superlink_answers_for_an_offline_node(monkeypatch):
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.messaging import exchange
+
+    # What a ServerApp process has set when it builds messages.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 42)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 3)
+
+    messages = [Message(RecordDict(), dst_node_id=nid, message_type="train") for nid in (7, 8)]
+    replies = exchange(_FlowerLikeGrid(), messages, timeout=1)
+    assert sorted(replies) == [7, 8]
+    assert not replies[7].has_error() and replies[8].has_error() and replies[8].metadata.src_node_id == 1

@@ -124,3 +124,19 @@ def test_a_node_refuses_a_run_for_another_task():
     run_cfg, plan = _plan(task="vision")
     with pytest.raises(ConfigError, match="holds text data .* trains a vision model"):
         node_identity(_Context({"data-path": "/data/x.csv", "task": "text"}, run_cfg), plan)
+
+
+def test_fedpriv_node_names_bad_local_data_and_a_delta_too_large_before_connecting(tmp_path, capsys):
+    from simulations.cli import main
+
+    kit = provision(tmp_path / "fed", ["127.0.0.1"], ["h1"]).node_kits["h1"]
+    bad = tmp_path / "notes.csv"
+    bad.write_text("text,label\nhello,ham\n,spam\n")
+    assert main(["node", "--kit", str(kit), "--data", str(bad), "--task", "text"]) == 2
+    assert f"{bad}: line 3 has an empty 'text' or 'label'" in capsys.readouterr().out
+    small = tmp_path / "small.csv"
+    small.write_text("text,label\nhello,ham\nwin cash now,spam\n")
+    assert main(["node", "--kit", str(kit), "--data", str(small), "--task", "text", "--delta", "0.6"]) == 2
+    assert "--delta 0.6 must be < 1/records = 0.5" in capsys.readouterr().out
+    assert main(["node", "--kit", str(tmp_path / "fed" / "server"), "--data", str(small), "--task", "text"]) == 2
+    assert "'server' kit, this command needs the 'node' kit" in capsys.readouterr().out
