@@ -118,7 +118,7 @@ def _where(err: BaseException) -> str:
     import traceback
 
     frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if f.filename.startswith(str(ROOT)) and f.name != "_alarm"]
+              if f.filename.startswith(str(ROOT)) and "site-packages" not in f.filename and f.name != "_alarm"]
     return " < ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.name}" for f in reversed(frames[-3:])) or "?"
 
 
