@@ -14,7 +14,6 @@ import argparse
 import math
 import shlex
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
@@ -22,17 +21,11 @@ from client.config import default_state_dir
 from client.datasets import DataFormatError, load_local
 from privacy.provisioning import ProvisioningError, load_kit
 from shared_models import TASKS
-from simulations.runner import console_script
+from simulations.runner import console_script, free_port
 
 
 class NodeConfigError(ValueError):
     """A `fedpriv node` option does not fit the node's data (message names the option)."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _toml_string(value: str) -> str:
@@ -104,7 +97,7 @@ def _run_node(args, console) -> int:
     state.mkdir(parents=True, exist_ok=True)
     cfg = node_config(node=kit["node"], data=data, task=args.task, max_epsilon=args.max_epsilon, delta=args.delta,
                       state_dir=state)
-    command = supernode_command(kit, cfg, args.port or _free_port())
+    command = supernode_command(kit, cfg, args.port or free_port())
     console.print(f"{kit['node']}: {records} {args.task} records in {data}; budget epsilon {args.max_epsilon:g} at "
                   f"delta {args.delta:g}; ledger in {state}; connecting to {kit['superlink']} (TLS)")
     console.print(f"  {shlex.join(command)}", markup=False)

@@ -35,7 +35,8 @@ class SimulationError(RuntimeError):
     """The simulation could not be started or did not finish; the message says where to look."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -124,7 +125,7 @@ def run_simulation_job(
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     run_config = {**run_config, "out-dir": str(out_dir), "resume": resume}
     flwr_home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
-    port = _free_port()
+    port = free_port()
     (flwr_home / "config.toml").write_text(
         tomli_w.dumps({"superlink": {"default": "fedpriv-sim", "fedpriv-sim": {"address": f"127.0.0.1:{port}", "insecure": True}}})
     )

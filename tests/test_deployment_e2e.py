@@ -12,7 +12,6 @@ import json
 import os
 import ssl
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,9 @@ from sklearn.model_selection import train_test_split
 
 from privacy.provisioning import provision
 from server.superlink import start_coordinator
-from simulations.runner import console_script, stop_process_tree
+from simulations.runner import console_script, free_port, stop_process_tree
 
 NODES = ("site-a", "site-b", "site-c")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_partitions(sms_file: Path, folder: Path) -> dict[str, Path]:
@@ -61,7 +54,7 @@ def _fedpriv(*args: str, **popen) -> subprocess.Popen:
 
 class Federation:
     def __init__(self, root: Path, data: Path):
-        self.root, self.port, self.control_port = root, _free_port(), _free_port()
+        self.root, self.port, self.control_port = root, free_port(), free_port()
         self.kits = provision(root / "kits", ["127.0.0.1"], list(NODES), port=self.port)
         self.data = _write_partitions(data / "sms_spam" / "SMSSpamCollection", root)
         self.coordinator = self.start_coordinator()
@@ -127,7 +120,7 @@ def _supernode(fed: Federation, name: str, *args: str) -> str:
     log = fed.root / f"attempt-{name.replace(' ', '-')}.log"
     with open(log, "wb") as handle:
         process = subprocess.Popen([console_script("flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}",
-                                    "--node-config", 'data-path="/nonexistent"', "--port", str(_free_port()),
+                                    "--node-config", 'data-path="/nonexistent"', "--port", str(free_port()),
                                     "--max-retries", "1", "--max-wait-time", "20", *args],
                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         try:
