@@ -133,7 +133,10 @@ def utility_tables(result: dict) -> list[str]:
         + f" — seed {result['seed']}, delta {result['delta']:g}. Every federated row ran the `fedpriv simulate` "
         "command in its JSON row. (a) trains the same model with the same code on the pooled node shares for "
         "rounds x local-epochs epochs. `best` marks the best DP row per epsilon (selected on the test split, so "
-        "optimistic). Client eps: client-level epsilon of (d) from summary.json `client_level`.",
+        "optimistic). Client eps: client-level epsilon of (d) from summary.json `client_level` (C: the clip-norm set "
+        "from the probe of node 0's first DP update). `tune-lr0.1x`: (a)/(b) at a 10x smaller learning rate, since "
+        "the default rates are tuned for DP-SGD's clipped gradients. Rows missing at some epsilon did not fit the "
+        "compute budget (see the closing notes).",
         "",
     ]
     for ds, cfg in result["datasets"].items():
@@ -148,7 +151,10 @@ def utility_tables(result: dict) -> list[str]:
             "| row | epsilon | variant (rounds, batch, lr) | test acc | test AUC | node eps spent | client eps | best |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for r in (r for r in result["rows"] if r["dataset"] == ds):
+        order = list(_KIND_LABEL)
+        mine = sorted((r for r in result["rows"] if r["dataset"] == ds),
+                      key=lambda r: (order.index(r["kind"]), r["epsilon"] or 0, r["variant"] != "base", r["variant"]))
+        for r in mine:
             c = r["config"]
             variant = f"{r['variant']} ({c['rounds']}, {c['batch']}, {c['lr']:g})"
             if "skipped" in r or "error" in r:
