@@ -65,6 +65,20 @@ def load_node_data(node: NodeIdentity, plan: TrainingPlan) -> NodeData:
                                   plan.canaries)
 
 
+@functools.lru_cache(maxsize=4)
+def _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed) -> list[np.ndarray]:
+    """Every simulated node's row indices in the run's training set.
+
+    Computed once per process and shared by all the nodes it hosts: partitioning is over
+    the whole dataset, so doing it per node made 1,000 nodes cost 1,000 partitionings.
+    """
+    from simulations.datasets import load_dataset
+    from simulations.partitioning import partition_indices
+
+    train = load_dataset(dataset, task, data_dir)["train"]
+    return partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed)
+
+
 @functools.lru_cache(maxsize=64)
 def _load_node_data_cached(data_path, partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction,
                            data_dir, canaries=0):
@@ -76,10 +90,9 @@ def _load_node_data_cached(data_path, partition_id, num_partitions, task, datase
         records = load_local(data_path, task)
     else:
         from simulations.datasets import load_dataset
-        from simulations.partitioning import partition_indices
 
         train = load_dataset(dataset, task, data_dir)["train"]
-        parts = partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed)
+        parts = _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed)
         records = train.subset(parts[partition_id])
     local_train, val = split_validation(records, val_fraction, seed + (partition_id or 0))
     if canaries and train is not None:
