@@ -98,7 +98,8 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--local-epochs", type=_positive_int, default=1, help="passes over local data per round")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="(expected, under Poisson sampling) batch size")
     parser.add_argument("--lr", type=_positive_float, default=None,
-                        help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv, 8 ngram-linear; 0.002 for adam)")
+                        help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv under DP, 0.05 without, "
+                             "8 ngram-linear; 0.002 for adam)")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--momentum", type=float, default=0.0,
                         help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
@@ -233,7 +234,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
     from simulations.datasets import data_dir
     from shared_models import default_lr
 
-    lr = args.lr if args.lr is not None else default_lr(task, args.model or None, args.optimizer)
+    lr = args.lr if args.lr is not None else default_lr(task, args.model or None, args.optimizer, dp=not args.no_dp)
     return {
         "task": task,
         "dataset": args.dataset if args.dataset in DATASET_TASKS else str(Path(args.dataset).resolve()),

@@ -87,3 +87,13 @@ def test_hashed_ngram_features_are_fixed_normalised_and_order_sensitive():
     assert torch.equal(fa, model.features(padded))  # padding adds nothing
     assert not torch.equal(fa, fb)  # same bytes, different bigrams and trigrams
     assert [n for n, p in model.named_parameters()] == ["linear.weight", "linear.bias"]
+
+
+def test_default_sgd_learning_rate_depends_on_dp():
+    from shared_models import default_lr
+
+    # Clipped, noised DP-SGD steps need a larger rate than raw gradients (see NON_PRIVATE_SGD_LR).
+    assert default_lr("vision", None, "sgd") == 0.5 and default_lr("vision", None, "sgd", dp=False) == 0.05
+    assert default_lr("speech", "conv-gru", "sgd", dp=False) == 0.05
+    assert default_lr("text", None, "sgd", dp=False) == default_lr("text", None, "sgd") == 8.0
+    assert default_lr("vision", None, "adam", dp=False) == 0.002
