@@ -68,11 +68,9 @@ class CoordinatorLedger:
         (`node-id-<id>`); once it names itself, its earlier failures join its own record so
         one node never shows up as two.
         """
-        old = self.nodes.pop(alias, None)
-        if old is None or alias == name:
-            if old is not None:
-                self.nodes[alias] = old
+        if alias == name or alias not in self.nodes:
             return
+        old = self.nodes.pop(alias)
         rec = self._node(name)
         rec.failed_rounds = sorted(set(rec.failed_rounds) | set(old.failed_rounds))
         rec.failures = sorted(old.failures + rec.failures, key=lambda f: f["round"])
