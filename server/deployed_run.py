@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 
 from privacy.provisioning import ProvisioningError, load_kit
-from server.superlink import FLWR_CONNECTION, flwr_env, running_control_port, state_folder, write_flwr_home
+from server.superlink import FLWR_CONNECTION, running_control_port, state_folder, write_flwr_home
 from simulations.cli import add_training_options, check_training_args, print_summary, run_folder_for, training_run_config
-from simulations.runner import SimulationError, submit_and_follow
+from simulations.runner import SimulationError, flwr_env, submit_and_follow
 
 
 def deployed_run_config(args: argparse.Namespace, task: str, out: Path, kit_nodes: int) -> dict:

@@ -27,7 +27,7 @@ import tomli_w
 
 from privacy.provisioning import FLWR_CONNECTION, flwr_connection, load_kit
 from server.fleet_gateway import GatewayError, nginx_config, start_gateway
-from simulations.runner import console_script, stop_process_tree
+from simulations.runner import console_script, flwr_env, stop_process_tree
 
 COORDINATOR_FILE = "coordinator.json"  # in the state folder: where the running SuperLink listens
 START_TIMEOUT_S = 60.0
@@ -59,12 +59,6 @@ def running_control_port(kit: dict, state: Path) -> int:
     if record.exists():
         return int(json.loads(record.read_text())["control_port"])
     return int(kit["internal_port"])
-
-
-def flwr_env(home: Path) -> dict[str, str]:
-    """Environment for `flwr` / Flower processes: our config folder, no network calls home."""
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def wait_for_superlink(port: int, ca: Path, process: subprocess.Popen, log_file: Path,

@@ -35,6 +35,13 @@ class SimulationError(RuntimeError):
     """The simulation could not be started or did not finish; the message says where to look."""
 
 
+def flwr_env(home: Path) -> dict[str, str]:
+    """Environment for `flwr` and Flower's processes: config folder `home`, no update check, no
+    runtime dependency installation (offline), unbuffered logs."""
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -130,11 +137,7 @@ def run_simulation_job(
         tomli_w.dumps({"superlink": {"default": "fedpriv-sim", "fedpriv-sim": {"address": f"127.0.0.1:{port}", "insecure": True}}})
     )
     env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONUNBUFFERED": "1",
+        **flwr_env(flwr_home),
         # Ray's dashboard/usage reporting are of no use offline and slow its start.
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
