@@ -173,6 +173,84 @@ def test_targets_are_balanced_per_label():
     assert len(mem) == len(non) == 7 and np.bincount(member_y[mem]).tolist() == [4, 3]
 
 
+# --- non-members and shadow models -------------------------------------------------------------
+
+_DIGITS_PLAN = {"task": "vision", "dataset": "digits", "model": "", "num-server-rounds": 2, "local-epochs": 1,
+                "batch-size": 32, "lr": 0.5, "optimizer": "sgd", "dp": False, "epsilon": 8.0, "delta": 1e-5,
+                "max-grad-norm": 1.0, "val-fraction": 0.1, "partition": "iid", "alpha": 0.5, "seed": 0,
+                "run-name": "t", "num-supernodes": 3}
+
+
+def test_non_members_are_validation_shares_and_held_out_splits_never_training_records():
+    from privacy.audit.audit import held_out_records
+    from simulations.datasets import load_dataset
+
+    plan = TrainingPlan.from_run_config(_DIGITS_PLAN)
+    trains, vals = node_records(_DIGITS_PLAN, plan)
+    held = held_out_records(plan, vals)
+    test = load_dataset("digits")["test"]
+    assert held.record_ids == [r for v in vals for r in v.record_ids] + test.record_ids
+    assert not set(held.record_ids) & {r for t in trains for r in t.record_ids}
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")),
+                    reason="needs ../shared/data (PneumoniaMNIST)")
+def test_pneumoniamnist_test_split_is_not_used_as_non_members():
+    # Its test split is Kermany et al.'s separate test set (62.5% pneumonia vs 74% in train,
+    # and every model does worse on it): members vs it measures the shift, not memorisation.
+    from privacy.audit.audit import held_out_records
+    from simulations.datasets import load_dataset
+
+    cfg = {**_DIGITS_PLAN, "dataset": "pneumoniamnist", "partition": "dirichlet", "num-supernodes": 5,
+           "data-dir": os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")}
+    plan = TrainingPlan.from_run_config(cfg)
+    _, vals = node_records(cfg, plan)
+    held = held_out_records(plan, vals)
+    test_ids = set(load_dataset("pneumoniamnist", "vision", cfg["data-dir"])["test"].record_ids)
+    assert not test_ids & set(held.record_ids)
+    assert len(held) == sum(len(v) for v in vals) + 524  # + the official validation split
+
+
+def test_fedavg_weights_floating_tensors_and_keeps_integer_buffers():
+    from privacy.audit.shadows import fedavg
+
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(7)}
+    b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(9)}
+    out = fedavg([a, b], [1.0, 2.0])
+    assert torch.allclose(out["w"], torch.tensor([3.0, 6.0])) and int(out["n"]) == 7
+    with pytest.raises(ValueError, match="zero"):
+        fedavg([a, b], [0.0, 0.0])
+
+
+def test_shadow_subset_size():
+    from privacy.audit.shadows import shadow_subset_size
+
+    assert shadow_subset_size(5000, 4236) == 4236  # as many records as the run trained on
+    assert shadow_subset_size(3241, 4236) == 2592  # a smaller pool: 80% of it
+    with pytest.raises(ValueError, match="empty"):
+        shadow_subset_size(0, 10)
+
+
+def test_shadow_federations_train_like_the_run_on_different_data():
+    from privacy.audit.shadows import train_shadow_federations
+    from privacy.dp_sgd import evaluate
+    from simulations.datasets import load_dataset
+
+    # (DP-SGD shadows run in test_fedpriv_audit_on_a_dp_run.)
+    plan = TrainingPlan.from_run_config({**_DIGITS_PLAN, "lr": 0.05, "num-server-rounds": 3, "local-epochs": 2})
+    splits = load_dataset("digits")
+    pool, test = splits["train"], splits["test"]
+    messages = []
+    shadows = train_shadow_federations(plan, pool, 2, seed=0, nodes=3, records_each=600, progress=messages.append)
+    accuracies = [evaluate(m, test, torch.device("cpu"))["accuracy"] for m in shadows]
+    assert all(a > 0.6 for a in accuracies), accuracies  # 10 classes: chance is 0.1
+    first, second = (torch.cat([p.flatten() for p in m.parameters()]) for m in shadows)
+    assert not torch.allclose(first, second)  # other records, other seed
+    assert len(messages) == 2 and "600 records on 3 nodes, 3 rounds x 2 epochs" in messages[0]
+    with pytest.raises(ValueError, match="at least 2"):
+        train_shadow_federations(plan, pool, 1, seed=0, nodes=3, records_each=600)
+
+
 # --- canaries ---------------------------------------------------------------------------------
 
 def test_canaries_are_deterministic_and_half_are_dealt_to_the_nodes():

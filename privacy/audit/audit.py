@@ -4,23 +4,22 @@
 alpha, seed, num-supernodes, val-fraction, data-dir, through the same
 `client.node_training.load_node_data` the nodes used), loads `final_model.pt`, and attacks it:
 
-- members: training records of the nodes (each node's training share; validation shares
-  are never trained on and are not members);
-- non-members: the dataset's held-out records of the same distribution (its test split;
-  for PneumoniaMNIST also the official validation split, which no node sees);
+- members: training records of the nodes (each node's training share);
+- non-members: records of the *same distribution* that no node trained on: the nodes'
+  validation shares (drawn at random from the same partitions, never trained on) and the
+  dataset's held-out splits, except a split known to come from elsewhere
+  (`SHIFTED_SPLITS`: PneumoniaMNIST's test split is Kermany et al.'s separate test set, with
+  other class priors, on which every model does worse; members vs. such records measure the
+  shift, not memorisation);
 - the two are balanced: as many members as non-members, drawn at random (seeded), with the
   same number of each label on both sides (`balanced_targets`).
 
 Attacks (`privacy.audit.membership`): the loss threshold (Yeom et al. 2018) and LiRA
-offline (Carlini et al. 2022) with K shadow models. Shadow models are trained *by the same
-code* as the nodes: `privacy.dp_sgd.LocalTrainingSession` with the run's model,
-activation, optimizer, learning rate, batch size, clipping norm and (under DP) a noise
-multiplier calibrated for the run's epsilon and delta, for rounds x local-epochs epochs.
-They are trained centrally (not federated: K small federations would cost K full runs
-here), each on a seeded random half of a shadow pool that holds none of the targets: the
-members not drawn as targets plus the nodes' validation shares. Centralised shadows
-fit the target's per-record OUT distribution less exactly than federated ones would; that
-can only weaken LiRA, never make the comparison with the bound unsafe.
+offline (Carlini et al. 2022) with K shadow models (`privacy.audit.shadows`). By default
+each shadow model is the result of a simulated federation run like the audited one (the
+run's nodes, partition scheme, rounds, local epochs and DP-SGD settings, same training
+code), on a random subset of a shadow pool that holds none of the targets: the members
+not drawn as targets and the held-out records not drawn as non-members.
 
 Canaries (`privacy.audit.canaries`, when the run was made with `--canaries N`): inserted vs.
 not-inserted canaries are scored apart, with the same attacks and the same shadow models.
@@ -46,6 +45,7 @@ from client.datasets import LabeledArrays
 from .bounds import advantage_bound, auc_bound, epsilon_lower_bound, tpr_bound
 from .canaries import inserted_mask, is_canary, make_canaries
 from .membership import DEFAULT_FPRS, attack_metrics, lira_offline_scores, loss_threshold_scores, per_example_outputs
+from .shadows import shadow_subset_size, train_shadow_federations, train_shadow_models_central
 
 log = logging.getLogger("fedpriv.audit")
 
@@ -96,20 +96,32 @@ def node_records(config: dict, plan) -> tuple[list[LabeledArrays], list[LabeledA
     return trains, vals
 
 
-def held_out_records(plan) -> LabeledArrays:
-    """Records of the run's distribution that no node trained on: the test split (+ PneumoniaMNIST's val split)."""
+# Held-out splits that do not share the training split's distribution (see module docstring).
+SHIFTED_SPLITS = {("pneumoniamnist", "test")}
+
+
+def held_out_records(plan, node_validation: list[LabeledArrays] = ()) -> LabeledArrays:
+    """Records of the run's distribution that no node trained on.
+
+    The nodes' validation shares, plus the dataset's held-out splits (test; PneumoniaMNIST's
+    official val split) less those in `SHIFTED_SPLITS`. Raises AuditError when none remain.
+    """
     from simulations.datasets import load_dataset
 
-    test = load_dataset(plan.dataset, plan.task, plan.data_dir)["test"]
+    parts = [v for v in node_validation if len(v)]
+    if (plan.dataset, "test") not in SHIFTED_SPLITS:
+        parts.append(load_dataset(plan.dataset, plan.task, plan.data_dir)["test"])
     if plan.dataset == "pneumoniamnist":
         from client.datasets.images import load_npz
         from simulations.datasets import _RELATIVE_PATHS, data_dir
 
         root = Path(plan.data_dir) if plan.data_dir else data_dir()
-        splits = load_npz(root / _RELATIVE_PATHS["pneumoniamnist"], classes=test.classes)
+        splits = load_npz(root / _RELATIVE_PATHS["pneumoniamnist"], classes=parts[0].classes if parts else None)
         if "val" in splits:
-            return concat([test, splits["val"]])
-    return test
+            parts.append(splits["val"])
+    if not parts:
+        raise AuditError(f"{plan.dataset}: no held-out records of the training distribution (val-fraction 0?)")
+    return concat(parts)
 
 
 def balanced_targets(member_y: np.ndarray, nonmember_y: np.ndarray, seed: int,
@@ -186,45 +198,6 @@ def compare_with_bound(metrics: dict, bound: dict) -> dict:
             "epsilon_lower_bound": eps_lb}
 
 
-def train_shadow_models(plan, pool: LabeledArrays, k: int, seed: int, epochs: int | None = None,
-                        progress: Callable[[str], None] | None = None) -> list[torch.nn.Module]:
-    """K shadow models, each on a seeded random half of `pool`, trained like the nodes.
-
-    Same model/optimizer/lr/batch/clipping as the run's plan; under DP the noise multiplier
-    is calibrated (Opacus RDP search) so that `epochs` passes spend the run's epsilon at its
-    delta. epochs defaults to rounds x local-epochs (each node's passes over its records).
-    """
-    from privacy.accountants import calibrate_noise_multiplier
-    from privacy.dp_sgd import LocalTrainingSession, poisson_sample_rate, steps_per_epoch
-    from shared_models import build_model
-
-    if k < 2:
-        raise ValueError(f"LiRA needs at least 2 shadow models, got {k}")
-    epochs = epochs or plan.rounds * plan.local_epochs
-    rng = np.random.default_rng(seed)
-    models = []
-    for i in range(k):
-        subset = pool.subset(np.sort(rng.permutation(len(pool))[: max(1, len(pool) // 2)]))
-        sigma = None
-        if plan.dp:
-            n = len(subset)
-            q = poisson_sample_rate(n, plan.batch_size)
-            sigma = calibrate_noise_multiplier(plan.epsilon, plan.delta, q,
-                                               epochs * steps_per_epoch(n, plan.batch_size))
-        torch.manual_seed(seed * 7919 + i)
-        model = build_model(plan.task, plan.model or None, pool.input_shape, pool.num_classes, plan.activation)
-        session = LocalTrainingSession(model, subset, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer,
-                                       momentum=plan.momentum, noise_multiplier=sigma,
-                                       max_grad_norm=plan.max_grad_norm, device=torch.device("cpu"))
-        result = session.train_epochs(epochs)
-        session.module.load_state_dict(result.state)
-        models.append(session.module.eval())
-        if progress:
-            progress(f"shadow model {i + 1}/{k}: {len(subset)} records, {epochs} epochs, "
-                     f"{'noise %.3f' % sigma if sigma else 'no DP'}, train loss {result.train_loss:.3f}")
-    return models
-
-
 def load_final_model(run_dir: Path, plan, shape, num_classes: int) -> torch.nn.Module:
     """The run's released global model (final_model.pt state_dict), rebuilt as the server built it."""
     from shared_models import build_model
@@ -266,13 +239,18 @@ def _audit_canaries(plan, template: LabeledArrays, model, shadows: list, bound: 
 
 
 def audit_run(run_dir: Path, shadow_models: int = 4, seed: int = 0, max_targets: int | None = None,
-              shadow_epochs: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+              shadow_epochs: int | None = None, progress: Callable[[str], None] | None = None,
+              shadow_training: str = "federated") -> dict:
     """Audit one run folder; returns the JSON-ready report (see module docstring).
 
     shadow_models: K for LiRA (0 = loss attack only). max_targets: cap on members (= on
-    non-members) per side, for quick checks. Raises AuditError naming the file/field when
-    the folder is incomplete.
+    non-members) per side, for quick checks. shadow_training: "federated" (default: a
+    simulated federation per shadow, like the run) or "central" (one model trained on the
+    whole subset for `shadow_epochs`, default rounds x local-epochs). Raises AuditError
+    naming the file/field when the folder is incomplete, ValueError on a bad option.
     """
+    if shadow_training not in ("federated", "central"):
+        raise ValueError(f"shadow_training must be 'federated' or 'central', got {shadow_training!r}")
     from client.config import ConfigError, TrainingPlan
 
     run_dir = Path(run_dir)
@@ -287,7 +265,7 @@ def audit_run(run_dir: Path, shadow_models: int = 4, seed: int = 0, max_targets:
     members_all = concat(trains)
     natural = np.array([not is_canary(r) for r in members_all.record_ids])
     members_all = members_all.subset(np.flatnonzero(natural))  # canaries are audited apart
-    held_out = held_out_records(plan)
+    held_out = held_out_records(plan, vals)
     member_ids = set(members_all.record_ids)
     overlap = member_ids.intersection(held_out.record_ids)
     if overlap:
@@ -309,18 +287,23 @@ def audit_run(run_dir: Path, shadow_models: int = 4, seed: int = 0, max_targets:
     if shadow_models:
         rest = np.setdiff1d(np.arange(len(members_all)), mem_idx)
         rest_out = np.setdiff1d(np.arange(len(held_out)), non_idx)
-        pool_parts = [members_all.subset(rest), *[v for v in vals if len(v)]]
-        if len(rest_out):
-            pool_parts.append(held_out.subset(rest_out))
-        pool = concat(pool_parts)
+        pool = concat([members_all.subset(rest), held_out.subset(rest_out)])
         if set(pool.record_ids) & set(targets.record_ids):
             raise RuntimeError("shadow pool overlaps the audit targets")  # would make LiRA's OUT models IN
-        models = train_shadow_models(plan, pool, shadow_models, seed, shadow_epochs, progress=say)
+        each = shadow_subset_size(len(pool), len(members_all))
+        if shadow_training == "federated":
+            models = train_shadow_federations(plan, pool, shadow_models, seed, nodes=len(trains), records_each=each,
+                                              secagg=bool(config.get("secagg", False)), progress=say)
+            how = (f"federated: {len(trains)} nodes ({plan.partition}), {plan.rounds} rounds x {plan.local_epochs} "
+                   "local epochs, privacy.dp_sgd.LocalTrainingSession with the run's settings, FedAvg")
+        else:
+            epochs = shadow_epochs or plan.rounds * plan.local_epochs
+            models = train_shadow_models_central(plan, pool, shadow_models, seed, epochs, each, progress=say)
+            how = f"centralised: {epochs} epochs, privacy.dp_sgd.LocalTrainingSession with the run's settings"
         shadow_phi = np.stack([per_example_outputs(m, targets)[1] for m in models])
         scores["lira_offline"] = lira_offline_scores(phis, shadow_phi)
-        shadow_info = {"count": shadow_models, "pool_records": len(pool), "records_each": len(pool) // 2,
-                       "epochs": shadow_epochs or plan.rounds * plan.local_epochs,
-                       "training": "centralised, privacy.dp_sgd.LocalTrainingSession with the run's settings"}
+        shadow_info = {"count": shadow_models, "pool_records": len(pool), "records_each": each,
+                       "training": how}
 
     bound = run_bound(summary, config)
     attacks = {}

@@ -25,8 +25,12 @@ def register(subparsers) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished `fedpriv simulate` run folder")
     parser.add_argument("--shadow-models", type=int, default=4,
                         help="shadow models for LiRA offline (0: loss-threshold attack only; else >= 2)")
+    parser.add_argument("--shadow-training", choices=("federated", "central"), default="federated",
+                        help="how each LiRA shadow model is trained: a simulated federation like the run "
+                             "(its nodes, partition, rounds, local epochs, DP-SGD) or centrally")
     parser.add_argument("--shadow-epochs", type=int, default=None,
-                        help="epochs per shadow model (default: the run's rounds x local-epochs)")
+                        help="epochs per shadow model with --shadow-training central "
+                             "(default: the run's rounds x local-epochs)")
     parser.add_argument("--max-targets", type=int, default=None,
                         help="cap on members (and as many non-members) to score (default: all held-out records)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the target draw and the shadow models")
@@ -48,12 +52,17 @@ def run_audit_command(args: argparse.Namespace, console: Console) -> int:
     if args.max_targets is not None and args.max_targets < 1:
         console.print(f"[red]error:[/red] --max-targets must be >= 1, got {args.max_targets}")
         return 2
+    if args.shadow_epochs is not None and args.shadow_training != "central":
+        console.print("[red]error:[/red] --shadow-epochs applies to --shadow-training central (federated shadows "
+                      "train for the run's rounds x local-epochs)")
+        return 2
     if not args.run_dir.is_dir():
         console.print(f"[red]error:[/red] RUN_DIR {args.run_dir} is not a folder")
         return 2
     try:
         report = audit_run(args.run_dir, shadow_models=args.shadow_models, seed=args.seed,
                            max_targets=args.max_targets, shadow_epochs=args.shadow_epochs,
+                           shadow_training=args.shadow_training,
                            progress=lambda msg: console.print(f"audit: {msg}"))
     except (AuditError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
