@@ -186,6 +186,38 @@ def gpu_row_table(result: dict) -> list[str]:
     ]
 
 
+def audit_table(reports: dict[str, dict]) -> list[str]:
+    """One row per attack (natural records, then canaries) of each `fedpriv audit` JSON in results/audit/."""
+    lines = [
+        "## Empirical privacy audit (`fedpriv audit`, results/audit/)",
+        "",
+        "Runs and commands: `results/audit/README.md`. Members vs. non-members balanced per label; non-members",
+        "are records of the training distribution no node trained on. \"eps proven\": the epsilon the attack's ROC",
+        "points prove at 95% (Clopper-Pearson). Bound: the run's (epsilon, delta) as max TPR at 0.1% / 1% FPR.",
+        "",
+        "| run | test acc | records | attack | AUC | advantage | TPR @ 0.1% FPR | TPR @ 1% FPR | eps proven "
+        "| bound eps | bound TPR @ 0.1% / 1% | violated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in reports.items():
+        b = r["bound"]
+        bound = ("none (no DP)", "-") if b["vacuous"] else (
+            f"{b['epsilon']:.3f}", f"{b['tpr_at_fpr']['0.001']:.4f} / {b['tpr_at_fpr']['0.01']:.4f}")
+        groups = [("natural", r["sizes"]["members"], r["attacks"])]
+        if r.get("canaries"):
+            groups.append(("canaries", r["canaries"]["inserted"], r["canaries"]["attacks"]))
+        for kind, n, attacks in groups:
+            for attack, a in attacks.items():
+                central = r["shadow_models"].get("training", "").startswith("centralised")
+                label = {"loss_threshold": "loss", "lira_offline": f"LiRA (K={r['shadow_models']['count']}"
+                         + (", central shadows)" if central else ")")}[attack]
+                lines.append(
+                    f"| {name} | {_fmt(r['test_accuracy'], 3)} | {kind} {n}+{n} | {label} | {a['auc']:.4f} | "
+                    f"{a['advantage']:.4f} | {a['tpr_at_fpr']['0.001']:.4f} | {a['tpr_at_fpr']['0.01']:.4f} | "
+                    f"{a['epsilon_lower_bound']:.3g} | {bound[0]} | {bound[1]} | {'YES' if a['bound_violated'] else 'no'} |")
+    return lines
+
+
 def main() -> None:
     parts = [
         "# fedpriv benchmarks",
@@ -221,6 +253,10 @@ def main() -> None:
         parts += [""] + scale_table(json.loads((results / "simulation_scale.json").read_text()))
     if (results / "utility_table.json").exists():
         parts += [""] + utility_tables(json.loads((results / "utility_table.json").read_text()))
+    audits = {p.name.removesuffix(".json").replace(".audit", ""): json.loads(p.read_text())
+              for p in sorted((results / "audit").glob("*.audit*.json"))}
+    if audits:
+        parts += [""] + audit_table(audits)
     for path in sorted(results.glob("gpu_utility_row*.json")):
         parts += [""] + gpu_row_table(json.loads(path.read_text()))
     parts += ["", *GPU_NOTE]
