@@ -193,16 +193,14 @@ def test_non_members_are_validation_shares_and_held_out_splits_never_training_re
     assert not set(held.record_ids) & {r for t in trains for r in t.record_ids}
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")),
-                    reason="needs ../shared/data (PneumoniaMNIST)")
-def test_pneumoniamnist_test_split_is_not_used_as_non_members():
+def test_pneumoniamnist_test_split_is_not_used_as_non_members(shared_data):
     # Its test split is Kermany et al.'s separate test set (62.5% pneumonia vs 74% in train,
     # and every model does worse on it): members vs it measures the shift, not memorisation.
     from privacy.audit.audit import held_out_records
     from simulations.datasets import load_dataset
 
     cfg = {**_DIGITS_PLAN, "dataset": "pneumoniamnist", "partition": "dirichlet", "num-supernodes": 5,
-           "data-dir": os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")}
+           "data-dir": str(shared_data)}
     plan = TrainingPlan.from_run_config(cfg)
     _, vals = node_records(cfg, plan)
     held = held_out_records(plan, vals)
