@@ -10,7 +10,6 @@ The ledger of epsilon spent on this data stays in `--state-dir` on this machine.
 
 from __future__ import annotations
 
-import argparse
 import math
 import shlex
 import signal
@@ -62,8 +61,10 @@ def supernode_command(kit: dict, node_cfg: str, clientappio_port: int) -> list[s
 
 def register(subparsers) -> None:
     """Add `fedpriv node` to the CLI."""
+    from simulations.cli import HelpFormatter
+
     parser = subparsers.add_parser("node", help="data owner: run this site's SuperNode on local data",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=HelpFormatter)
     parser.add_argument("--kit", type=Path, required=True, help="this node's kit (from `fedpriv provision`)")
     parser.add_argument("--data", type=Path, required=True,
                         help="local data: image/audio folders (one subfolder per class), .npz, or text .csv/.tsv")

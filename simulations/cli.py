@@ -41,6 +41,13 @@ _COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, except for options without a default (their help says what None means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -59,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpriv", description="Privacy-preserving federated learning on Flower + Opacus.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federation of simulated nodes on this machine",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter)
     sim.add_argument("--clients", type=_positive_int, default=5, help="number of simulated nodes (SuperNodes)")
     sim.add_argument("--partition", choices=PARTITIONS, default="iid", help="how the training set is split across nodes")
     sim.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (with --partition dirichlet)")

@@ -19,9 +19,11 @@ from rich.table import Table
 
 def register(subparsers) -> None:
     """Add the `audit` command to the `fedpriv` parser."""
+    from simulations.cli import HelpFormatter
+
     parser = subparsers.add_parser(
         "audit", help="membership-inference audit of a finished run vs its (epsilon, delta) bound",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished `fedpriv simulate` run folder")
     parser.add_argument("--shadow-models", type=int, default=4,
                         help="shadow models for LiRA offline (0: loss-threshold attack only; else >= 2)")
