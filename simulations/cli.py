@@ -345,7 +345,9 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
             "Their ledgers persist across runs (the budget belongs to the data); use a fresh --state-dir "
             "to simulate new data owners, or raise --max-epsilon.[/yellow]"
         )
-    console.print(f"run folder: {out} (summary.json, metrics.jsonl, ledger.json, report.md, final_model.pt)")
+    written = [name for name in ("summary.json", "metrics.jsonl", "ledger.json", "report.md", "report.html",
+                                 "final_model.pt") if (Path(out) / name).exists()]
+    console.print(f"run folder: {out} ({', '.join(written)})")
 
 
 def _exit_on_sigterm(signum, frame):

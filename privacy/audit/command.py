@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -62,10 +63,15 @@ def run_audit_command(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/red] RUN_DIR {args.run_dir} is not a folder")
         return 2
     try:
-        report = audit_run(args.run_dir, shadow_models=args.shadow_models, seed=args.seed,
-                           max_targets=args.max_targets, shadow_epochs=args.shadow_epochs,
-                           shadow_training=args.shadow_training,
-                           progress=lambda msg: console.print(f"audit: {msg}"))
+        with warnings.catch_warnings():
+            # Shadow training through Opacus: its notes on the PRNG (documented in the README) and on
+            # backward hooks of input layers would otherwise interleave with the audit's own lines.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            report = audit_run(args.run_dir, shadow_models=args.shadow_models, seed=args.seed,
+                               max_targets=args.max_targets, shadow_epochs=args.shadow_epochs,
+                               shadow_training=args.shadow_training,
+                               progress=lambda msg: console.print(f"audit: {msg}"))
     except (AuditError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
@@ -79,10 +85,13 @@ def run_audit_command(args: argparse.Namespace, console: Console) -> int:
     sizes = report["sizes"]
     title = (f"membership inference on {report['dataset']} ({sizes['members']} members vs "
              f"{sizes['nonmembers']} non-members)")
-    table = Table(title=title)
-    table.add_column("attack", no_wrap=True)
-    for col in ("AUC", "advantage", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "eps proven (95%)", "beats bound"):
-        table.add_column(col)
+    table = Table(title=title, caption="adv.: max(TPR - FPR); TPR@f: TPR at FPR f; eps LB: the epsilon the attack "
+                                       "proves (95%); violated: beats the (epsilon, delta) bound beyond sampling error")
+    # Short headers and unwrapped numbers: an 80-column log must show "0.5326", not "0.53…".
+    table.add_column("attack", overflow="fold", min_width=16)
+    for col in ("AUC", "adv.", "TPR@0.1%", "TPR@1%", "eps LB"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("violated", overflow="fold")
     for name, a in report["attacks"].items():
         table.add_row(name, f"{a['auc']:.4f}", f"{a['advantage']:.4f}", _pct(a["tpr_at_fpr"]["0.001"]),
                       _pct(a["tpr_at_fpr"]["0.01"]), f"{a['epsilon_lower_bound']:.3g}",
