@@ -63,6 +63,17 @@ def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[
     return out
 
 
+def _shadow_subsets(pool: LabeledArrays, k: int, seed: int, records_each: int) -> list[LabeledArrays]:
+    """The K seeded random subsets of `pool` (records_each records each) the shadow models train on.
+
+    Raises ValueError when k < 2 (LiRA fits a variance over the shadows).
+    """
+    if k < 2:
+        raise ValueError(f"LiRA needs at least 2 shadow models, got {k}")
+    rng = np.random.default_rng(seed)
+    return [pool.subset(np.sort(rng.permutation(len(pool))[:records_each])) for _ in range(k)]
+
+
 def _session(plan, data: LabeledArrays, noise_multiplier: float | None):
     from privacy.dp_sgd import LocalTrainingSession
     from shared_models import build_model
@@ -91,12 +102,8 @@ def train_shadow_federations(plan, pool: LabeledArrays, k: int, seed: int, *, no
     from shared_models import build_model
     from simulations.partitioning import partition_indices
 
-    if k < 2:
-        raise ValueError(f"LiRA needs at least 2 shadow models, got {k}")
-    rng = np.random.default_rng(seed)
     models = []
-    for i in range(k):
-        subset = pool.subset(np.sort(rng.permutation(len(pool))[:records_each]))
+    for i, subset in enumerate(_shadow_subsets(pool, k, seed, records_each)):
         shares = [subset.subset(ix) for ix in partition_indices(
             subset.y, nodes, plan.partition, alpha=plan.alpha, groups=subset.groups, seed=seed * 7919 + i) if len(ix)]
         if not shares:
@@ -135,12 +142,8 @@ def train_shadow_models_central(plan, pool: LabeledArrays, k: int, seed: int, ep
     from privacy.accountants import calibrate_noise_multiplier
     from privacy.dp_sgd import poisson_sample_rate, steps_per_epoch
 
-    if k < 2:
-        raise ValueError(f"LiRA needs at least 2 shadow models, got {k}")
-    rng = np.random.default_rng(seed)
     models = []
-    for i in range(k):
-        subset = pool.subset(np.sort(rng.permutation(len(pool))[:records_each]))
+    for i, subset in enumerate(_shadow_subsets(pool, k, seed, records_each)):
         sigma = None
         if plan.dp:
             n = len(subset)
