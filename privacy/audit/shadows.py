@@ -44,7 +44,8 @@ def shadow_subset_size(pool_size: int, run_training_records: int) -> int:
 
 
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Weighted mean of model states (floating tensors); other tensors are taken from the first.
+    """FedAvg (McMahan et al., AISTATS 2017): weighted mean of model states (floating tensors);
+    other tensors (integer buffers) are taken from the first state.
 
     states: K state_dicts with the same keys and shapes; weights: K non-negative numbers, not
     all zero. Raises ValueError on an empty list or all-zero weights.
