@@ -148,7 +148,9 @@ def utility_tables(result: dict) -> list[str]:
         "optimistic). Client eps: client-level epsilon of (d) from summary.json `client_level` (C: the clip-norm set "
         "from the probe of node 0's first DP update). `tune-lr0.1x`: (a)/(b) at a 10x smaller learning rate, since "
         "the default rates are tuned for DP-SGD's clipped gradients. Rows missing at some epsilon did not fit the "
-        "compute budget (see the closing notes).",
+        "compute budget (see the closing notes). Runs: DP rows measured since issue 12 draw their noise from "
+        "secret entropy, so `n: mean ± sd` gives n runs' mean and standard deviation; rows marked `seeded` were "
+        "measured before, with noise derived from the run's seed (one draw; the same noise distribution).",
         "",
     ]
     for ds, cfg in result["datasets"].items():
@@ -161,8 +163,8 @@ def utility_tables(result: dict) -> list[str]:
             f"Published centralized baseline: {cfg['published_centralized_baseline']}."
             + (f" {UTILITY_NOTES[ds]}" if ds in UTILITY_NOTES else ""),
             "",
-            "| row | epsilon | variant (rounds, batch, lr) | test acc | test AUC | node eps spent | client eps | best |",
-            "|---|---|---|---|---|---|---|---|",
+            "| row | epsilon | variant (rounds, batch, lr) | test acc | test AUC | runs | node eps spent | client eps | best |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         order = list(_KIND_LABEL)
         mine = sorted((r for r in result["rows"] if r["dataset"] == ds),
@@ -172,19 +174,31 @@ def utility_tables(result: dict) -> list[str]:
             variant = f"{r['variant']} ({c['rounds']}, {c['batch']}, {c['lr']:g})"
             if "skipped" in r or "error" in r:
                 why = r.get("skipped") or f"failed: {r['error'][:120]}"
-                lines.append(f"| {_KIND_LABEL[r['kind']]} | {_fmt(r['epsilon'], 0)} | {variant} | {why} | | | | |")
+                lines.append(f"| {_KIND_LABEL[r['kind']]} | {_fmt(r['epsilon'], 0)} | {variant} | {why} | | | | | |")
                 continue
             client = (r.get("client_level") or {}).get("epsilon")
             client_text = "-" if client is None else (
                 f"{client:.3g} (sigma {r['config']['client_sigma']:g}, C {r.get('clip_norm_probe', 0):.3g})")
             lines.append(
                 f"| {_KIND_LABEL[r['kind']]} | {_fmt(r['epsilon'], 0)} | {variant} | {_fmt(r['test_accuracy'], 4)} | "
-                f"{_fmt(r.get('test_auc'), 3)} | {_fmt(r.get('max_node_epsilon'), 2)} | "
+                f"{_fmt(r.get('test_auc'), 3)} | {_runs(r)} | {_fmt(r.get('max_node_epsilon'), 2)} | "
                 f"{client_text} | "
                 f"{'best' if r.get('best_for_epsilon') else ''} |"
             )
         lines.append("")
     return lines
+
+
+def _runs(row: dict) -> str:
+    """How many runs a utility row's figures stand for: "3: 0.941 ± 0.004", "1", or "seeded"."""
+    if not row["kind"].startswith("fed-dp"):
+        return "1"
+    if "noise" not in row:
+        return "seeded"
+    if "repeats" not in row:
+        return "1"
+    spread = f" ± {row['test_accuracy_std']:.3f}" if "test_accuracy_std" in row else ""
+    return f"{len(row['repeats'])}: {row['test_accuracy']:.3f}{spread}"
 
 
 def gpu_row_table(result: dict) -> list[str]:

@@ -137,6 +137,7 @@ def build_apps(kind: str, num_nodes: int, dim: int):
     from client import secure_aggregation as node_side
     from privacy.secagg import EncodingParams, RoundSetup, default_scale
     from privacy.secagg.protocol import encoding_to_config
+    from privacy.secret_randomness import SecretRandom
     from server.secure_aggregation import secure_sum
 
     params = EncodingParams(clip_norm=10.0, noise_multiplier=0.0, min_clients=threshold,
@@ -158,7 +159,7 @@ def build_apps(kind: str, num_nodes: int, dim: int):
     @client.train()
     def _train(msg, context):
         node_side.store_encoded_update(context, update_for(context.node_id).astype(np.float64),
-                                       msg.content["config"], seed=context.node_id % 2**32,
+                                       msg.content["config"], SecretRandom(),
                                        spool_dir=Path(tempfile.gettempdir()) / "fedpriv-bench-spool")
         return Message(RecordDict({"metrics": MetricRecord({"trained": 1})}), reply_to=msg)
 

@@ -30,6 +30,12 @@ Rows run in priority order until `--budget-min` minutes are spent (the rest are 
 as skipped); results are written after every row, so an interrupted run still leaves JSON.
 Each federated row records the exact `fedpriv simulate` command it ran.
 
+Since issue 12 every node draws its DP noise from secret OS entropy, so a DP row is a random
+draw: `--repeats R` runs each federated row R times (fresh state folders, fresh noise) and
+records every run, their mean (`test_accuracy`, `test_auc`) and standard deviation
+(`test_accuracy_std`, `test_auc_std`). Rows measured before issue 12 carry no `noise` field:
+their noise came from the run's seed (one draw each).
+
     python benchmarks/utility_table.py [--quick] [--datasets sms_spam pneumoniamnist fsdd] [--budget-min 60]
     python benchmarks/utility_table.py --merge A.json B.json [--out FILE]   # rows of runs made in parallel
 
@@ -128,7 +134,7 @@ def pooled_training_shares(dataset: str, cfg: dict):
     train = splits["train"]
     parts = partition_indices(train.y, cfg["clients"], cfg["partition"], alpha=cfg["alpha"], groups=train.groups,
                               seed=SEED)
-    shares = [split_validation(train.subset(p), 0.1, SEED + pid)[0] for pid, p in enumerate(parts)]
+    shares = [split_validation(train.subset(p), 0.1)[0] for pid, p in enumerate(parts)]
     pooled = LabeledArrays(task=train.task, x=np.concatenate([s.x for s in shares]),
                            y=np.concatenate([s.y for s in shares]), classes=train.classes,
                            record_ids=[r for s in shares for r in s.record_ids], source=train.source)
@@ -197,6 +203,25 @@ def simulate_command(row: dict, work: Path, clip_norm: float | None) -> list[str
     return args
 
 
+def run_federated_repeats(row: dict, work: Path, timeout_s: float, repeats: int) -> dict:
+    """`run_federated` `repeats` times, each in its own work folder (fresh ledgers, fresh secret noise).
+
+    Returns the first run's fields, with `test_accuracy`/`test_auc` replaced by the mean over
+    the runs, their sample standard deviation in `*_std`, and every run in `repeats`.
+    """
+    import numpy as np
+
+    runs = [run_federated(row, work / f"rep{i}" if repeats > 1 else work, timeout_s) for i in range(repeats)]
+    out = {**runs[0], "noise": "secret (issue 12)"}
+    if repeats > 1:
+        out["repeats"] = runs
+        for key in ("test_accuracy", "test_auc"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if len(values) == repeats:
+                out[key], out[f"{key}_std"] = float(np.mean(values)), float(np.std(values, ddof=1))
+    return out
+
+
 def run_federated(row: dict, work: Path, timeout_s: float) -> dict:
     """Rows (b)-(d): one `fedpriv simulate` run in a subprocess; metrics from its summary.json."""
     out: dict = {}
@@ -250,6 +275,8 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="combine the rows and commands of these result files into --out and exit")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per federated row (fresh secret noise each); mean and spread are recorded")
     args = parser.parse_args()
     if args.merge:
         merge(args.merge, args.out or ROOT / "benchmarks" / "results" / "utility_table.json")
@@ -279,8 +306,9 @@ def main() -> None:
         else:
             t0 = time.monotonic()
             try:
+                timeout_s = max(60.0, (args.budget_min - spent_min) * 60 + 600)
                 row.update(run_central(spec["dataset"], spec["config"]) if spec["kind"] == "central"
-                           else run_federated(spec, work, timeout_s=max(60.0, (args.budget_min - spent_min) * 60 + 600)))
+                           else run_federated_repeats(spec, work, timeout_s, args.repeats))
             except Exception as err:  # noqa: BLE001 - a failed row is recorded, the others still run
                 row["error"] = f"{type(err).__name__}: {err}"[:600]
             row["wall_seconds"] = time.monotonic() - t0

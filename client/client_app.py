@@ -1,16 +1,16 @@
 """fedpriv's ClientApp: Flower entry points that read top to bottom.
 
-`train`: receive the global model, train one round with DP-SGD on local data (or decline
-when the node's privacy budget would be exceeded). Without secure aggregation the reply
-carries the new weights; with it the node keeps its encoded update and the reply carries
-only metrics (epsilon spent so far, declined or not). `query.secagg_*`: the SecAgg+ stages.
-`evaluate`: the global model on the node's validation share.
+`train`: receive the global model; refuse a round that breaks the site's policy (DP or
+SecAgg+ required: `client.config.policy_refusal`), decline one that would pass its
+privacy budget, else train one round with DP-SGD on local data. Without secure
+aggregation the reply carries the new weights; with it the node keeps its encoded update
+and the reply carries only metrics. Every field a reply may carry, and what protects it,
+is listed in `client.releases`. `query.secagg_*`: the SecAgg+ stages. `evaluate`: the global
+model on the node's validation share (empty unless its owner keeps one).
 The work is in `client.node_training` and `client.secure_aggregation`.
 """
 
 from __future__ import annotations
-
-import zlib
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -18,8 +18,8 @@ from flwr.clientapp import ClientApp
 
 from client import faults
 from client import secure_aggregation as secagg
-from client.config import TrainingPlan, node_identity
-from client.node_training import device, load_node_data, train_round
+from client.config import TrainingPlan, node_identity, policy_refusal
+from client.node_training import device, load_node_data, node_randomness, train_round
 from privacy.dp_sgd import evaluate as evaluate_model
 from shared_models import build_model
 
@@ -48,27 +48,36 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context, plan: TrainingPlan, node) -> Message:
-    data = load_node_data(node, plan)
     config = msg.content["config"]
     server_round = int(config["server-round"])
+    secure = bool(config.get("secagg", False))
+    refusal = policy_refusal(node, plan, secure)
+    if refusal:  # the site's policy, not the coordinator's plan, decides: nothing is trained or charged
+        return Message(content=RecordDict({
+            "metrics": MetricRecord({"refused": 1}),
+            "node": ConfigRecord({"name": node.name, "reason": refusal}),
+        }), reply_to=msg)
+    data = load_node_data(node, plan)
     global_state = msg.content["arrays"].to_torch_state_dict()
     run_cfg = context.run_config
-    if float(run_cfg.get("fault-rate", 0.0)) > 0:  # simulation only: fail on purpose
+    simulated = node.data_path is None  # fault and dropout injection are simulation aids only
+    if simulated and float(run_cfg.get("fault-rate", 0.0)) > 0:
         faults.inject(plan.seed, server_round, node.name, float(run_cfg["fault-rate"]),
                       hang_seconds=float(run_cfg.get("round-timeout", 3600.0)) + 5.0)
     outcome = train_round(node, plan, data, global_state, server_round, str(config["run-id"]))
     metrics = {**outcome.metrics, "declined": int(outcome.declined)}
-    secure = bool(config.get("secagg", False))
     if outcome.state is not None and secure:
-        # Keep the encoded update here; only its masked form will leave the node.
-        # Seeded by the node's name, not Flower's per-run node id, so a resumed run repeats it.
-        seed = plan.seed * 1_000_003 + server_round * 7919 + zlib.crc32(node.name.encode())
+        # Keep the encoded update here; only its masked form will leave the node. Its
+        # client-level noise and stochastic rounding come from secret entropy.
         delta = secagg.flatten_delta(outcome.state, global_state)
-        # The norm before clipping helps choose --clip-norm; one number, released like the
-        # other metrics (not covered by client-level DP).
+        # The norm before clipping helps choose --clip-norm; a function of the DP-SGD
+        # output (sample-level DP covers it), not hidden by SecAgg+ (client.releases).
         metrics["update-norm"] = float(np.linalg.norm(delta))
-        secagg.store_encoded_update(context, delta, config, seed, spool_dir=node.state_dir / "secagg-spool")
-        secagg.plan_dropout(context, float(config.get("dropout-rate", 0.0)), seed + 1)
+        secagg.store_encoded_update(context, delta, config, node_randomness(node, plan, server_round, "secagg-encoding"),
+                                    spool_dir=node.state_dir / "secagg-spool")
+        if simulated:
+            secagg.plan_dropout(context, float(config.get("dropout-rate", 0.0)),
+                                (plan.seed, server_round, node.partition_id))
     content = RecordDict({
         "metrics": MetricRecord(metrics),
         "node": ConfigRecord({"name": outcome.node, "reason": outcome.reason}),

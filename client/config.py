@@ -2,7 +2,11 @@
 
 Run-config (the coordinator's, same for every node): the training plan.
 Node-config (the data owner's, set when the SuperNode starts): where the data is, and the
-privacy budget. The owner's `max-epsilon`/`delta` win over the run's: the budget is theirs.
+site's privacy policy: its budget (`max-epsilon`, `delta`), whether DP and secure
+aggregation are required, and the validation share it keeps out of training. Nothing in
+the run-config can override the policy of a deployed node (DESIGN 3: the node is the trust
+anchor); a run that breaks it is refused (`policy_refusal`). In a simulation the run-config
+stands in for the owners of the simulated nodes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context
+
+
+# A deployed node's policy when its node-config leaves a key out (`fedpriv node` always sets
+# them): never the run-config's values, which the coordinator chooses.
+DEFAULT_MAX_EPSILON = 8.0
+DEFAULT_DELTA = 1e-5
 
 
 class ConfigError(ValueError):
@@ -44,6 +54,7 @@ class TrainingPlan:
     run_name: str
     data_dir: str  # folder of the named datasets ("" = default)
     canaries: int = 0  # simulation audit aid: canaries built, half inserted (privacy.audit.canaries)
+    reproducible_noise: bool = False  # simulation only: noise derived from the seed (deployed nodes refuse)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> TrainingPlan:
@@ -78,6 +89,7 @@ class TrainingPlan:
             run_name=get("run-name", str),
             data_dir=str(cfg.get("data-dir", "")),
             canaries=get("canaries", int) if "canaries" in cfg else 0,
+            reproducible_noise=get("reproducible-noise", bool) if "reproducible-noise" in cfg else False,
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -101,7 +113,14 @@ class TrainingPlan:
 
 @dataclass(frozen=True)
 class NodeIdentity:
-    """Who this node is and the budget its data owner set."""
+    """Who this node is and the policy its data owner set.
+
+    max_epsilon: lifetime budget of the owner's data (sample-level epsilon at `delta`).
+    require_dp / require_secagg: refuse runs that train without DP-SGD / rounds that would
+    send the update without SecAgg+. val_fraction: share of the records kept out of
+    training (chosen by record content, `client.node_training.split_validation`) whose
+    metrics the node reports; 0 releases no validation metrics.
+    """
 
     name: str
     state_dir: Path
@@ -110,6 +129,9 @@ class NodeIdentity:
     data_path: str | None  # None in simulation: data comes from the run's partition
     partition_id: int | None
     num_partitions: int | None
+    require_dp: bool = True
+    require_secagg: bool = True
+    val_fraction: float = 0.0
 
 
 def default_state_dir() -> Path:
@@ -122,14 +144,25 @@ def default_state_dir() -> Path:
     return Path(user_state_dir("fedpriv"))
 
 
-def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
-    """Read the node's identity and budget from node-config (deployment) or the run (simulation).
+def _flag(cfg: dict, key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ConfigError(f"node-config '{key}' must be true or false, got {value!r}")
 
-    Deployment node-config keys: `data-path` (required), `node-name`, `task`, `max-epsilon`,
-    `delta`, `state-dir`. In deployment the ledger folder is the data owner's alone (node-config
-    or the per-user default), never the run-config's: a coordinator must not be able to point a
-    node at a fresh ledger. Simulation: Flower sets `partition-id`/`num-partitions`; the
-    run-config's `max-epsilon`, `delta` and `state-dir` stand in for the data owner's.
+
+def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
+    """Read the node's identity and policy from node-config (deployment) or the run (simulation).
+
+    Deployment node-config keys: `data-path` (required), `node-name`, `task`, `max-epsilon`
+    (default 8), `delta` (default 1e-5), `require-dp` and `require-secagg` (default true),
+    `val-fraction` (default 0), `state-dir`. Every one of them is the data owner's alone: a
+    run-config value never stands in for a missing one, and the ledger folder is never the
+    run-config's (a coordinator must not be able to point a node at a fresh ledger).
+    Simulation: Flower sets `partition-id`/`num-partitions`; the run-config's `max-epsilon`,
+    `delta`, `dp`, `secagg`, `val-fraction` and `state-dir` stand in for the data owner's.
     Raises ConfigError naming the key (also when the node's `task` is not the run's).
     """
     node_cfg, run_cfg = dict(context.node_config), dict(context.run_config)
@@ -148,14 +181,26 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
                               "model (run-config 'task')")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"node-config 'node-name' must use letters, digits, '_', '.', '-' only, got {name!r}")
-    budget_default = run_cfg.get("max-epsilon", plan.epsilon) if data_path is None else plan.epsilon
-    max_eps = float(node_cfg.get("max-epsilon", budget_default) or plan.epsilon)
-    delta = float(node_cfg.get("delta", plan.delta))
-    if max_eps <= 0:
+    if data_path is None:  # simulation: the researcher's run-config is the owners' policy
+        max_eps = float(run_cfg.get("max-epsilon", 0.0) or plan.epsilon)
+        delta, require_dp, require_secagg = plan.delta, plan.dp, bool(run_cfg.get("secagg", False))
+        val_fraction = plan.val_fraction
+        state = run_cfg.get("state-dir") or ""
+    else:
+        try:
+            max_eps = float(node_cfg.get("max-epsilon", DEFAULT_MAX_EPSILON))
+            delta = float(node_cfg.get("delta", DEFAULT_DELTA))
+            val_fraction = float(node_cfg.get("val-fraction", 0.0))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"node-config 'max-epsilon', 'delta' and 'val-fraction' must be numbers ({err})") from err
+        require_dp, require_secagg = _flag(node_cfg, "require-dp", True), _flag(node_cfg, "require-secagg", True)
+        state = node_cfg.get("state-dir") or ""
+    if not max_eps > 0:
         raise ConfigError(f"'max-epsilon' must be > 0, got {max_eps}")
     if not 0 < delta < 1:
         raise ConfigError(f"'delta' must be in (0, 1), got {delta}")
-    state = node_cfg.get("state-dir") or (run_cfg.get("state-dir") if data_path is None else "") or ""
+    if not 0 <= val_fraction < 0.5:
+        raise ConfigError(f"'val-fraction' must be in [0, 0.5), got {val_fraction}")
     return NodeIdentity(
         name=name,
         state_dir=Path(state).expanduser() if state else default_state_dir(),
@@ -164,4 +209,22 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         data_path=str(data_path) if data_path is not None else None,
         partition_id=pid,
         num_partitions=n,
+        require_dp=require_dp,
+        require_secagg=require_secagg,
+        val_fraction=val_fraction,
     )
+
+
+def policy_refusal(node: NodeIdentity, plan: TrainingPlan, secure: bool) -> str:
+    """Why this node's policy refuses a round of `plan` (secure: sent through SecAgg+), or "".
+
+    E.g. "DP is required by the site". The node replies with this reason and trains nothing.
+    """
+    reasons = []
+    if node.data_path is not None and plan.reproducible_noise:
+        reasons.append("reproducible noise is a simulation switch; a deployed node draws its noise from secret entropy")
+    if node.require_dp and not plan.dp:
+        reasons.append("DP is required by the site")
+    if node.require_secagg and not secure:
+        reasons.append("secure aggregation is required by the site")
+    return "; ".join(reasons)

@@ -4,15 +4,22 @@ Order of a round (DESIGN 4.1):
 1. compute the noise multiplier for the whole run once: Opacus's RDP search for the run's
    `epsilon` over `rounds * local_steps` steps at this node's sampling rate (constant per
    node, so the ledger's history stays one entry per run);
-2. ask the ledger what epsilon training *would* reach; if that exceeds the owner's
-   `max-epsilon`, decline (a reply, not an error) and train nothing;
-3. otherwise charge the ledger first (write-ahead), then train, then check that Opacus ran
-   exactly the steps charged.
+2. ask the ledger what epsilon training *would* reach on the records it trains (each
+   record's own history, whatever run, seed or subset spent it); if that exceeds the
+   owner's `max-epsilon`, decline (a reply, not an error) and train nothing;
+3. otherwise charge the ledger first (write-ahead), then train exactly the steps charged,
+   with noise and Poisson sampling drawn from secret OS entropy (`privacy.secret_randomness`),
+   then check that the steps Opacus's accountant saw are the steps charged.
+
+The validation share is the node's, not the run's: the records whose content ids hash
+lowest (`split_validation`), so no run-config value moves a record between training and
+validation, and adding a record moves at most one.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,8 +29,9 @@ import torch
 
 from client.config import NodeIdentity, TrainingPlan
 from client.datasets import LabeledArrays, load_local
-from privacy.accountants import NodePrivacyLedger, calibrate_noise_multiplier, dataset_fingerprint
+from privacy.accountants import PrivacyLedger, calibrate_noise_multiplier
 from privacy.dp_sgd import LocalTrainingSession, evaluate, poisson_sample_rate, steps_per_epoch
+from privacy.secret_randomness import SecretRandom
 from shared_models import build_model
 
 log = logging.getLogger("fedpriv.client")
@@ -35,7 +43,16 @@ class NodeData:
 
     train: LabeledArrays
     val: LabeledArrays
-    fingerprint: str  # of the training records: the privacy ledger's key
+
+    @property
+    def record_ids(self) -> list[str]:
+        """Content ids of every record the node holds (training and validation)."""
+        return self.train.record_ids + self.val.record_ids
+
+    @functools.cached_property
+    def train_digest(self) -> str:
+        """SHA-256 of the training share's record ids: which data a training session was built on."""
+        return hashlib.sha256("\n".join(self.train.record_ids).encode()).hexdigest()
 
 
 @dataclass
@@ -49,20 +66,31 @@ class RoundOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def split_validation(data: LabeledArrays, fraction: float, seed: int) -> tuple[LabeledArrays, LabeledArrays]:
-    """Seeded random (train, validation) split of a node's records."""
-    order = np.random.default_rng(seed).permutation(len(data))
+def split_validation(data: LabeledArrays, fraction: float) -> tuple[LabeledArrays, LabeledArrays]:
+    """(train, validation) shares of a node's records, fixed by their content.
+
+    The validation share is the round(fraction * N) records whose SHA-256("fedpriv-validation",
+    record id) is lowest: the same records whatever run, seed or file order, and a dataset
+    with one record added keeps all but at most one of them. Raises ValueError when no
+    training record would be left.
+    """
     n_val = int(round(fraction * len(data)))
     if len(data) - n_val < 1:
         raise ValueError(f"node has {len(data)} records: too few to keep a validation share of {fraction}")
+    keys = [hashlib.sha256(b"fedpriv-validation\0" + rid.encode()).digest() for rid in data.record_ids]
+    order = sorted(range(len(data)), key=keys.__getitem__)
     return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
 
 
 def load_node_data(node: NodeIdentity, plan: TrainingPlan) -> NodeData:
-    """The node's data: its local `data-path`, or in simulation its partition of the run's dataset."""
-    return _load_node_data_cached(node.data_path, node.partition_id, node.num_partitions, plan.task, plan.dataset,
-                                  plan.partition, plan.alpha, plan.seed, plan.val_fraction, plan.data_dir,
-                                  plan.canaries)
+    """The node's data: its local `data-path`, or in simulation its partition of the run's dataset.
+
+    The validation share is `node.val_fraction` (the owner's), never the run's.
+    """
+    if node.data_path is not None:
+        return _load_local_node_data(node.data_path, plan.task, node.val_fraction, plan.canaries)
+    return _load_simulated_node_data(node.partition_id, node.num_partitions, plan.task, plan.dataset, plan.partition,
+                                     plan.alpha, plan.seed, node.val_fraction, plan.data_dir, plan.canaries)
 
 
 @functools.lru_cache(maxsize=4)
@@ -79,31 +107,29 @@ def _simulation_partitions(dataset, task, data_dir, num_partitions, partition, a
     return partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed)
 
 
-@functools.lru_cache(maxsize=64)
-def _load_node_data_cached(data_path, partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction,
-                           data_dir, canaries=0):
-    train = None
-    if data_path is not None:
-        if canaries:
-            raise ValueError("canaries (run-config 'canaries') are a simulation-only audit aid; a deployed node "
-                             "never trains on them")
-        records = load_local(data_path, task)
-    else:
-        from simulations.datasets import load_dataset
+@functools.lru_cache(maxsize=4)
+def _load_local_node_data(data_path, task, val_fraction, canaries) -> NodeData:
+    if canaries:
+        raise ValueError("canaries (run-config 'canaries') are a simulation-only audit aid; a deployed node "
+                         "never trains on them")
+    return NodeData(*split_validation(load_local(data_path, task), val_fraction))
 
-        train = load_dataset(dataset, task, data_dir)["train"]
-        parts = _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed)
-        records = train.subset(parts[partition_id])
-    local_train, val = split_validation(records, val_fraction, seed + (partition_id or 0))
-    if canaries and train is not None:
+
+@functools.lru_cache(maxsize=64)
+def _load_simulated_node_data(partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction,
+                              data_dir, canaries) -> NodeData:
+    from simulations.datasets import load_dataset
+
+    train = load_dataset(dataset, task, data_dir)["train"]
+    parts = _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed)
+    local_train, val = split_validation(train.subset(parts[partition_id]), val_fraction)
+    if canaries:
         # Audit canaries (privacy.audit.canaries) join the training share only, never validation.
         from privacy.audit.canaries import node_canaries
         from privacy.audit.audit import concat
 
         local_train = concat([local_train, node_canaries(train, canaries, seed, partition_id, num_partitions)])
-    if len(local_train) == 0:
-        raise ValueError("node's training share is empty")
-    return NodeData(train=local_train, val=val, fingerprint=dataset_fingerprint(local_train.record_ids))
+    return NodeData(train=local_train, val=val)
 
 
 def device() -> torch.device:
@@ -139,6 +165,21 @@ def plan_noise(plan: TrainingPlan, num_train: int, delta: float) -> tuple[float,
     return sigma, q, local_steps
 
 
+def node_randomness(node: NodeIdentity, plan: TrainingPlan, server_round: int, purpose: str) -> SecretRandom:
+    """The generator of one round's secret draws for `purpose` ("dp-sgd", "secagg-encoding").
+
+    Always fresh OS entropy, except in a simulation whose run-config sets
+    `reproducible-noise` (a researcher's switch for comparing runs), where it is derived
+    from the run's seed, the node and the round. Raises ValueError if a deployed node is
+    asked for reproducible noise (its policy refuses such runs before they get here).
+    """
+    if not plan.reproducible_noise:
+        return SecretRandom()
+    if node.data_path is not None:
+        raise ValueError("reproducible noise is a simulation switch; a deployed node never derives noise from the run")
+    return SecretRandom.reproducible(str(plan.seed), node.name, str(server_round), purpose)
+
+
 def train_round(
     node: NodeIdentity,
     plan: TrainingPlan,
@@ -150,33 +191,38 @@ def train_round(
     """Train one round on the node's data starting from `global_state`.
 
     Returns a RoundOutcome whose `state` is the new local weights, or `declined=True` with
-    the reason when the node's budget would be exceeded. Raises ValueError when delta is not
-    below 1/n for the node's n training records (DESIGN 4.1).
+    the reason when a training record would pass the node's budget. Metrics released:
+    `num-examples`, `round-steps`; under DP the ledger's view (`epsilon`, the largest over
+    all the node's records at `delta`, `max-epsilon`, `noise-multiplier`, `sample-rate`,
+    `steps-total`); validation metrics of the incoming model only when the owner keeps a
+    validation share. Raises ValueError when delta is not below 1/n for the node's n
+    training records (DESIGN 4.1), RuntimeError when the steps run differ from the steps charged.
     """
     n = len(data.train)
     metrics: dict[str, float] = {"num-examples": float(n)}
     dev = device()
-    ledger = None
     if plan.dp:
         if node.delta >= 1.0 / n:
             raise ValueError(f"delta={node.delta} must be < 1/n = {1.0 / n:.3g} for this node's {n} records")
         sigma, q, local_steps = plan_noise(plan, n, node.delta)
-        ledger = NodePrivacyLedger(node.state_dir, node.name, data.fingerprint, node.delta)
+        ledger = PrivacyLedger(node.state_dir)
+        ledger.adopt_legacy(node.name, data.record_ids, node.delta)
         entry = ledger.charge(
-            noise_multiplier=sigma, sample_rate=q, steps=local_steps,
-            max_epsilon=node.max_epsilon, run=run_id, round=server_round,
+            data.train.record_ids, node=node.name, delta=node.delta, noise_multiplier=sigma, sample_rate=q,
+            steps=local_steps, max_epsilon=node.max_epsilon, run=run_id, round=server_round,
         )
+        epsilon, history = ledger.worst(data.record_ids, node.delta)
         metrics.update({
-            "epsilon": entry.epsilon_after, "delta": node.delta, "max-epsilon": node.max_epsilon,
-            "noise-multiplier": sigma, "sample-rate": q, "steps-total": float(ledger.steps()),
+            "epsilon": epsilon, "delta": node.delta, "max-epsilon": node.max_epsilon,
+            "noise-multiplier": sigma, "sample-rate": q, "steps-total": float(sum(h[2] for h in history)),
         })
         if entry.declined:
             log.info("%s declines round %s: %s", node.name, server_round, entry.reason)
             return RoundOutcome(node=node.name, declined=True, reason=entry.reason, state=None, metrics=metrics)
     else:
-        sigma, q = None, poisson_sample_rate(n, plan.batch_size)
+        sigma = None
 
-    key = (node.name, data.fingerprint, plan, sigma)
+    key = (node.name, data.train_digest, plan, sigma)
     session = _session(key, lambda: LocalTrainingSession(
         build_model(plan.task, plan.model or None, data.train.input_shape, data.train.num_classes, plan.activation),
         data.train, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer, momentum=plan.momentum,
@@ -187,13 +233,14 @@ def train_round(
         val = evaluate(session.module, data.val, dev)  # the incoming global model on local validation
         metrics.update({"val-loss": val["loss"], "val-accuracy": val["accuracy"], "num-val-examples": float(len(data.val))})
     before = session.opacus_steps()
-    torch.manual_seed(plan.seed * 1_000_003 + server_round * 1009 + (node.partition_id or 0))
-    result = session.train_epochs(plan.local_epochs)
+    result = session.train_epochs(plan.local_epochs, node_randomness(node, plan, server_round, "dp-sgd"))
     if plan.dp and session.opacus_steps() - before != local_steps:
         raise RuntimeError(
             f"ledger charged {local_steps} steps but Opacus ran {session.opacus_steps() - before}; refusing to send"
         )
-    metrics.update({"train-loss": result.train_loss, "round-steps": float(result.steps)})
+    # The training loss is computed on the training records without noise: it stays here.
+    log.info("%s round %s: %d steps, train loss %.4f", node.name, server_round, result.steps, result.train_loss)
+    metrics["round-steps"] = float(result.steps)
     for name, tensor in result.state.items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"local update has NaN/Inf in '{name}'; refusing to send it")

@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from privacy.secagg import RoundSetup, SecAggClient
 from privacy.secagg.encoding import encode
 from privacy.secagg.protocol import encoding_from_config
+from privacy.secret_randomness import SecretRandom
 
 STATE = "secagg-state"  # ConfigRecord: setup + serialized client
 INPUT = "secagg-input"  # ConfigRecord: path of the spooled encoded (unmasked) vector, never sent
@@ -38,13 +39,15 @@ def flatten_delta(local: dict[str, torch.Tensor], global_state: dict[str, torch.
     return np.concatenate([(local[k].double() - global_state[k].double()).reshape(-1).numpy() for k in global_state])
 
 
-def store_encoded_update(context: Context, delta: np.ndarray, config, seed: int, spool_dir: Path) -> Path:
+def store_encoded_update(context: Context, delta: np.ndarray, config, randomness: SecretRandom,
+                         spool_dir: Path) -> Path:
     """Encode the delta with the round's parameters (from the train config) and spool it locally.
 
+    randomness: the node's secret source of the client-level noise and stochastic rounding.
     Writes `<spool_dir>/<run>-<node>.npy` (mode 0600, atomically); returns its path.
     """
     params = encoding_from_config(config)
-    encoded = encode(delta, params, np.random.default_rng(seed))
+    encoded = encode(delta, params, randomness)
     spool_dir.mkdir(parents=True, exist_ok=True)
     path = spool_dir / f"{context.run_id}-{context.node_id}.npy"
     fd, tmp = tempfile.mkstemp(dir=spool_dir, suffix=".tmp")  # created 0600
@@ -57,8 +60,11 @@ def store_encoded_update(context: Context, delta: np.ndarray, config, seed: int,
     return path
 
 
-def plan_dropout(context: Context, rate: float, seed: int) -> None:
-    """Simulation only: with probability `rate` this node will vanish at one random stage."""
+def plan_dropout(context: Context, rate: float, seed) -> None:
+    """Simulation only: with probability `rate` this node will vanish at one random stage.
+
+    seed: anything `np.random.default_rng` takes (the run's seed, round and partition).
+    """
     rng = np.random.default_rng(seed)
     stage = STAGES[int(rng.integers(len(STAGES)))] if rng.random() < rate else ""
     context.state["secagg-dropout"] = ConfigRecord({"stage": stage})

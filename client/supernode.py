@@ -4,19 +4,23 @@ Checks the local data first (a malformed file is named here, before anything con
 then runs `flower-supernode` in the foreground with the kit's CA (`--root-certificates`:
 the node talks only to the real SuperLink, over TLS), its EC P-384 key
 (`--auth-supernode-private-key`: the SuperLink only accepts registered keys) and a
-node-config that points the ClientApp at the local data and the owner's privacy budget.
-The ledger of epsilon spent on this data stays in `--state-dir` on this machine.
+node-config that points the ClientApp at the local data and carries the owner's policy:
+the privacy budget, whether DP-SGD and secure aggregation are required (by default both
+are; a run that breaks the policy is refused, whatever its run-config says), and the
+validation share whose metrics may be released (none by default). The ledger of epsilon
+spent on this data stays in `--state-dir` on this machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import shlex
 import signal
 import subprocess
 from pathlib import Path
 
-from client.config import default_state_dir
+from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, default_state_dir
 from client.datasets import DataFormatError, load_local
 from privacy.provisioning import ProvisioningError, load_kit
 from shared_models import TASKS
@@ -31,11 +35,14 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: float, state_dir: Path) -> str:
+def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: float, state_dir: Path,
+                require_dp: bool = True, require_secagg: bool = True, val_fraction: float = 0.0) -> str:
     """Flower's `--node-config` text (space-separated TOML key=value pairs) for `client.config.node_identity`."""
     return " ".join([
         f"node-name={_toml_string(node)}", f"data-path={_toml_string(str(data))}", f"task={_toml_string(task)}",
         f"max-epsilon={max_epsilon!r}", f"delta={delta!r}", f"state-dir={_toml_string(str(state_dir))}",
+        f"require-dp={str(require_dp).lower()}", f"require-secagg={str(require_secagg).lower()}",
+        f"val-fraction={val_fraction!r}",
     ])
 
 
@@ -69,9 +76,16 @@ def register(subparsers) -> None:
     parser.add_argument("--data", type=Path, required=True,
                         help="local data: image/audio folders (one subfolder per class), .npz, or text .csv/.tsv")
     parser.add_argument("--task", choices=TASKS, required=True, help="what the data is")
-    parser.add_argument("--max-epsilon", type=float, default=8.0,
+    parser.add_argument("--max-epsilon", type=float, default=DEFAULT_MAX_EPSILON,
                         help="lifetime privacy budget of this data (sample-level epsilon); rounds past it are declined")
-    parser.add_argument("--delta", type=float, default=1e-5, help="DP delta; must be < 1/records")
+    parser.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="DP delta; must be < 1/records")
+    parser.add_argument("--require-dp", action=argparse.BooleanOptionalAction, default=True,
+                        help="refuse runs that train without DP-SGD (whatever the coordinator's run-config says)")
+    parser.add_argument("--require-secagg", action=argparse.BooleanOptionalAction, default=True,
+                        help="refuse rounds that would send this node's update without SecAgg+ secure aggregation")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="share of the records kept out of training to report validation metrics of the global "
+                             "model (an extra release, not covered by DP); 0 releases none")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where the privacy ledger lives (default: a per-user folder on this machine)")
     parser.add_argument("--superlink", default=None, metavar="HOST:PORT",
@@ -89,6 +103,8 @@ def _run_node(args, console) -> int:
             raise NodeConfigError(f"--max-epsilon must be a positive number, got {args.max_epsilon}")
         if not 0 < args.delta < 1:
             raise NodeConfigError(f"--delta must be in (0, 1), got {args.delta}")
+        if not 0 <= args.val_fraction < 0.5:
+            raise NodeConfigError(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
         data = args.data.expanduser().resolve()
         records = check_local_data(data, args.task, args.delta)
     except (ProvisioningError, DataFormatError, NodeConfigError) as err:
@@ -97,10 +113,14 @@ def _run_node(args, console) -> int:
     state = (args.state_dir or default_state_dir()).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
     cfg = node_config(node=kit["node"], data=data, task=args.task, max_epsilon=args.max_epsilon, delta=args.delta,
-                      state_dir=state)
+                      state_dir=state, require_dp=args.require_dp, require_secagg=args.require_secagg,
+                      val_fraction=args.val_fraction)
     command = supernode_command(kit, cfg, args.port or free_port())
+    required = [name for name, on in (("DP-SGD", args.require_dp), ("SecAgg+", args.require_secagg)) if on]
     console.print(f"{kit['node']}: {records} {args.task} records in {data}; budget epsilon {args.max_epsilon:g} at "
-                  f"delta {args.delta:g}; ledger in {state}; connecting to {kit['superlink']} (TLS)")
+                  f"delta {args.delta:g}; requires {' and '.join(required) or 'nothing'}; validation metrics "
+                  f"{'on %g of the records' % args.val_fraction if args.val_fraction else 'not released'}; "
+                  f"ledger in {state}; connecting to {kit['superlink']} (TLS)")
     console.print(f"  {shlex.join(command)}", markup=False)
     process = subprocess.Popen(command)
     # Pass Ctrl-C / SIGTERM on to Flower so the SuperNode deregisters cleanly.

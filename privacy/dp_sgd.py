@@ -1,45 +1,107 @@
-"""DP-SGD training sessions on Opacus (Abadi et al. 2016), federated-safe.
+"""DP-SGD training sessions on Opacus primitives (Abadi et al. 2016), federated-safe.
 
-One `DPSGDSession` per (node, dataset, hyper-parameters) per process: `make_private` is
-called once (calling it twice on one model raises "Trying to add hooks twice", Opacus
-#608), and each round's global weights are loaded *in place* into the wrapped module.
-Poisson sampling (`DPDataLoader`), per-sample clipping to `max_grad_norm`, Gaussian noise
-of std `noise_multiplier * max_grad_norm`, per-sample gradients in "hooks" mode (ghost and
-functorch modes crash on empty Poisson batches of models with an Embedding; DESIGN 9).
+One `LocalTrainingSession` per (node, dataset, hyper-parameters) per process, built once
+from Opacus's pieces (the model is wrapped once: wrapping twice raises "Trying to add hooks
+twice", Opacus #608) and reused round after round: each round's global weights are loaded
+*in place* into the wrapped module.
 
-Accounting is *not* done here: the node's persisted `NodePrivacyLedger` is charged before
-each round (`client.node_training`). The session's own Opacus accountant only counts steps,
-as a cross-check that the ledger charged exactly what was run.
+- Per-sample gradients: Opacus's `GradSampleModule` in "hooks" mode (ghost and functorch
+  modes crash on empty Poisson batches of models with an Embedding; DESIGN 9), after
+  `ModuleValidator.validate(strict=True)` as `PrivacyEngine.make_private` does.
+- Clipping and noise: Opacus's `DPOptimizer` (flat per-sample clipping to
+  `max_grad_norm`, mean over the *expected* batch size N*q), whose Gaussian noise of std
+  `noise_multiplier * max_grad_norm` is drawn from the node's `SecretRandom` (a ChaCha20
+  keystream keyed by OS entropy, with the float-attack mitigation of Opacus's secure mode)
+  instead of torch's seeded generator: `SecretNoiseDPOptimizer`.
+- Poisson sampling: every record joins each batch independently with probability q, drawn
+  from the same `SecretRandom` (`PoissonBatchSampler`), for *exactly*
+  `steps_per_epoch(N, B)` = ceil(N/B) steps per epoch, with q = 1/ceil(N/B). The node's
+  ledger charges that same integer before training; Opacus's own loader runs int(1/q)
+  steps, which float rounding makes one less for about 7% of sizes (N=744, B=8: 92).
 
-`secure_mode=True` (cryptographically secure noise) needs `torchcsprng`, which no longer
-builds for current torch; noise here comes from torch's default PRNG.
+Accounting is *not* done here: the node's persisted `PrivacyLedger` is charged before each
+round (`client.node_training`). The session's own Opacus `RDPAccountant` only counts the
+noised steps it ran, as a cross-check that the ledger charged exactly what was run.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.datasets import LabeledArrays
-
-
-def poisson_sample_rate(num_records: int, batch_size: int) -> float:
-    """Sampling rate q that Opacus derives for Poisson batches: 1 / ceil(N / B)."""
-    if num_records < 1 or batch_size < 1:
-        raise ValueError(f"need num_records >= 1 and batch_size >= 1, got {num_records}, {batch_size}")
-    return 1.0 / math.ceil(num_records / batch_size)
+from privacy.secret_randomness import SecretRandom
 
 
 def steps_per_epoch(num_records: int, batch_size: int) -> int:
-    """DP-SGD steps in one (expected) pass over the data: ceil(N / B)."""
-    return math.ceil(num_records / batch_size)
+    """DP-SGD steps in one (expected) pass over the data: ceil(N / B), in integers.
+
+    Raises ValueError unless both are >= 1.
+    """
+    if num_records < 1 or batch_size < 1:
+        raise ValueError(f"need num_records >= 1 and batch_size >= 1, got {num_records}, {batch_size}")
+    return -(-num_records // batch_size)
+
+
+def poisson_sample_rate(num_records: int, batch_size: int) -> float:
+    """Sampling rate q = 1 / ceil(N / B): the expected batch is N*q <= B records."""
+    return 1.0 / steps_per_epoch(num_records, batch_size)
+
+
+class PoissonBatchSampler:
+    """Batches of record indices for DP-SGD: each record joins each batch with probability q.
+
+    Yields exactly `steps` batches per pass (an index array each, possibly empty). The
+    inclusion draws come from `randomness` (secret on a node), so the coordinator cannot
+    know which records a step used (Poisson subsampling's amplification assumes that).
+    """
+
+    def __init__(self, num_records: int, sample_rate: float, steps: int, randomness: SecretRandom) -> None:
+        if num_records < 1 or steps < 1 or not 0 < sample_rate <= 1:
+            raise ValueError(f"need num_records >= 1, steps >= 1, 0 < sample_rate <= 1; got {num_records}, "
+                             f"{steps}, {sample_rate}")
+        self.num_records, self.sample_rate, self.steps, self.randomness = num_records, sample_rate, steps, randomness
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield np.flatnonzero(self.randomness.bernoulli(self.num_records, self.sample_rate))
+
+
+class SecretNoiseDPOptimizer(DPOptimizer):
+    """Opacus's `DPOptimizer` with its Gaussian noise drawn from a `SecretRandom`.
+
+    Same clipping, accumulation and scaling as Opacus; only `add_noise` differs: one draw of
+    N(0, (noise_multiplier * max_grad_norm)^2) per parameter coordinate from the node's
+    ChaCha20 keystream (float-attack mitigated, `privacy.secret_randomness`), not from torch's
+    seeded generator. Written against opacus 1.6.0 (pinned), whose `add_noise` it mirrors.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: float, randomness: SecretRandom) -> None:
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction="mean")
+        self.randomness = randomness
+
+    def add_noise(self) -> None:
+        """p.grad <- (sum of clipped per-sample gradients) + secret Gaussian noise, for every parameter."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + self.randomness.gaussian_like(p.summed_grad, std)).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def _tensors(data: LabeledArrays) -> TensorDataset:
@@ -62,15 +124,18 @@ class RoundResult:
 
     state: dict[str, torch.Tensor]  # new local weights (CPU tensors)
     steps: int
-    train_loss: float  # mean minibatch loss over the round
+    train_loss: float  # mean minibatch loss over the round: for the node's own log, never released
 
 
 class LocalTrainingSession:
     """Local training of one node's model, DP or not, reused across rounds in a process.
 
-    model: built by `shared_models.build_model`; train: the node's training share.
+    model: built by `shared_models.build_model`; train: the node's training share (N records).
     With `noise_multiplier=None` training is plain minibatch SGD/Adam (shuffled batches of
-    `batch_size`); otherwise DP-SGD as described in the module docstring.
+    `batch_size`); otherwise DP-SGD as described in the module docstring, with every noise
+    and sampling draw from the `SecretRandom` given to `train_epochs`. Raises ValueError for
+    an empty training share, and Opacus's UnsupportedModuleError for a model DP-SGD cannot
+    train (e.g. BatchNorm).
     """
 
     def __init__(
@@ -91,24 +156,26 @@ class LocalTrainingSession:
         self.device = device
         self.dp = noise_multiplier is not None
         self.num_records = len(train)
-        model = model.to(device).train()  # Opacus refuses a model in eval mode
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch(len(train), batch_size)
+        self.sample_rate = 1.0 / self.steps_per_epoch
+        self.x, self.y = _tensors(train).tensors
+        model = model.to(device).train()
         opt = make_optimizer(optimizer, model.parameters(), lr, momentum)
-        loader = DataLoader(_tensors(train), batch_size=batch_size, shuffle=True)
         if self.dp:
-            self.engine = PrivacyEngine(accountant="rdp")
-            self.model, self.optimizer, self.loader = self.engine.make_private(
-                module=model,
-                optimizer=opt,
-                data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm,
-                poisson_sampling=True,
-                grad_sample_mode="hooks",
+            ModuleValidator.validate(model, strict=True)
+            self.model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            self.model.forbid_grad_accumulation()  # each step's batch is one Poisson sample
+            randomness = SecretRandom()  # replaced by each train_epochs call's
+            self.optimizer = SecretNoiseDPOptimizer(
+                opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                expected_batch_size=len(train) * self.sample_rate, randomness=randomness,
             )
-            self.sample_rate = float(self.loader.sample_rate)
+            self.accountant = RDPAccountant()
+            self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+            self.sampler = PoissonBatchSampler(len(train), self.sample_rate, self.steps_per_epoch, randomness)
         else:
-            self.model, self.optimizer, self.loader = model, opt, loader
-            self.sample_rate = poisson_sample_rate(len(train), batch_size)
+            self.model, self.optimizer = model, opt
         self.criterion = nn.CrossEntropyLoss()
 
     @property
@@ -123,22 +190,36 @@ class LocalTrainingSession:
         inner.state = defaultdict(dict)
 
     def opacus_steps(self) -> int:
-        """Steps Opacus's own accountant saw in this process (cross-check for the ledger)."""
-        return sum(int(n) for _, _, n in self.engine.accountant.history) if self.dp else 0
+        """Noised steps Opacus's own accountant saw in this process (cross-check for the ledger)."""
+        return sum(int(n) for _, _, n in self.accountant.history) if self.dp else 0
 
-    def train_epochs(self, epochs: int) -> RoundResult:
-        """Run `epochs` passes (DP: `epochs * ceil(N/B)` Poisson steps). Returns new weights."""
+    def _batches(self):
+        """One pass: secret Poisson batches under DP, else a shuffled partition into batches of B."""
+        if self.dp:
+            yield from self.sampler
+            return
+        order = torch.randperm(self.num_records)
+        yield from torch.split(order, self.batch_size)
+
+    def train_epochs(self, epochs: int, randomness: SecretRandom | None = None) -> RoundResult:
+        """Run `epochs` passes (DP: exactly `epochs * ceil(N/B)` Poisson steps). Returns new weights.
+
+        randomness: the source of this call's noise and Poisson draws (default: fresh OS
+        entropy; `client.node_training.node_randomness` picks it for a node's round).
+        """
+        if self.dp:
+            self.optimizer.randomness = self.sampler.randomness = randomness or SecretRandom()
         self.model.train()
         losses, steps = [], 0
         for _ in range(epochs):
-            for x, y in self.loader:
-                x, y = x.to(self.device), y.to(self.device)
+            for index in self._batches():
+                index = torch.as_tensor(index, dtype=torch.long)
+                x, y = self.x[index].to(self.device), self.y[index].to(self.device)
                 self.optimizer.zero_grad(set_to_none=True)
                 if len(y) == 0:
                     # Empty Poisson batch: still a DP step (noise only), so the accountant
                     # and the privacy analysis stay aligned.
-                    logits = self.model(x)
-                    loss = logits.sum() * 0.0
+                    loss = self.model(x).sum() * 0.0
                 else:
                     loss = self.criterion(self.model(x), y)
                     losses.append(float(loss.detach()))

@@ -9,7 +9,14 @@ within `round-timeout` seconds, sort them into trained / declined / failed, then
   by its equal-weight mean; the client-level accountant is charged for the release.
 Then evaluate centrally on the test split, record every node's epsilon in the coordinator's
 ledger, and checkpoint. A round in which nothing could be aggregated keeps the global model
-unchanged; one node's failure never stops the run.
+unchanged; one node's failure never stops the run. A node whose owner's policy refuses the
+round (DP or SecAgg+ required) says why; the refusal is recorded and shown, not retried.
+
+Client-level DP (secure rounds with client-level noise) is accounted as the server sees it:
+the server picks each round's sample itself, so no amplification by sampling is claimed
+(q = 1), and each node's share of the noise is sized so that the honest survivors alone
+carry std sigma*C when up to `colluding_nodes` of the survivors collude with the server
+(Kairouz, Liu & Steinke, ICML 2021, sec. 5): per-node std sigma*C / sqrt(t - colluding).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class FederationSettings:
     clip_norm: float = 1000.0  # L2 clip C of each client's model delta (run-config default: encoding bound only)
     client_noise_multiplier: float = 0.0  # sigma of the distributed client-level Gaussian
     client_delta: float = 1e-5
+    colluding_nodes: int = -1  # survivors that may collude with the server; -1 = t - 1 (the most SecAgg+ tolerates)
     dropout_rate: float = 0.0  # simulation: chance a node vanishes at one SecAgg+ stage
 
 
@@ -64,6 +72,7 @@ class RoundReport:
     round: int
     trained: list[str] = field(default_factory=list)
     declined: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # node -> why its policy refused the round
     failed: list[str] = field(default_factory=list)
     aggregated: bool = False
     test: dict[str, float] = field(default_factory=dict)
@@ -86,17 +95,12 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def sample_nodes(
-    node_ids: list[int], fraction: float, minimum: int, rng: np.random.Generator, poisson: bool = False
-) -> list[int]:
-    """A seeded, sorted sample of node ids.
+def sample_nodes(node_ids: list[int], fraction: float, minimum: int, rng: np.random.Generator) -> list[int]:
+    """A seeded, sorted sample of node ids, of size max(minimum, round(fraction * len)) (all if fewer).
 
-    Fixed size max(minimum, round(fraction * len)) (all if fewer); or, with `poisson`, each
-    node independently with probability `fraction` (what client-level DP accounting with
-    amplification by sampling assumes; the sample may then be smaller than `minimum`).
+    The server knows (and logs) this sample, so client-level accounting takes no
+    amplification by sampling from it.
     """
-    if poisson and fraction < 1.0:
-        return sorted(n for n, keep in zip(node_ids, rng.random(len(node_ids)) < fraction) if keep)
     k = min(len(node_ids), max(minimum, int(round(fraction * len(node_ids)))))
     # Sample positions, not ids: Flower's 64-bit unsigned node ids overflow numpy's int64.
     picks = rng.permutation(len(node_ids))[:k]
@@ -147,6 +151,12 @@ def _train_stage(grid, arrays, config, sampled, settings, ledger, report, known_
             ledger.record_failure(name, report.round, str(reply.content["node"]["error"]))
             report.failed.append(name)
             continue
+        if metrics.get("refused"):  # the site's policy refuses this run: nothing trained, nothing charged
+            reason = str(reply.content["node"].get("reason", "refused by the site's policy"))
+            ledger.record_refusal(name, report.round, reason)
+            report.refused[name] = reason
+            log.warning("round %d: %s refused: %s", report.round, name, reason)
+            continue
         declined = bool(metrics.get("declined", 0))
         ledger.record_reply(name, report.round, metrics, declined)
         if declined:
@@ -173,22 +183,57 @@ def round_threshold(settings: FederationSettings, participants: int) -> int:
     return settings.threshold or max(2, -(-2 * hood // 3))
 
 
+def colluding_nodes(settings: FederationSettings, threshold: int) -> int:
+    """How many survivors of a round with threshold t may collude with the server: t - 1 by
+    default, else the setting, at most t - 1 (at least one survivor must be honest; the run's
+    client-level record states the smallest value any released round used)."""
+    return threshold - 1 if settings.colluding_nodes < 0 else min(settings.colluding_nodes, threshold - 1)
+
+
 def secagg_train_config(settings: FederationSettings, arrays: ArrayRecord, num_sampled: int) -> dict:
-    """What each node needs at training time to encode its update for SecAgg+."""
+    """What each node needs at training time to encode its update for SecAgg+.
+
+    The client-level noise is split over min_clients = t - colluding nodes: the fewest
+    honest survivors a sum can have (see the module docstring).
+    """
     dimension = sum(int(np.prod(a.shape)) for a in arrays.values())
     t = round_threshold(settings, num_sampled)
     params = EncodingParams(
         clip_norm=settings.clip_norm, noise_multiplier=settings.client_noise_multiplier,
-        min_clients=t, scale=default_scale(settings.clip_norm, dimension), max_clients=num_sampled,
+        min_clients=t - colluding_nodes(settings, t), scale=default_scale(settings.clip_norm, dimension),
+        max_clients=num_sampled,
     )
     return {"secagg": True, "dropout-rate": settings.dropout_rate, **encoding_to_config(params)}
+
+
+def release_client_level(ledger: CoordinatorLedger, accountant: ClientLevelAccountant, settings: FederationSettings,
+                         num_sampled: int) -> float:
+    """Account one released secure aggregate at client level; returns the epsilon so far.
+
+    q = 1 (the server chose the sample, so it cannot be amplification's secret); the guarantee
+    holds against the server and the fewest colluding survivors any released round allowed
+    for (`colluding_nodes`). Writes `ledger.client_level` (summary.json `client_level`).
+    """
+    accountant.step(settings.client_noise_multiplier, 1.0)
+    colluding = colluding_nodes(settings, round_threshold(settings, num_sampled))
+    if "colluding_nodes" in ledger.client_level:
+        colluding = min(colluding, ledger.client_level["colluding_nodes"])
+    ledger.client_level = {
+        "enabled": settings.client_noise_multiplier > 0, "epsilon": accountant.epsilon(),
+        "delta": settings.client_delta, "noise_multiplier": settings.client_noise_multiplier,
+        "sample_rate": 1.0, "rounds": sum(h[2] for h in accountant.history), "colluding_nodes": colluding,
+        "assumption": (f"against the server and up to {colluding} surviving nodes colluding with it (each node "
+                       "adds std sigma*C/sqrt(t - colluding) of the noise); no amplification by sampling, since "
+                       "the server picks the sample"),
+    }
+    return ledger.client_level["epsilon"]
 
 
 def _aggregate_secure(grid, arrays, config, train, settings, ledger, report) -> ArrayRecord | None:
     """New global arrays from the SecAgg+ sum of the trained nodes, or None if the round failed."""
     participants = sorted(train.trained)
     params = encoding_from_config(config)
-    t = params.min_clients
+    t = round_threshold(settings, int(params.max_clients))
     if len(participants) < t:
         return _secure_round_failed(report, f"{len(participants)} nodes trained, threshold is {t}")
     try:
@@ -279,8 +324,7 @@ def run_federation(
         # connected, so one lost node (crash, network) never stalls or ends the federation.
         minimum = settings.min_nodes if server_round == first_round else 1
         node_ids = wait_for_nodes(grid, minimum, settings.node_wait_timeout)
-        poisson = settings.secagg and settings.client_noise_multiplier > 0
-        sampled = sample_nodes(node_ids, settings.fraction_train, settings.min_nodes, rng, poisson=poisson)
+        sampled = sample_nodes(node_ids, settings.fraction_train, settings.min_nodes, rng)
         config = {"server-round": server_round, "run-id": settings.run_id}
         if settings.secagg:
             config.update(secagg_train_config(settings, arrays, len(sampled)))
@@ -290,12 +334,7 @@ def run_federation(
         if settings.secagg:
             new_arrays = _aggregate_secure(grid, arrays, config, train, settings, ledger, report)
             if new_arrays is not None:
-                client_accountant.step(settings.client_noise_multiplier, settings.fraction_train)
-                report.client_epsilon = client_accountant.epsilon()
-                ledger.client_level = {"enabled": settings.client_noise_multiplier > 0,
-                                       "epsilon": report.client_epsilon, "delta": settings.client_delta,
-                                       "noise_multiplier": settings.client_noise_multiplier,
-                                       "sample_rate": settings.fraction_train, "rounds": sum(h[2] for h in client_accountant.history)}
+                report.client_epsilon = release_client_level(ledger, client_accountant, settings, len(sampled))
         elif train.trained:
             new_arrays = aggregate_arrayrecords(list(train.trained.values()), "num-examples")
         else:
@@ -313,6 +352,7 @@ def run_federation(
             "val_accuracy_before_round": report.val_accuracy,
             "trained": report.trained,
             "declined": report.declined,
+            "refused": report.refused,
             "failed": report.failed,
             "aggregated": report.aggregated,
             "epsilon": {n: r.epsilon for n, r in ledger.nodes.items()},
@@ -320,9 +360,9 @@ def run_federation(
                 "update_norms": report.update_norms} if settings.secagg else {}),
         })
         log.info(
-            "round %d/%d: test accuracy %.4f, trained %d, declined %d, failed %d (%.1f s)",
+            "round %d/%d: test accuracy %.4f, trained %d, declined %d, refused %d, failed %d (%.1f s)",
             server_round, settings.rounds, report.test.get("accuracy", float("nan")),
-            len(report.trained), len(report.declined), len(report.failed), report.seconds,
+            len(report.trained), len(report.declined), len(report.refused), len(report.failed), report.seconds,
         )
         if on_round_end:
             on_round_end(report, arrays, {"round": server_round, "rng": rng.bit_generator.state,

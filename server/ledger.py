@@ -23,6 +23,8 @@ class NodeRecord:
     num_examples: int = 0
     rounds_trained: list[int] = field(default_factory=list)
     declined_rounds: list[int] = field(default_factory=list)
+    refused_rounds: list[int] = field(default_factory=list)  # the site's policy refused the run
+    refusals: list[dict] = field(default_factory=list)  # {"round": int, "reason": str}
     failed_rounds: list[int] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)  # {"round": int, "error": str}
     epsilon_by_round: dict[str, float] = field(default_factory=dict)
@@ -54,6 +56,12 @@ class CoordinatorLedger:
         rec.num_examples = int(metrics.get("num-examples", rec.num_examples))
         (rec.declined_rounds if declined else rec.rounds_trained).append(server_round)
 
+    def record_refusal(self, name: str, server_round: int, reason: str) -> None:
+        """A node whose owner's policy refused `server_round` (e.g. "DP is required by the site")."""
+        rec = self._node(name)
+        rec.refused_rounds.append(server_round)
+        rec.refusals.append({"round": server_round, "reason": reason})
+
     def record_failure(self, name: str, server_round: int, error: str) -> None:
         """A node that raised, timed out or sent an invalid reply in `server_round`."""
         rec = self._node(name)
@@ -79,7 +87,7 @@ class CoordinatorLedger:
     def from_dict(cls, nodes: dict[str, dict], client_level: dict | None = None) -> CoordinatorLedger:
         """Inverse of `to_dict` (plus the client-level record), for resuming from a checkpoint."""
         ledger = cls()
-        ledger.nodes = {name: NodeRecord(**rec) for name, rec in nodes.items()}
+        ledger.nodes = {name: NodeRecord(**rec) for name, rec in nodes.items()}  # older checkpoints: fields default
         ledger.client_level = dict(client_level or {})
         return ledger
 

@@ -104,5 +104,6 @@ def federation_settings(cfg: dict, plan: TrainingPlan, run_id: str) -> Federatio
         clip_norm=float(cfg.get("clip-norm", 1000.0)),
         client_noise_multiplier=float(cfg.get("client-noise-multiplier", 0.0)),
         client_delta=float(cfg.get("client-delta", 1e-5)),
+        colluding_nodes=int(cfg.get("colluding-nodes", -1)),
         dropout_rate=float(cfg.get("dropout-rate", 0.0)),
     )

@@ -1,7 +1,9 @@
 """summary.json and report.md of a run.
 
 summary.json keys promised to users (issue 2; add keys, never rename): `rounds_completed`,
-`final.test_accuracy`, `clients.<node>.epsilon`, `.delta`, `.declined_rounds`.
+`final.test_accuracy`, `clients.<node>.epsilon`, `.delta`, `.declined_rounds`; issue 12 adds
+`clients.<node>.refused_rounds`, `.refusals` and the top-level `refusals` (what each site's
+policy refused and why), and `client_level.assumption`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: Coord
             "delta": rec["delta"],
             "max_epsilon": rec["max_epsilon"],
             "declined_rounds": rec["declined_rounds"],
+            "refused_rounds": rec["refused_rounds"],
+            "refusals": rec["refusals"],
             "failed_rounds": rec["failed_rounds"],
             "rounds_trained": rec["rounds_trained"],
             "steps": rec["steps"],
@@ -61,6 +65,11 @@ def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: Coord
             ({"round": f["round"], "node": name, "error": f["error"]} for name, c in clients.items() for f in c["failures"]),
             key=lambda f: (f["round"], f["node"]),
         ),
+        "refusals": sorted(
+            ({"round": f["round"], "node": name, "reason": f["reason"]} for name, c in clients.items()
+             for f in c["refusals"]),
+            key=lambda f: (f["round"], f["node"]),
+        ),
         "max_client_epsilon": max((c["epsilon"] for c in clients.values() if c["epsilon"] is not None), default=None),
         "clients": clients,
         "seconds": seconds,
@@ -85,20 +94,23 @@ def write_report(folder: RunFolder, summary: dict) -> None:
            f"{summary['client_level']['rounds']} released rounds)"] if (summary.get("client_level") or {}).get("enabled")
           else ["- client-level DP: off (no client-level noise; each node's protection is its sample-level epsilon)"]),
         "",
-        "| node | epsilon | delta | budget | rounds trained | declined | failed |",
-        "|---|---|---|---|---|---|---|",
+        "| node | epsilon | delta | budget | rounds trained | declined | refused | failed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, c in summary["clients"].items():
         eps = "-" if c["epsilon"] is None else f"{c['epsilon']:.3f}"
         lines.append(
             f"| {name} | {eps} | {c['delta'] if c['delta'] is not None else '-'} | "
             f"{c['max_epsilon'] if c['max_epsilon'] is not None else '-'} | {len(c['rounds_trained'])} | "
-            f"{c['declined_rounds'] or '-'} | {c['failed_rounds'] or '-'} |"
+            f"{c['declined_rounds'] or '-'} | {c['refused_rounds'] or '-'} | {c['failed_rounds'] or '-'} |"
         )
+    refusals = {(r["node"], r["reason"]) for r in summary["refusals"]}
+    lines += [f"- {node} refused: {reason}" for node, reason in sorted(refusals)]
     lines += [
         "",
-        "Threat model: the server is honest-but-curious and the released model and metrics are public;",
-        "each node's epsilon bounds what they reveal about any one of its records (sample-level DP).",
-        "Record counts per node are reported for weighting and are treated as public metadata.",
+        "Threat model: each node's epsilon is computed on its own machine from secret noise and bounds what",
+        "the coordinator and the released model and metrics reveal about any one of its records (sample-level DP);",
+        "the coordinator cannot change a node's budget, its DP or SecAgg+ requirement, or its noise.",
+        "Record counts per node are reported and treated as public metadata.",
     ]
     folder.write_text("report.md", "\n".join(lines) + "\n")

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--canaries", type=int, default=0,
                      help="audit aid: build N canaries (out-of-distribution records, random labels) and insert half "
                           "into the nodes' training data, for `fedpriv audit` to score (privacy.audit.canaries)")
+    sim.add_argument("--reproducible-noise", action="store_true",
+                     help="simulation only: derive each node's DP and SecAgg+ noise from --seed, so two runs can be "
+                          "compared draw for draw (no privacy against whoever knows the seed; deployed nodes refuse it)")
     sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
     sim.set_defaults(handler=lambda args, console: resume(args, console) if args.resume else simulate(args, console))
@@ -114,7 +117,9 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default="",
                         help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: ngram-linear, conv, lstm, gru)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of each node's records kept for validation")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of each simulated node's records kept for validation (chosen by record content); "
+                             "a deployed node keeps the share its owner set with `fedpriv node --val-fraction`")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<dataset>-<time>)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
@@ -137,6 +142,10 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                      help="sigma of the distributed client-level Gaussian: the sum carries noise std >= sigma*C "
                           "(useful with hundreds of nodes; with 5 nodes sigma=0.03 already destroyed accuracy here)")
     sec.add_argument("--client-delta", type=_positive_float, default=1e-5, help="client-level DP delta")
+    sec.add_argument("--colluding-nodes", type=int, default=-1,
+                     help="surviving nodes that may collude with the server against client-level DP: each node's "
+                          "share of the client-level noise is sized so that the others alone carry sigma*C "
+                          "(-1, and any value above: threshold - 1, the most SecAgg+ tolerates)")
 
 
 def resume(args: argparse.Namespace, console: Console) -> int:
@@ -171,31 +180,34 @@ def preflight(run_config: dict, clients: int) -> list[str]:
     """Check the run before any Flower process starts; returns the nodes that will decline.
 
     Loads and splits the data (a bad path, a malformed file or an impossible partition is
-    reported at once), checks delta < 1/n per node, and reads each simulated node's ledger:
-    raises ValueError when *every* node has already spent its budget on this data, since the
-    run could then only decline every round.
+    reported at once), checks delta < 1/n per node, and asks the state folder's per-record
+    ledger what each node's first round would reach: raises ValueError when *every* node
+    would decline, since the run could then only decline every round. (A node's records
+    may have been spent under another seed, partition or node name: the ledger knows
+    records by content.)
     """
     from client.config import NodeIdentity, TrainingPlan
     from client.node_training import load_node_data, plan_noise
-    from privacy.accountants import NodePrivacyLedger
+    from privacy.accountants import PrivacyLedger
 
     plan = TrainingPlan.from_run_config(run_config)
     state_dir = Path(run_config["state-dir"])
+    ledger = PrivacyLedger(state_dir) if plan.dp else None
     exhausted = []
     for pid in range(clients):
         node = NodeIdentity(name=f"node-{pid}", state_dir=state_dir, max_epsilon=float(run_config["max-epsilon"]),
-                            delta=plan.delta, data_path=None, partition_id=pid, num_partitions=clients)
+                            delta=plan.delta, data_path=None, partition_id=pid, num_partitions=clients,
+                            val_fraction=plan.val_fraction)
         data = load_node_data(node, plan)
-        if not plan.dp:
+        if ledger is None:
             continue
         if plan.delta >= 1.0 / len(data.train):
             raise ValueError(f"--delta {plan.delta:g} must be < 1/n = {1 / len(data.train):.3g} for {node.name}'s "
                              f"{len(data.train)} training records")
-        if NodePrivacyLedger.path_for(state_dir, node.name, data.fingerprint).exists():
-            sigma, q, steps = plan_noise(plan, len(data.train), plan.delta)
-            ledger = NodePrivacyLedger(state_dir, node.name, data.fingerprint, plan.delta)
-            if ledger.epsilon_if_charged(sigma, q, steps) > node.max_epsilon:
-                exhausted.append(f"{node.name} (spent {ledger.epsilon():.2f} of {node.max_epsilon:g})")
+        sigma, q, steps = plan_noise(plan, len(data.train), plan.delta)
+        if ledger.epsilon_if_charged(data.train.record_ids, plan.delta, sigma, q, steps) > node.max_epsilon:
+            spent = ledger.epsilon(data.train.record_ids, plan.delta)
+            exhausted.append(f"{node.name} (its records have spent up to {spent:.2f} of {node.max_epsilon:g})")
     if exhausted and len(exhausted) == clients:
         raise ValueError(
             f"every node has already spent its privacy budget on this data (ledgers in {state_dir}): "
@@ -224,6 +236,8 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
         raise ValueError("secure aggregation needs at least 2 clients (or use --no-secagg)")
     if args.client_noise_multiplier < 0:
         raise ValueError(f"--client-noise-multiplier must be >= 0, got {args.client_noise_multiplier}")
+    if args.colluding_nodes < -1:
+        raise ValueError(f"--colluding-nodes must be -1 (threshold - 1) or >= 0, got {args.colluding_nodes}")
     if args.client_noise_multiplier > 0 and args.clip_norm is None:
         raise ValueError("--client-noise-multiplier needs an explicit --clip-norm: the noise std is sigma*C, so C "
                          "should sit near the nodes' update norms (reported as update_norms in metrics.jsonl)")
@@ -269,6 +283,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "clip-norm": args.clip_norm if args.clip_norm is not None else UNCLIPPED_NORM,
         "client-noise-multiplier": args.client_noise_multiplier,
         "client-delta": args.client_delta,
+        "colluding-nodes": args.colluding_nodes,
     }
 
 
@@ -297,6 +312,7 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "fault-rate": args.fault_rate,
         "dropout-rate": args.dropout_rate,
         "canaries": args.canaries,
+        "reproducible-noise": args.reproducible_noise,
     }
     try:
         exhausted = preflight(run_config, args.clients)
@@ -325,7 +341,7 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
         line += f", AUC {final['test_auc']:.4f}"
     console.print(f"[bold]{line}[/bold] after {summary['rounds_completed']} rounds")
     table = Table(title="privacy ledger (sample-level DP per node)")
-    for col in ("node", "epsilon", "delta", "budget", "rounds trained", "declined", "failed"):
+    for col in ("node", "epsilon", "delta", "budget", "rounds trained", "declined", "refused", "failed"):
         table.add_column(col)
     for node, c in summary["clients"].items():
         table.add_row(
@@ -335,9 +351,12 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
             "-" if c["max_epsilon"] is None else f"{c['max_epsilon']:g}",
             str(len(c["rounds_trained"])),
             ",".join(map(str, c["declined_rounds"])) or "-",
+            ",".join(map(str, c.get("refused_rounds", []))) or "-",
             ",".join(map(str, c["failed_rounds"])) or "-",
         )
     console.print(table)
+    for node, reason in sorted({(r["node"], r["reason"]) for r in summary.get("refusals", [])}):
+        console.print(f"[yellow]{node} refused: {reason}[/yellow]")
     declined = sorted({n for n, c in summary["clients"].items() if c["declined_rounds"]})
     if declined:
         console.print(

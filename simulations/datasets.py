@@ -105,7 +105,7 @@ def _cached_features(folder: Path, compute) -> dict[str, LabeledArrays]:
     for f in files:
         st = f.stat()
         key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    key.update(b"logmel-v1")
+    key.update(b"logmel-v1/content-ids")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedpriv" / f"fsdd-{key.hexdigest()[:16]}.npz"
     if cache.exists():
         try:

@@ -9,7 +9,7 @@ Reads the run folder's summary.json, metrics.jsonl, ledger.json and config.json 
                               did not change the model are shaded
     plots/epsilon.png         each node's sample-level epsilon by round against its budget
                               (max-epsilon); declined and failed rounds marked
-    plots/participation.png   node x round: trained, declined, failed, not sampled
+    plots/participation.png   node x round: trained, declined, refused, failed, not sampled
 
 and writes report.html with the PNGs embedded as base64 data URIs, so the one file can be
 mailed (e.g. to a privacy officer) and opened anywhere without the folder. Every number
@@ -31,6 +31,7 @@ import jinja2
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from client.releases import NODE_RELEASES
 from server.run_folder import RunFolder
 from simulations.report_template import TEMPLATE
 
@@ -43,7 +44,7 @@ PLOT_FILES = {
 }
 
 # Colours of the participation grid and the epsilon markers (colour-blind-safe Okabe-Ito).
-_TRAINED, _DECLINED, _FAILED, _ABSENT = "#009E73", "#E69F00", "#D55E00", "#FFFFFF"
+_TRAINED, _DECLINED, _REFUSED, _FAILED, _ABSENT = "#009E73", "#E69F00", "#CC79A7", "#D55E00", "#FFFFFF"
 
 
 class RunReportError(ValueError):
@@ -230,7 +231,7 @@ def _line(ax, xs: list, ys: list, label: str, color: str) -> None:
 def _node_names(run: RunRecord) -> list[str]:
     names = set(run.summary["clients"]) | set(run.ledger["nodes"])
     for row in run.rows:
-        names.update(row["trained"], row["declined"], row["failed"])
+        names.update(row["trained"], row["declined"], row.get("refused", {}), row["failed"])
     return sorted(names)
 
 
@@ -286,14 +287,14 @@ def plot_epsilon(run: RunRecord) -> bytes:
 
 
 def participation(run: RunRecord) -> dict[str, dict[int, str]]:
-    """node -> round -> "trained" | "declined" | "failed" (from metrics.jsonl; absent = not sampled).
+    """node -> round -> "trained" | "declined" | "refused" | "failed" (from metrics.jsonl; absent = not sampled).
 
     A node that trained but then dropped out of secure aggregation counts as failed.
     """
     grid: dict[str, dict[int, str]] = {name: {} for name in _node_names(run)}
     for row in run.rows:
-        for state in ("trained", "declined", "failed"):  # later states win
-            for name in row[state]:
+        for state in ("trained", "declined", "refused", "failed"):  # later states win
+            for name in row.get(state, ()):  # "refused" (a dict: node -> reason) is absent in older runs
                 grid[name][row["round"]] = state
     return grid
 
@@ -305,7 +306,7 @@ def plot_participation(run: RunRecord) -> bytes:
     rounds = [row["round"] for row in run.rows]
     fig = Figure(figsize=(10, 0.9 + 0.32 * max(len(names), 1)))
     ax = fig.subplots()
-    palette = {"trained": _TRAINED, "declined": _DECLINED, "failed": _FAILED}
+    palette = {"trained": _TRAINED, "declined": _DECLINED, "refused": _REFUSED, "failed": _FAILED}
     for y, name in enumerate(names):
         for r in rounds:
             ax.add_patch(_cell(r, y, palette.get(grid[name].get(r, ""), _ABSENT)))
@@ -334,26 +335,30 @@ def draw_plots(run: RunRecord) -> dict[str, bytes]:
 
 
 def threat_model(summary: dict) -> str:
-    """The threat model of this run in two sentences (README "Threat model", DESIGN 3).
+    """The threat model of this run in three sentences (README "Threat model", DESIGN 3).
 
     With secure aggregation it is SecAgg+'s semi-honest model (Bell et al. 2020); the DP
-    sentence is sample-level DP per node (Abadi et al. 2016). Reads summary's
-    "secure_aggregation" and "dp" (KeyError if absent; `load_run` checks both).
+    sentence is sample-level DP per node (Abadi et al. 2016), which holds against the
+    coordinator because each node draws its noise from secret entropy and enforces its
+    owner's policy and budget itself. Reads summary's "secure_aggregation" and "dp"
+    (KeyError if absent; `load_run` checks both).
     """
     if summary["secure_aggregation"]:
-        first = ("The server is honest-but-curious: with SecAgg+ secure aggregation it saw only the sum of "
-                 "at least t nodes' updates, never one node's, and up to t-1 nodes colluding with it learn "
-                 "nothing of the others' updates.")
+        first = ("With SecAgg+ secure aggregation the server saw only the sum of at least t nodes' updates, "
+                 "never one node's, as long as it followed the protocol and at most t-1 nodes colluded with it.")
     else:
-        first = ("The server is honest-but-curious and, with secure aggregation off, saw each node's "
-                 "model update in the clear.")
+        first = "Secure aggregation was off: the server saw each node's model update in the clear."
     if summary["dp"]:
-        second = ("The released model and these metrics are public: each node's (epsilon, delta) below "
-                  "bounds what they reveal about any one of its records, and record counts are public metadata.")
+        second = ("Each node's (epsilon, delta) below bounds what the coordinator, the released model and these "
+                  "metrics reveal about any one of its records: the node drew its DP-SGD noise and sampling from "
+                  "secret entropy on its own machine and charged its own ledger, which no run-config, seed or "
+                  "round schedule can reset. Record counts are public metadata.")
     else:
         second = ("Differential privacy was off, so nothing bounds what the model, the updates or these "
                   "metrics reveal about any one record.")
-    return f"{first} {second}"
+    third = ("A deployed node refuses runs that break its owner's policy (DP-SGD and SecAgg+ required by default); "
+             "refusals are listed below.")
+    return f"{first} {second} {third}"
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -384,6 +389,7 @@ def render_html(run: RunRecord, plots: dict[str, bytes]) -> str:
         unaggregated=[row["round"] for row in run.rows if not row["aggregated"]],
         config=run.config,
         config_json={key: _exact(value) for key, value in run.config.items()},
+        releases=NODE_RELEASES,
     )
 
 

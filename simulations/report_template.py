@@ -73,14 +73,15 @@ TEMPLATE = """<!DOCTYPE html>
     {% if client_level_on %}epsilon <span data-key="client_level.epsilon" data-value="{{ client_level.epsilon | exact }}">{{ client_level.epsilon | fmt('.4g') }}</span>
       at delta <span data-key="client_level.delta" data-value="{{ client_level.delta | exact }}">{{ client_level.delta | fmt('g') }}</span>
       (noise multiplier <span data-key="client_level.noise_multiplier" data-value="{{ client_level.noise_multiplier | exact }}">{{ client_level.noise_multiplier | fmt('g') }}</span>,
-      <span data-key="client_level.rounds" data-value="{{ client_level.rounds | exact }}">{{ client_level.rounds }}</span> released rounds): what the released model reveals about any one node's whole dataset.
+      <span data-key="client_level.rounds" data-value="{{ client_level.rounds | exact }}">{{ client_level.rounds }}</span> released rounds): what the released model reveals about any one node's whole dataset,
+      {{ client_level.get('assumption', 'against an honest-but-curious server') }}.
     {% elif s.secure_aggregation %}off: no client-level noise was added, so only each node's sample-level epsilon protects its data.
     {% else %}not applicable (needs secure aggregation).{% endif %}</li>
 </ul>
 
 <table id="nodes">
   <thead><tr><th>node</th><th>epsilon</th><th>delta</th><th>budget (max epsilon)</th><th>records</th>
-    <th>rounds trained</th><th>declined rounds</th><th>failed rounds</th></tr></thead>
+    <th>rounds trained</th><th>declined rounds</th><th>refused rounds</th><th>failed rounds</th></tr></thead>
   <tbody>
   {% for name, c in s.clients.items() %}
   <tr data-node="{{ name }}">
@@ -91,8 +92,26 @@ TEMPLATE = """<!DOCTYPE html>
     <td class="num">{{ c.num_examples if c.num_examples is defined else '-' }}</td>
     <td class="num">{{ c.rounds_trained | length }}</td>
     <td data-key="declined_rounds" data-value="{{ c.declined_rounds | exact }}">{{ c.declined_rounds | join(', ') or '-' }}</td>
+    <td data-key="refused_rounds" data-value="{{ c.get('refused_rounds', []) | exact }}">{{ c.get('refused_rounds', []) | join(', ') or '-' }}</td>
     <td data-key="failed_rounds" data-value="{{ c.failed_rounds | exact }}">{{ c.failed_rounds | join(', ') or '-' }}</td>
   </tr>
+  {% endfor %}
+  </tbody>
+</table>
+{% if s.get('refusals') %}
+<ul id="refusals">
+  {% for r in s.refusals %}
+  <li data-refusal="{{ loop.index0 }}">round {{ r.round }}: {{ r.node }} refused: {{ r.reason }}</li>
+  {% endfor %}
+</ul>
+{% endif %}
+
+<h3>What each node sent, and what protects it</h3>
+<table id="releases">
+  <thead><tr><th>field</th><th>sent</th><th>protected by</th></tr></thead>
+  <tbody>
+  {% for r in releases %}
+  <tr><td>{{ r.field }}</td><td>{{ r.sent }}</td><td>{{ r.protection }}</td></tr>
   {% endfor %}
   </tbody>
 </table>

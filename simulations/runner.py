@@ -212,8 +212,14 @@ def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Conso
         TimeElapsedColumn(), console=console, transient=False,
     ) as progress:
         task = progress.add_task("rounds", total=rounds, status=starting)
+        shown: set[tuple[str, str]] = set()
         while runner.poll() is None:
             done = _rounds_done(metrics_file)
+            for row in done:  # a site's policy refusing the run is said once, as soon as it happens
+                for node, reason in (row.get("refused") or {}).items():
+                    if (node, reason) not in shown:
+                        shown.add((node, reason))
+                        progress.console.print(f"[yellow]{node} refused: {reason}[/yellow]")
             if done:
                 last = done[-1]
                 acc = (last.get("test") or {}).get("accuracy")

@@ -1,5 +1,7 @@
 """Loaders on real files (../shared/data) and on broken ones (clear errors naming the file)."""
 
+import csv
+import hashlib
 import shutil
 
 import numpy as np
@@ -41,7 +43,11 @@ def test_fsdd_real_files_give_normalised_log_mel_frames_and_official_split(fsdd_
     assert train.x.shape == (4, 64, 40) and train.x.dtype == np.float32
     assert sorted(set(train.groups)) == ["george", "theo"]
     assert set(train.y) == {3, 8} and train.classes == [str(d) for d in range(10)]
-    assert all(rid.startswith("fsdd/") for rid in train.record_ids)
+    # Record ids come from the decoded samples (SHA-256 of kind and content), computed here by hand.
+    samples, _ = sf.read(str(fsdd_subset / "3_george_7.wav"), dtype="float32")
+    inner = hashlib.sha256(f"{samples.dtype.str}{samples.shape}".encode() + samples.tobytes()).digest()
+    assert train.record_ids[train.y.tolist().index(3)] == hashlib.sha256(b"audio\0" + inner).hexdigest()[:32]
+    assert len(set(train.record_ids + test.record_ids)) == 8
     # Per-utterance normalisation: each band of a clip's voiced frames has mean ~0.
     first = train.x[0]
     voiced = first[np.abs(first).sum(axis=1) > 0]
@@ -175,3 +181,32 @@ def test_digits_embedded_split_is_stratified_and_fixed():
     assert len(a["train"]) == 1437 and len(a["test"]) == 360
     assert a["test"].record_ids == b["test"].record_ids
     assert np.bincount(a["test"].y).min() >= 35
+
+
+def test_record_ids_follow_content_not_names_order_or_format(tmp_path):
+    rows = [("call me back", "ham"), ("WIN a prize now", "spam"), ("see you at 5", "ham"), ("call me back", "ham")]
+
+    def write(path, records):
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(records)
+        return load_text_csv(path)
+
+    first = write(tmp_path / "notes.csv", rows)
+    expected = hashlib.sha256(b"text\0" + b"WIN a prize now").hexdigest()[:32]
+    assert first.record_ids[1] == expected
+    # A repeated text is a second record, not the same one.
+    assert first.record_ids[3] == first.record_ids[0] + "#1" and len(set(first.record_ids)) == 4
+    # Renamed and re-ordered: the same ids; one record added: the others keep theirs.
+    moved = write(tmp_path / "renamed.csv", [rows[2], rows[1], rows[0], rows[3]])
+    assert sorted(moved.record_ids) == sorted(first.record_ids)
+    grown = write(tmp_path / "grown.csv", rows + [("new record", "ham")])
+    assert set(first.record_ids) < set(grown.record_ids) and len(grown.record_ids) == 5
+    # The same pixels in an .npz and as PNG files in class folders are the same records.
+    pixels = np.arange(2 * 6 * 6, dtype=np.uint8).reshape(2, 6, 6)
+    np.savez(tmp_path / "site.npz", train_images=pixels, train_labels=np.array([0, 1]))
+    for label, image in zip(("a", "b"), pixels):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        Image.fromarray(image).save(tmp_path / "folder" / label / "x.png")
+    assert load_npz(tmp_path / "site.npz")["train"].record_ids == load_image_folder(tmp_path / "folder").record_ids

@@ -1,6 +1,8 @@
 """End-to-end deployment on loopback: provision, `fedpriv server`, three `fedpriv node`s on
 their own partitions of the SMS Spam Collection, `fedpriv run` with DP-SGD and SecAgg+,
-the security checks of issue 4, and a node killed mid-run then restarted.
+the security checks of issue 4, a node killed mid-run then restarted, a coordinator crash
+mid-round with exact privacy accounting, and (issue 12) two sites whose policy and budget
+hold against the coordinator's runs.
 
 Needs nginx (the Fleet-only gateway; `.ci/run` installs it) and ../shared/data.
 """
@@ -23,6 +25,10 @@ import psutil
 import pytest
 from sklearn.model_selection import train_test_split
 
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from privacy.accountants.sample_level import RDP_ORDERS
 from privacy.provisioning import provision
 from server.superlink import start_coordinator
 from simulations.runner import console_script, free_port, stop_process_tree
@@ -30,19 +36,22 @@ from simulations.runner import console_script, free_port, stop_process_tree
 NODES = ("site-a", "site-b", "site-c")
 
 
-def _write_partitions(sms_file: Path, folder: Path) -> dict[str, Path]:
-    """Each node's CSV (`text,label`): a third of the SMS training split (the same stratified
-    80/20 split, seed 0, as the coordinator's test set), so no test record is trained on."""
+def _write_partitions(sms_file: Path, folder: Path, nodes=NODES, extra: dict[str, int] | None = None) -> dict[str, Path]:
+    """Each node's CSV (`text,label`): its share of the SMS training split (the same stratified
+    80/20 split, seed 0, as the coordinator's test set), so no test record is trained on;
+    `extra[node]` more records of that split (of the last 50, which no node holds) appended."""
     lines = [line for line in sms_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     labels = [line.split("\t", 1)[0] for line in lines]
     train, _ = train_test_split(np.arange(len(lines)), test_size=0.2, stratify=labels, random_state=0)
+    train = np.sort(train)
     files = {}
-    for k, node in enumerate(NODES):
+    for k, node in enumerate(nodes):
         files[node] = folder / f"{node}.csv"
+        rows = list(train[k:len(train) - 50:len(nodes)]) + list(train[len(train) - 50:][:(extra or {}).get(node, 0)])
         with open(files[node], "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
-            for i in np.sort(train)[k::len(NODES)]:
+            for i in rows:
                 label, text = lines[i].split("\t", 1)
                 writer.writerow([text, label])
     return files
@@ -53,13 +62,15 @@ def _fedpriv(*args: str, **popen) -> subprocess.Popen:
 
 
 class Federation:
-    def __init__(self, root: Path, data: Path):
+    def __init__(self, root: Path, data: Path, names=NODES, max_epsilon: float = 30.0):
         self.root, self.port, self.control_port = root, free_port(), free_port()
-        self.kits = provision(root / "kits", ["127.0.0.1"], list(NODES), port=self.port)
-        self.data = _write_partitions(data / "sms_spam" / "SMSSpamCollection", root)
+        self.names, self.max_epsilon = tuple(names), max_epsilon
+        self.kits = provision(root / "kits", ["127.0.0.1"], list(names), port=self.port)
+        self.sms = data / "sms_spam" / "SMSSpamCollection"
+        self.data = _write_partitions(self.sms, root, names)
         self.coordinator = self.start_coordinator()
         self.nodes: dict[str, subprocess.Popen] = {}
-        for node in NODES:
+        for node in names:
             self.start_node(node)
 
     def start_coordinator(self):
@@ -78,8 +89,35 @@ class Federation:
     def start_node(self, node: str) -> None:
         log = open(self.root / f"{node}.log", "ab")
         self.nodes[node] = _fedpriv("node", "--kit", str(self.kits.node_kits[node]), "--data", str(self.data[node]),
-                                    "--task", "text", "--max-epsilon", "30", "--state-dir", str(self.root / f"{node}-ledger"),
+                                    "--task", "text", "--max-epsilon", str(self.max_epsilon),
+                                    "--state-dir", str(self.ledger_dir(node)),
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def restart_node(self, node: str, timeout: float = 300.0) -> None:
+        """Kill the node and start it again, retrying while the SuperLink still holds the killed
+        instance as online (Flower refuses to activate a node key twice until its heartbeat lapses)."""
+        self.kill_node(node)
+        log = self.root / f"{node}.log"
+        deadline = time.monotonic() + timeout
+        while True:
+            offset = log.stat().st_size if log.exists() else 0
+            self.start_node(node)
+            while self.nodes[node].poll() is None and "SuperNode ID:" not in log.read_bytes()[offset:].decode(errors="replace"):
+                assert time.monotonic() < deadline, f"{node} did not reconnect within {timeout:.0f} s"
+                time.sleep(1.0)
+            if self.nodes[node].poll() is None:
+                return
+            assert time.monotonic() < deadline, f"{node} did not reconnect within {timeout:.0f} s"
+            time.sleep(5.0)
+
+    def ledger_dir(self, node: str) -> Path:
+        return self.root / f"{node}-ledger"
+
+    def charged_rounds(self, node: str) -> list[tuple[str, int]]:
+        """(run, round) of every charge in the node's ledger events, read as plain JSON lines."""
+        events = self.ledger_dir(node) / "ledgers" / "events.jsonl"
+        lines = events.read_text().splitlines() if events.exists() else []
+        return [(e["run"], e["round"]) for e in map(json.loads, lines) if not e["declined"]]
 
     def kill_node(self, node: str) -> None:
         """SIGKILL the node's whole process tree (SuperNode and its ClientApp), as a crash would."""
@@ -90,7 +128,7 @@ class Federation:
 
     def run(self, out: Path, *extra: str) -> subprocess.Popen:
         return _fedpriv("run", "--kit", str(self.kits.server_kit), "--state-dir", str(self.root / "server-state"),
-                        "--dataset", "sms_spam", "--min-nodes", "3", "--node-wait-timeout", "300",
+                        "--dataset", "sms_spam", "--min-nodes", str(len(self.names)), "--node-wait-timeout", "300",
                         "--round-timeout", "240", "--out", str(out), *extra,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -225,19 +263,38 @@ def _wait_for_rounds(out: Path, rounds: int, runner: subprocess.Popen, timeout: 
         time.sleep(1)
 
 
-def test_a_deployed_run_resumes_after_the_coordinator_crashes(federation, tmp_path):
+def _expected_epsilon(fed: Federation, node: str) -> float:
+    """The node's epsilon recomputed independently: Opacus's RDP accountant over every charge in
+    its ledger's event log (every record of a deployed node trains in every charge)."""
+    events = fed.ledger_dir(node) / "ledgers" / "events.jsonl"
+    accountant = RDPAccountant()
+    for event in map(json.loads, events.read_text().splitlines()):
+        if not event["declined"]:
+            accountant.history.append((event["noise_multiplier"], event["sample_rate"], event["steps"]))
+    return accountant.get_epsilon(delta=1e-5, alphas=RDP_ORDERS)
+
+
+def test_a_deployed_run_resumes_after_the_coordinator_crashes_mid_round_and_counts_every_charge(federation, tmp_path):
     fed = federation
     for node in NODES:  # the previous test may have left site-c down
         if fed.nodes[node].poll() is not None:
             fed.start_node(node)
+    before = {node: len(fed.charged_rounds(node)) for node in NODES}
     out = tmp_path / "run"
-    runner = fed.run(out, "--rounds", "2", "--epsilon", "2", "--no-secagg")
+    runner = fed.run(out, "--rounds", "3", "--epsilon", "2")
     _wait_for_rounds(out, 1, runner)
+    # Crash while round 2 is in flight: every node has charged it (write-ahead) but the
+    # coordinator has not finished it.
+    deadline = time.monotonic() + 600
+    while not all(any(rnd == 2 for _, rnd in fed.charged_rounds(n)[before[n]:]) for n in NODES):
+        assert runner.poll() is None and time.monotonic() < deadline, "round 2 was never charged"
+        time.sleep(0.05)
     fed.crash_coordinator()
+    charged_before_crash = {node: len(fed.charged_rounds(node)) - before[node] for node in NODES}
     runner.wait(timeout=120)  # `flwr run --stream` loses its SuperLink
     assert not (out / "summary.json").exists()
-    checkpoint_round = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["round"]
-    assert checkpoint_round == 1
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert done == 1 and all(count == 2 for count in charged_before_crash.values())
     # Same database, same keys: the nodes (still running, retrying) come back by themselves.
     fed.coordinator = fed.start_coordinator()
     assert all(fed.coordinator.registered[node] == "already registered" for node in NODES)
@@ -247,9 +304,71 @@ def test_a_deployed_run_resumes_after_the_coordinator_crashes(federation, tmp_pa
     assert resumed.returncode == 0, stdout[-3000:]
     summary = _summary(out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert summary["resumed_after_round"] == 1 and [r["round"] for r in rows] == [1, 2]
-    assert summary["rounds_completed"] == 2 and rows[1]["aggregated"] is True
-    # Node ledgers are the source of truth: round 2's totals include round 1 (and any round
-    # trained before the crash but never aggregated), so they only grow.
+    assert summary["resumed_after_round"] == 1 and [r["round"] for r in rows] == [1, 2, 3]
+    assert summary["rounds_completed"] == 3 and all(r["aggregated"] for r in rows)
     for node in NODES:
-        assert summary["clients"][node]["epsilon"] >= rows[0]["epsilon"][node] > 0
+        c = summary["clients"][node]
+        # Charged: rounds 1 and 2 before the crash, rounds 2 and 3 again after it; none lost.
+        assert len(fed.charged_rounds(node)) - before[node] == 4
+        steps = -(-c["num_examples"] // 64)
+        sigma = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=1 / steps, steps=3 * steps,
+                                     accountant="rdp", alphas=RDP_ORDERS)
+        assert c["noise_multiplier"] == pytest.approx(sigma, rel=1e-12)
+        assert c["epsilon"] == pytest.approx(_expected_epsilon(fed, node), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory, shared_data):
+    """Two sites with the default policy (DP-SGD and SecAgg+ required) and a budget of epsilon 2."""
+    fed = Federation(tmp_path_factory.mktemp("two-sites"), shared_data, names=("site-x", "site-y"), max_epsilon=2.0)
+    yield fed
+    fed.stop()
+
+
+def test_two_sites_keep_their_budget_and_policy_against_the_coordinators_runs(two_sites, tmp_path):
+    fed, sites = two_sites, ("site-x", "site-y")
+
+    def run(name, *options):
+        runner = fed.run(tmp_path / name, *options)
+        stdout, _ = runner.communicate(timeout=1500)
+        assert runner.returncode == 0, stdout[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return _summary(tmp_path / name), rows, stdout
+
+    first, rows, _ = run("first", "--rounds", "2", "--epsilon", "1.5")
+    assert all(r["aggregated"] for r in rows)
+    for site in sites:
+        assert first["clients"][site]["rounds_trained"] == [1, 2] and first["clients"][site]["epsilon"] <= 1.5
+
+    # Another seed and validation share continue the same ledger: a second run of epsilon 1.5
+    # composes (RDP) with the first to about 1.88, within the budget of 2, and is reported so.
+    second, rows, _ = run("second", "--rounds", "2", "--epsilon", "1.5", "--seed", "9", "--val-fraction", "0.3")
+    assert all(r["aggregated"] for r in rows)
+    for site in sites:
+        c = second["clients"][site]
+        assert c["rounds_trained"] == [1, 2] and c["epsilon"] == pytest.approx(_expected_epsilon(fed, site), rel=1e-9)
+        assert first["clients"][site]["epsilon"] < c["epsilon"] <= 2.0
+    # A third run, with yet another seed, would take every record to about 2.14: both decline.
+    third, rows, _ = run("third", "--rounds", "1", "--epsilon", "1.5", "--seed", "4", "--val-fraction", "0")
+    assert not rows[0]["aggregated"]
+    for site in sites:
+        assert third["clients"][site]["declined_rounds"] == [1]
+        assert third["clients"][site]["epsilon"] == pytest.approx(second["clients"][site]["epsilon"], rel=1e-12)
+
+    # A run without DP and without SecAgg+ is refused by both sites' policy; nothing is aggregated.
+    plain, rows, stdout = run("plain", "--rounds", "1", "--no-dp", "--no-secagg")
+    assert not rows[0]["aggregated"] and plain["rounds_aggregated"] == 0
+    assert plain["final"]["test_accuracy"] == plain["initial"]["test_accuracy"]
+    for site in sites:
+        assert plain["clients"][site]["refused_rounds"] == [1] and plain["clients"][site]["epsilon"] is None
+        assert f"{site} refused: DP is required by the site; secure aggregation is required by the site" in stdout
+    assert {r["node"] for r in plain["refusals"]} == set(sites)
+
+    # site-x restarts on its file plus one record: the records it shares carry their spend.
+    _write_partitions(fed.sms, fed.root, sites, extra={"site-x": 1})
+    fed.restart_node("site-x")
+    restarted, rows, _ = run("restarted", "--rounds", "1", "--epsilon", "1.5")
+    assert all(restarted["clients"][site]["declined_rounds"] == [1] for site in sites)
+    assert restarted["clients"]["site-x"]["num_examples"] == first["clients"]["site-x"]["num_examples"] + 1
+    for site in sites:  # recomputed from every charge: never past the budget of 2
+        assert _expected_epsilon(fed, site) <= 2.0

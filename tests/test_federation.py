@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from server.federation import sample_nodes
 from server.ledger import CoordinatorLedger
@@ -108,3 +109,47 @@ def test_replies_are_keyed_by_the_node_asked_even_when_the_superlink_answers_for
     replies = exchange(_FlowerLikeGrid(), messages, timeout=1)
     assert sorted(replies) == [7, 8]
     assert not replies[7].has_error() and replies[8].has_error() and replies[8].metadata.src_node_id == 1
+
+
+def test_client_level_noise_is_sized_for_colluding_survivors():
+    from flwr.app import ArrayRecord
+
+    from server.federation import FederationSettings, secagg_train_config
+
+    arrays = ArrayRecord([np.zeros(100, dtype=np.float32)])
+    settings = FederationSettings(rounds=1, secagg=True, num_shares=10, threshold=4, clip_norm=2.0,
+                                  client_noise_multiplier=0.5)
+    # Default: t - 1 = 3 survivors may collude and subtract their own noise, so each node adds
+    # all of sigma*C; with 1 colluder, the 3 honest survivors share it.
+    assert secagg_train_config(settings, arrays, 10)["min-clients"] == 1
+    settings.colluding_nodes = 1
+    assert secagg_train_config(settings, arrays, 10)["min-clients"] == 3
+    settings.colluding_nodes = 9  # more than t - 1 is t - 1: one survivor must be honest
+    assert secagg_train_config(settings, arrays, 10)["min-clients"] == 1
+
+
+def test_client_level_epsilon_claims_no_amplification_from_a_sample_the_server_picks():
+    from opacus.accountants import RDPAccountant
+
+    from privacy.accountants import ClientLevelAccountant
+    from privacy.accountants.sample_level import RDP_ORDERS
+    from server.federation import FederationSettings, release_client_level
+
+    settings = FederationSettings(rounds=10, secagg=True, fraction_train=0.1, num_shares=5, client_noise_multiplier=2.0)
+    ledger, accountant = CoordinatorLedger(), ClientLevelAccountant(delta=1e-5)
+    for _ in range(10):
+        epsilon = release_client_level(ledger, accountant, settings, num_sampled=10)
+    unamplified, amplified = RDPAccountant(), RDPAccountant()
+    unamplified.history, amplified.history = [(2.0, 1.0, 10)], [(2.0, 0.1, 10)]
+    assert epsilon == pytest.approx(unamplified.get_epsilon(1e-5, alphas=RDP_ORDERS), rel=1e-12)
+    assert epsilon > 3 * amplified.get_epsilon(1e-5, alphas=RDP_ORDERS)  # what q = 0.1 would have claimed
+    assert ledger.client_level["sample_rate"] == 1.0 and ledger.client_level["colluding_nodes"] == 3
+    assert "no amplification by sampling" in ledger.client_level["assumption"]
+
+
+def test_a_refusal_is_recorded_with_its_reason_and_counts_as_neither_trained_nor_failed():
+    ledger = CoordinatorLedger()
+    ledger.record_refusal("site-b", 1, "DP is required by the site")
+    out = ledger.to_dict()["site-b"]
+    assert out["refused_rounds"] == [1] and out["refusals"] == [{"round": 1, "reason": "DP is required by the site"}]
+    assert out["rounds_trained"] == [] and out["failed_rounds"] == [] and out["epsilon"] is None

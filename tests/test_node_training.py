@@ -7,7 +7,7 @@ import torch
 
 from client.config import ConfigError, NodeIdentity, TrainingPlan
 from client.node_training import load_node_data, plan_noise, train_round
-from privacy.accountants import NodePrivacyLedger, epsilon_for_history
+from privacy.accountants import PrivacyLedger, epsilon_for_history
 from shared_models import build_model
 
 RUN_CONFIG = {
@@ -20,7 +20,7 @@ RUN_CONFIG = {
 
 def _node(tmp_path, max_epsilon, delta=1e-5):
     return NodeIdentity(name="node-0", state_dir=tmp_path, max_epsilon=max_epsilon, delta=delta,
-                        data_path=None, partition_id=0, num_partitions=3)
+                        data_path=None, partition_id=0, num_partitions=3, val_fraction=0.1)
 
 
 def _global(data):
@@ -53,8 +53,11 @@ def test_rounds_spend_the_run_budget_and_a_second_run_continues_then_declines(tm
     assert second[1].declined and second[1].state is None
     assert "max-epsilon=2.5" in second[1].reason
     assert second[1].metrics["epsilon"] == pytest.approx(second[0].metrics["epsilon"])
-    ledger = NodePrivacyLedger(tmp_path, "node-0", data.fingerprint, 1e-5)
-    assert ledger.steps() == 3 * steps and [e.declined for e in ledger.events] == [False, False, False, True]
+    ledger = PrivacyLedger(tmp_path)
+    assert ledger.worst(data.train.record_ids, 1e-5)[1] == [(sigma, q, 3 * steps)]
+    assert [e.declined for e in ledger.events("node-0")] == [False, False, False, True]
+    # Validation records were never trained: the ledger holds nothing for them.
+    assert ledger.epsilon(data.val.record_ids, 1e-5) == 0.0
 
 
 def test_delta_must_be_below_one_over_n(tmp_path):
@@ -95,12 +98,48 @@ def test_cli_preflight_refuses_a_run_whose_nodes_all_spent_their_budget(tmp_path
     plan = TrainingPlan.from_run_config(run_config)
     for pid in range(2):
         node = NodeIdentity(name=f"node-{pid}", state_dir=tmp_path, max_epsilon=2.0, delta=1e-5,
-                            data_path=None, partition_id=pid, num_partitions=2)
+                            data_path=None, partition_id=pid, num_partitions=2, val_fraction=0.1)
         data = load_node_data(node, plan)
         sigma, q, steps = plan_noise(plan, len(data.train), 1e-5)
-        NodePrivacyLedger(tmp_path, node.name, data.fingerprint, 1e-5).charge(
-            noise_multiplier=sigma, sample_rate=q, steps=2 * steps, max_epsilon=2.0, run="r", round=1)
+        PrivacyLedger(tmp_path).charge(data.train.record_ids, node=node.name, delta=1e-5, noise_multiplier=sigma,
+                                       sample_rate=q, steps=2 * steps, max_epsilon=2.0, run="r", round=1)
         if pid == 0:  # one node spent: it is listed, the run may go on
             assert [n.split()[0] for n in preflight(run_config, 2)] == ["node-0"]
     with pytest.raises(ValueError, match="every node has already spent its privacy budget"):
         preflight(run_config, 2)
+
+
+def _train_for_long(state_dir):
+    plan = TrainingPlan.from_run_config({**RUN_CONFIG, "local-epochs": 500})
+    node = _node(state_dir, max_epsilon=100.0)
+    data = load_node_data(node, plan)
+    train_round(node, plan, data, _global(data), 1, "run-killed")
+
+
+def test_a_node_killed_mid_round_keeps_the_whole_rounds_charge(tmp_path):
+    import multiprocessing
+    import signal
+    import time
+
+    child = multiprocessing.get_context("spawn").Process(target=_train_for_long, args=(tmp_path,))
+    child.start()
+    events = tmp_path / "ledgers" / "events.jsonl"
+    deadline = time.monotonic() + 120
+    while not (events.exists() and events.read_text().strip()):
+        assert child.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the 500 epochs
+    assert child.is_alive()
+    child.kill()
+    child.join(timeout=30)
+    assert child.exitcode == -signal.SIGKILL
+    # The charge was written before training (write-ahead): the ledger holds all 500 epochs'
+    # steps although the process died early in them, so privacy is over-counted, never under.
+    plan = TrainingPlan.from_run_config({**RUN_CONFIG, "local-epochs": 500})
+    node = _node(tmp_path, max_epsilon=100.0)
+    data = load_node_data(node, plan)
+    sigma, q, steps = plan_noise(plan, len(data.train), node.delta)
+    assert steps == 500 * 7
+    ledger = PrivacyLedger(tmp_path)
+    assert ledger.worst(data.train.record_ids, 1e-5)[1] == [(sigma, q, steps)]
+    assert ledger.epsilon(data.train.record_ids, 1e-5) == pytest.approx(epsilon_for_history([(sigma, q, steps)], 1e-5))

@@ -174,11 +174,13 @@ def test_participation_sorts_each_nodes_round(run_dir):
     assert grid == {name: {1: "trained", 2: "declined"} for name in ("node-0", "node-1", "node-2")}
 
 
-def test_threat_model_is_two_sentences_matching_the_run():
+def test_threat_model_matches_the_run():
     secure = threat_model({"secure_aggregation": True, "dp": True})
     plain = threat_model({"secure_aggregation": False, "dp": False})
-    assert secure.count(". ") == 1 and "only the sum" in secure and "(epsilon, delta)" in secure
-    assert plain.count(". ") == 1 and "in the clear" in plain and "Differential privacy was off" in plain
+    assert secure.count(". ") == 3 and "only the sum" in secure and "(epsilon, delta)" in secure
+    assert "secret entropy on its own machine" in secure and "no run-config, seed or round schedule" in secure
+    assert plain.count(". ") == 2 and "in the clear" in plain and "Differential privacy was off" in plain
+    assert "secret entropy" not in plain and all("refuses runs that break its owner's policy" in t for t in (secure, plain))
 
 
 def _copy(run_dir: Path, tmp_path: Path) -> Path:

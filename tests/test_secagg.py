@@ -7,6 +7,7 @@ from scipy import stats
 from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort, SecAggCryptoError, decode_sum, default_scale, encode
 from privacy.secagg.encoding import clip_l2
 from privacy.secagg.local_round import run_local_round
+from privacy.secret_randomness import SecretRandom
 
 
 def _setup(n, num_shares, t, d, noise=0.0, clip=1.0, min_clients=None):
@@ -25,7 +26,7 @@ def _deltas(setup, d, seed=0):
 def test_unmasked_sum_equals_plaintext_sum_within_the_quantisation_bound(n, num_shares, t, d):
     setup = _setup(n, num_shares, t, d)
     deltas = _deltas(setup, d)
-    rng = np.random.default_rng(1)
+    rng = SecretRandom.reproducible("test", "1")
     encoded = {u: encode(x, setup.params, rng) for u, x in deltas.items()}
     total, u3, _ = run_local_round(setup, encoded)
     assert u3 == sorted(setup.participants)
@@ -40,7 +41,7 @@ def test_unmasked_sum_equals_plaintext_sum_within_the_quantisation_bound(n, num_
 @pytest.mark.parametrize("stage", ["advertise", "share", "masked"])
 def test_ten_clients_threshold_six_survive_four_dropouts_at_each_stage(stage):
     setup = _setup(10, 10, 6, 2_000)
-    rng = np.random.default_rng(2)
+    rng = SecretRandom.reproducible("test", "2")
     encoded = {u: encode(x, setup.params, rng) for u, x in _deltas(setup, 2_000).items()}
     dropped = set(setup.participants[:4])
     total, u3, _ = run_local_round(setup, encoded, dropouts={stage: dropped})
@@ -53,7 +54,7 @@ def test_ten_clients_threshold_six_survive_four_dropouts_at_each_stage(stage):
 @pytest.mark.parametrize("stage", ["advertise", "share", "masked"])
 def test_five_dropouts_with_threshold_six_abort_cleanly(stage):
     setup = _setup(10, 10, 6, 500)
-    rng = np.random.default_rng(3)
+    rng = SecretRandom.reproducible("test", "3")
     encoded = {u: encode(x, setup.params, rng) for u, x in _deltas(setup, 500).items()}
     with pytest.raises(SecAggAbort, match="threshold"):
         run_local_round(setup, encoded, dropouts={stage: set(setup.participants[:5])})
@@ -63,7 +64,7 @@ def test_server_view_of_one_client_is_uniform_and_uncorrelated_with_its_delta():
     d = 200_000
     setup = _setup(5, 5, 3, d)
     deltas = _deltas(setup, d, seed=4)
-    rng = np.random.default_rng(5)
+    rng = SecretRandom.reproducible("test", "5")
     encoded = {u: encode(x, setup.params, rng) for u, x in deltas.items()}
     _, _, transcript = run_local_round(setup, encoded)
     k = setup.params.modulus_bits
@@ -84,7 +85,7 @@ def test_server_view_of_one_client_is_uniform_and_uncorrelated_with_its_delta():
 
 def test_tampered_share_is_detected_and_the_sender_named():
     setup = _setup(4, 4, 3, 100)
-    rng = np.random.default_rng(6)
+    rng = SecretRandom.reproducible("test", "6")
     encoded = {u: encode(x, setup.params, rng) for u, x in _deltas(setup, 100).items()}
 
     def flip(routed):
@@ -107,7 +108,7 @@ def test_neighbourhoods_are_symmetric_rings_including_self():
 def test_distributed_noise_sums_to_the_target_std():
     d, n = 200_000, 8
     setup = _setup(n, n, 4, d, noise=1.0, clip=0.5)
-    rng = np.random.default_rng(7)
+    rng = SecretRandom.reproducible("test", "7")
     zero = np.zeros(d)
     total, _, _ = run_local_round(setup, {u: encode(zero, setup.params, rng) for u in setup.participants})
     decoded = decode_sum(total, setup.params)
@@ -119,6 +120,6 @@ def test_distributed_noise_sums_to_the_target_std():
 def test_encode_refuses_non_finite_updates_and_bad_setups():
     setup = _setup(3, 3, 2, 4)
     with pytest.raises(ValueError, match="NaN/Inf"):
-        encode(np.array([0.0, np.nan, 0, 0]), setup.params, np.random.default_rng(0))
+        encode(np.array([0.0, np.nan, 0, 0]), setup.params, SecretRandom())
     with pytest.raises(ValueError, match="threshold"):
         _setup(3, 3, 4, 4)

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from client import secure_aggregation as node_side
 from privacy.secagg import EncodingParams, RoundSetup, SecAggServer, decode_sum, default_scale
 from privacy.secagg.protocol import encoding_to_config
+from privacy.secret_randomness import SecretRandom
 
 D = 1_000
 
@@ -66,7 +67,8 @@ def _train(contexts, params, spool):
         global_state = {"w": torch.zeros(D // 2), "b": torch.zeros(D // 2)}
         local = {"w": torch.from_numpy(rng.normal(0, 0.1, D // 2)).float(), "b": torch.from_numpy(rng.normal(0, 0.1, D // 2)).float()}
         deltas[nid] = node_side.flatten_delta(local, global_state)
-        path = node_side.store_encoded_update(ctx, deltas[nid], encoding_to_config(params), seed=nid, spool_dir=spool)
+        path = node_side.store_encoded_update(ctx, deltas[nid], encoding_to_config(params), SecretRandom(),
+                                             spool_dir=spool)
         assert path.stat().st_mode & 0o777 == 0o600
     return deltas
 

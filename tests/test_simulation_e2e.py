@@ -73,9 +73,10 @@ def test_cli_rejects_bad_arguments_before_starting_flower(tmp_path):
 
 
 def test_secure_and_plain_aggregation_reach_the_same_accuracy(tmp_path):
-    # Clip far above the update norms so client-level clipping is inactive: the only
-    # difference left is SecAgg+'s quantisation (error < clients / scale per coordinate).
-    common = ["--dataset", "digits", "--clients", "3", "--rounds", "2", "--clip-norm", "100"]
+    # Clip far above the update norms so client-level clipping is inactive, and draw the same
+    # DP noise in both runs (a simulation-only switch): the only difference left is SecAgg+'s
+    # quantisation (error < clients / scale per coordinate).
+    common = ["--dataset", "digits", "--clients", "3", "--rounds", "2", "--clip-norm", "100", "--reproducible-noise"]
     _simulate(*common, "--secagg", "--out", str(tmp_path / "secure"), "--state-dir", str(tmp_path / "s1"), cwd=tmp_path)
     _simulate(*common, "--no-secagg", "--out", str(tmp_path / "plain"), "--state-dir", str(tmp_path / "s2"), cwd=tmp_path)
     secure, plain = _summary(tmp_path / "secure"), _summary(tmp_path / "plain")
@@ -116,47 +117,70 @@ def test_dropouts_mid_protocol_never_stop_the_run_and_are_all_recorded(tmp_path)
     assert summary["client_level"] is None or summary["client_level"]["rounds"] == aggregated
 
 
-def test_server_killed_after_a_round_resumes_to_the_same_model_without_privacy_undercount(shared_data, tmp_path):
+def _charges(state) -> dict[str, list[dict]]:
+    """Every charge in a state folder's ledger event log, per node, read as plain JSON lines."""
+    out: dict[str, list[dict]] = {}
+    events = state / "ledgers" / "events.jsonl"
+    for event in map(json.loads, events.read_text().splitlines() if events.exists() else []):
+        if not event["declined"]:
+            out.setdefault(event["node"], []).append(event)
+    return out
+
+
+def test_server_killed_mid_round_resumes_to_the_same_model_and_counts_every_charge(shared_data, tmp_path):
     import time
 
     import psutil
     import torch
+    from opacus.accountants import RDPAccountant
+
+    from privacy.accountants.sample_level import RDP_ORDERS
 
     common = ["--dataset", "sms_spam", "--clients", "2", "--partition", "dirichlet", "--rounds", "4",
-              "--epsilon", "4", "--max-epsilon", "20"]
+              "--epsilon", "4", "--max-epsilon", "20", "--reproducible-noise"]
     _simulate(*common, "--out", str(tmp_path / "whole"), "--state-dir", str(tmp_path / "s-whole"), cwd=tmp_path)
 
-    out = tmp_path / "crashed"
+    out, state = tmp_path / "crashed", tmp_path / "s-crash"
     cli = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *common, "--out", str(out),
-                            "--state-dir", str(tmp_path / "s-crash")], cwd=tmp_path,
+                            "--state-dir", str(state)], cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # wait for round 2's checkpoint, then kill the ServerApp
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
+    # Kill the ServerApp while round 3 is in flight: both nodes have charged it (write-ahead).
+    while not all(any(e["round"] == 3 for e in events) for events in _charges(state).values()) \
+            or len(_charges(state)) < 2:
+        assert time.monotonic() < deadline and cli.poll() is None, "round 3 was never charged"
+        time.sleep(0.05)
     server = [p for p in psutil.Process(cli.pid).children(recursive=True) if "flwr-simulation" in " ".join(p.cmdline())]
     assert server, "no ServerApp process found"
     for proc in server:
         proc.kill()  # SIGKILL
+    charged_before = {node: len(events) for node, events in _charges(state).items()}
     assert cli.wait(timeout=300) != 0  # the interrupted run reports failure
     done = len((out / "metrics.jsonl").read_text().splitlines())
-    assert 2 <= done < 4 and not (out / "summary.json").exists()
+    assert done == 2 and charged_before == {"node-0": 3, "node-1": 3} and not (out / "summary.json").exists()
 
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--resume", str(out)],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     whole, resumed = _summary(tmp_path / "whole"), _summary(out)
-    assert resumed["rounds_completed"] == 4 and resumed["resumed_after_round"] == done
+    assert resumed["rounds_completed"] == 4 and resumed["resumed_after_round"] == 2
+    # Same noise (--reproducible-noise) and the checkpoint's state: the same model as the uninterrupted run.
     a = torch.load(tmp_path / "whole" / "final_model.pt")
     b = torch.load(out / "final_model.pt")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert resumed["final"]["test_accuracy"] == pytest.approx(whole["final"]["test_accuracy"], abs=1e-9)
-    # Privacy is never under-counted: a round trained before the kill but not aggregated
-    # was charged in the nodes' ledgers and stays charged.
-    for name in ("node-0", "node-1"):
-        assert resumed["clients"][name]["epsilon"] >= whole["clients"][name]["epsilon"] - 1e-9
+    # Privacy: rounds 1-3 charged before the kill and rounds 3-4 after it, none lost: the
+    # epsilon each node reports is exactly Opacus's accountant over those 5 charges, above the
+    # uninterrupted run's 4.
+    for name, events in _charges(state).items():
+        assert [e["round"] for e in events] == [1, 2, 3, 3, 4]
+        accountant = RDPAccountant()
+        accountant.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in events]
+        expected = accountant.get_epsilon(delta=1e-5, alphas=RDP_ORDERS)
+        assert resumed["clients"][name]["epsilon"] == pytest.approx(expected, rel=1e-9)
+        assert resumed["clients"][name]["epsilon"] > whole["clients"][name]["epsilon"]
+        steps = -(-resumed["clients"][name]["num_examples"] // 64)
+        assert all(e["steps"] == steps and e["sample_rate"] == 1 / steps for e in events)
 
 
 def test_injected_faults_never_stop_the_run_and_every_one_is_in_the_summary(tmp_path):

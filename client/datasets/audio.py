@@ -8,6 +8,7 @@ ones zero-padded after normalisation (so padding is the utterance mean).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-from .base import DataFormatError, LabeledArrays
+from .base import DataFormatError, LabeledArrays, array_content, content_record_ids
 
 FSDD_NAME = re.compile(r"^(?P<label>\d)_(?P<speaker>[A-Za-z]+)_(?P<take>\d+)\.wav$")
 
@@ -51,6 +52,11 @@ def read_wav(path: Path, expected_rate: int) -> np.ndarray:
     return samples[:, 0]
 
 
+def _sample_digest(samples: np.ndarray) -> bytes:
+    """SHA-256 of a clip's decoded samples: the content its record id is derived from."""
+    return hashlib.sha256(array_content(samples)).digest()
+
+
 def log_mel_frames(samples: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
     """(cfg.frames, cfg.n_mels) float32 log-mel frames, each band normalised per utterance."""
     mel = librosa.feature.melspectrogram(
@@ -76,22 +82,23 @@ def load_fsdd(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) -> dict[st
     files = sorted(folder.glob("*.wav")) if folder.is_dir() else []
     if not files:
         raise DataFormatError(f"{folder}: no FSDD recordings (*.wav) found")
-    xs, ys, speakers, ids, is_test = [], [], [], [], []
+    xs, ys, speakers, digests, is_test = [], [], [], [], []
     for path in files:
         match = FSDD_NAME.match(path.name)
         if not match:
             raise DataFormatError(f"{path}: FSDD file names must look like '7_george_12.wav'")
-        xs.append(log_mel_frames(read_wav(path, cfg.sample_rate), cfg))
+        samples = read_wav(path, cfg.sample_rate)
+        xs.append(log_mel_frames(samples, cfg))
         ys.append(int(match["label"]))
         speakers.append(match["speaker"])
-        ids.append(f"fsdd/{path.name}")
+        digests.append(_sample_digest(samples))
         is_test.append(int(match["take"]) < 5)
     full = LabeledArrays(
         task="speech",
         x=np.stack(xs),
         y=np.asarray(ys, dtype=np.int64),
         classes=[str(d) for d in range(10)],
-        record_ids=ids,
+        record_ids=content_record_ids(digests, "audio"),
         groups=np.asarray(speakers),
         source=str(folder),
     )
@@ -125,20 +132,21 @@ def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) ->
             )
             return merged.subset(both)
         raise DataFormatError(f"{folder}: expected one subfolder of WAV files per class")
-    xs, ys, ids = [], [], []
+    xs, ys, digests = [], [], []
     for label, class_dir in enumerate(class_dirs):
         wavs = sorted(class_dir.glob("*.wav"))
         if not wavs:
             raise DataFormatError(f"{class_dir}: class folder holds no .wav files")
         for path in wavs:
-            xs.append(log_mel_frames(read_wav(path, cfg.sample_rate), cfg))
+            samples = read_wav(path, cfg.sample_rate)
+            xs.append(log_mel_frames(samples, cfg))
             ys.append(label)
-            ids.append(f"{class_dir.name}/{path.name}")
+            digests.append(_sample_digest(samples))
     return LabeledArrays(
         task="speech",
         x=np.stack(xs),
         y=np.asarray(ys, dtype=np.int64),
         classes=[d.name for d in class_dirs],
-        record_ids=ids,
+        record_ids=content_record_ids(digests, "audio"),
         source=str(folder),
     )

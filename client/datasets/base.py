@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +13,32 @@ class DataFormatError(ValueError):
     """A data file or field is not what fedpriv expects. The message names the file/field."""
 
 
+def content_record_ids(contents: Iterable[bytes], kind: str) -> list[str]:
+    """Record ids derived from what each record *is*, for the privacy ledger (DESIGN 4.1).
+
+    contents: one bytes object per record, as decoded from its file before any feature
+    transform (a text's UTF-8, an image's pixel array with its shape and dtype, an audio
+    clip's samples). kind: "text", "image" or "audio" (keeps kinds apart). Each id is the
+    first 128 bits of SHA-256(kind, content) in hex; the k-th repeat of identical content
+    (k >= 1) gets "#k" appended, so duplicates stay distinct records. A renamed file, a new
+    order or another export of the same records gives the same ids; a changed preprocessing
+    (log-mel settings, scaling) does not change them.
+    """
+    ids, seen = [], {}
+    for content in contents:
+        digest = hashlib.sha256(kind.encode() + b"\0" + content).hexdigest()[:32]
+        repeat = seen.get(digest, 0)
+        seen[digest] = repeat + 1
+        ids.append(digest if repeat == 0 else f"{digest}#{repeat}")
+    return ids
+
+
+def array_content(array: np.ndarray) -> bytes:
+    """An array's dtype, shape and bytes: the content `content_record_ids` hashes for pixels and samples."""
+    array = np.ascontiguousarray(array)
+    return f"{array.dtype.str}{array.shape}".encode() + array.tobytes()
+
+
 @dataclass
 class LabeledArrays:
     """A labelled dataset held as arrays.
@@ -18,8 +46,8 @@ class LabeledArrays:
     x: examples stacked on axis 0 — vision (N, C, H, W) float32 in [0, 1]; speech
        (N, T, n_mels) float32 log-mel frames; text (N, L) int64 byte ids (0 = padding).
     y: (N,) int64 class indices into `classes`.
-    record_ids: N stable identities (e.g. relative file names), used for the privacy
-       ledger's dataset fingerprint.
+    record_ids: N ids derived from each record's content (`content_record_ids`), by which
+       the privacy ledger knows a record whatever its file name or position.
     groups: optional (N,) natural partition ids (e.g. the FSDD speaker), or None.
     """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataFormatError, LabeledArrays
+from .base import DataFormatError, LabeledArrays, array_content, content_record_ids
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -60,16 +60,19 @@ def load_npz(path: str | Path, task: str = "vision", classes: list[str] | None =
         raw[split] = (images, labels.astype(np.int64))
     num_classes = int(max(labels.max(initial=0) for _, labels in raw.values())) + 1
     classes = classes or [str(c) for c in range(max(num_classes, 2))]
+    # Ids over the whole archive, so a record repeated in two splits stays two records.
+    ids = content_record_ids((array_content(img) for images, _ in raw.values() for img in images), "image")
+    ends = np.cumsum([len(labels) for _, labels in raw.values()])
     return {
         split: LabeledArrays(
             task=task,
             x=_to_nchw(images, f"{path}:{split}_images"),
             y=labels,
             classes=classes,
-            record_ids=[f"{path.name}/{split}/{i}" for i in range(len(labels))],
+            record_ids=ids[end - len(labels):end],
             source=str(path),
         )
-        for split, (images, labels) in raw.items()
+        for (split, (images, labels)), end in zip(raw.items(), ends)
     }
 
 
@@ -85,7 +88,7 @@ def load_image_folder(folder: str | Path, size: tuple[int, int] | None = None) -
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if len(class_dirs) < 2:
         raise DataFormatError(f"{folder}: expected one subfolder of images per class (at least 2)")
-    xs, ys, ids = [], [], []
+    xs, ys = [], []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -106,13 +109,12 @@ def load_image_folder(folder: str | Path, size: tuple[int, int] | None = None) -
                 )
             xs.append(arr)
             ys.append(label)
-            ids.append(f"{class_dir.name}/{path.name}")
     return LabeledArrays(
         task="vision",
         x=_to_nchw(np.stack(xs), str(folder)),
         y=np.asarray(ys, dtype=np.int64),
         classes=[d.name for d in class_dirs],
-        record_ids=ids,
+        record_ids=content_record_ids((array_content(x) for x in xs), "image"),
         source=str(folder),
     )
 
@@ -133,7 +135,7 @@ def load_digits_embedded(test_fraction: float = 0.2, seed: int = 0) -> dict[str,
         x=images,
         y=digits.target.astype(np.int64),
         classes=[str(d) for d in range(10)],
-        record_ids=[f"digits/{i}" for i in range(len(images))],
+        record_ids=content_record_ids((array_content(img) for img in digits.images), "image"),
         source="sklearn.datasets.load_digits",
     )
     train_idx, test_idx = train_test_split(

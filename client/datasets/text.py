@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataFormatError, LabeledArrays
+from .base import DataFormatError, LabeledArrays, content_record_ids
 
 MAX_BYTES = 200  # covers ~95% of SMS messages
 
@@ -34,7 +34,7 @@ def _read_utf8(path: Path) -> str:
         raise DataFormatError(f"{path}: cannot read ({err})") from err
 
 
-def _build(texts: list[str], labels: list[str], path: Path, classes: list[str] | None, id_prefix: str) -> LabeledArrays:
+def _build(texts: list[str], labels: list[str], path: Path, classes: list[str] | None) -> LabeledArrays:
     if not texts:
         raise DataFormatError(f"{path}: no records")
     classes = classes or sorted(set(labels))
@@ -49,7 +49,7 @@ def _build(texts: list[str], labels: list[str], path: Path, classes: list[str] |
         x=encode_bytes(texts),
         y=np.asarray([index[l] for l in labels], dtype=np.int64),
         classes=classes,
-        record_ids=[f"{id_prefix}/{i}" for i in range(len(texts))],
+        record_ids=content_record_ids((t.encode("utf-8") for t in texts), "text"),
         source=str(path),
     )
 
@@ -70,7 +70,7 @@ def load_text_csv(path: str | Path, classes: list[str] | None = None) -> Labeled
             raise DataFormatError(f"{path}: line {line} has an empty 'text' or 'label'")
         texts.append(text)
         labels.append(label)
-    return _build(texts, labels, path, classes, path.name)
+    return _build(texts, labels, path, classes)
 
 
 def read_tsv(path: str | Path, classes: list[str] | None = None) -> LabeledArrays:
@@ -91,7 +91,7 @@ def read_tsv(path: str | Path, classes: list[str] | None = None) -> LabeledArray
             raise DataFormatError(f"{path}: line {line_no} is not 'label<TAB>text'")
         texts.append(text)
         labels.append(label.strip())
-    return _build(texts, labels, path, classes, "sms_spam" if path.name == "SMSSpamCollection" else path.name)
+    return _build(texts, labels, path, classes)
 
 
 def load_sms_spam(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> dict[str, LabeledArrays]:

@@ -6,7 +6,7 @@ from .sample_level import (
     epsilon_for_history,
 )
 from .client_level import ClientLevelAccountant
-from .ledger import LedgerEntry, NodePrivacyLedger, dataset_fingerprint
+from .ledger import LedgerEntry, PrivacyLedger
 
 __all__ = [
     "ClientLevelAccountant",
@@ -14,6 +14,5 @@ __all__ = [
     "calibrate_noise_multiplier",
     "epsilon_for_history",
     "LedgerEntry",
-    "NodePrivacyLedger",
-    "dataset_fingerprint",
+    "PrivacyLedger",
 ]

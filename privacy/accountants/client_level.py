@@ -1,11 +1,14 @@
 """Client-level DP accounting for distributed-noise secure aggregation (DESIGN 4.2).
 
 Each aggregated round releases sum_{u in U3} clip_C(delta_u) + N(0, s^2) with s >= sigma*C
-(every client adds N(0, (sigma*C)^2 / n_min) and U3 has >= n_min members), so with respect
+(every client adds N(0, (sigma*C)^2 / n_min) and U3 has >= n_min honest members), so with respect
 to one client's whole update the round is a Gaussian mechanism of noise multiplier sigma.
-Rounds compose as a subsampled Gaussian with q = P(a client is sampled in a round) —
-valid as stated for Poisson sampling of clients (McMahan et al. 2018, "Learning
-differentially private recurrent language models"); with every client in every round q = 1.
+Rounds compose as a subsampled Gaussian with q = P(a client is sampled in a round) only
+when the sample is Poisson and secret from whoever the guarantee is against (McMahan et al.
+2018, "Learning differentially private recurrent language models"). fedpriv's server picks
+and logs the sample, so `server.federation` always steps with q = 1.
+The noise multiplier is what honest survivors carry: with up to c survivors colluding with
+the server (they know their own noise), each client adds N(0, (sigma*C)^2 / (t - c)).
 """
 
 from __future__ import annotations

@@ -1,25 +1,47 @@
-"""A node's persistent sample-level privacy ledger (DESIGN 4.1).
+"""A data owner's persistent per-record privacy ledger (DESIGN 4.1).
 
-The budget belongs to the data, not to a run: one ledger per (node, dataset fingerprint),
-kept on the node's disk under its state folder and composed across rounds, runs and
-process restarts. The ledger is charged *before* training (write-ahead): a crash during
-training over-counts rather than under-counts what was spent.
+The budget belongs to the data, not to a run or to the subset a run trains on. Records are
+known by ids derived from their content (`client.datasets.base.content_record_ids`), so a
+renamed file, a re-ordered export, another seed or validation share, or a dataset with
+records added or removed still finds what was spent on every record it holds. For each
+record the ledger keeps the RDP history (Opacus `RDPAccountant.history` entries
+(noise_multiplier, sample_rate, steps)) of every DP-SGD charge it took part in; a record's
+epsilon is that history's (Mironov et al. 2019, composed across rounds, runs, process
+restarts and nodes sharing the state folder). A dataset's epsilon is the largest over its
+records; a charge that would take any trained record past `max-epsilon` is declined whole.
 
-File: `<state_dir>/ledgers/<node>--<fingerprint[:16]>.json`, written atomically (temp file
-then rename), guarded by an advisory lock so two processes never interleave a charge.
+Records that share a history are stored together as one cohort: `charge` splits a cohort
+when only part of it trains, and merges cohorts whose histories become equal, so a node that
+trains the same records run after run keeps one cohort.
+
+Charged *before* training (write-ahead): a crash during training over-counts rather than
+under-counts what was spent.
+
+Files under `<state_dir>/ledgers/`, guarded by an advisory lock (`records.lock`) so two
+processes (simulated nodes in Ray workers, a node and its restart) never interleave a charge:
+- `records.json`: the cohorts, rewritten atomically (temp file, fsync, rename);
+- `events.jsonl`: one line per charge or decline, appended.
+
+Migration: ledgers of the earlier layout (`<node>--<fingerprint>.json`, one per node and
+training subset, without record ids) are adopted, never dropped: their histories wait under
+the node's name until that node next opens its data, and are then charged to every record it
+holds (`adopt_legacy`); the old files move to `ledgers/migrated/`.
+
+What a decline reveals: that some record of the training share has spent its budget. The
+set of records and their overlap with earlier runs is treated as public metadata, like the
+record count the node reports.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,180 +50,256 @@ from .sample_level import HistoryEntry, PrivacyBudgetError, compose_history, eps
 
 # Float tolerance on the budget check: Opacus's noise search lands within 0.01 below target.
 _BUDGET_SLACK = 1e-9
-
-
-def dataset_fingerprint(record_ids: Iterable[str]) -> str:
-    """SHA-256 hex digest identifying a set of training records (order-independent).
-
-    record_ids: stable identities of the records (e.g. "fsdd/0_george_5.wav"), not their
-    derived features, so changing preprocessing does not reset the budget.
-    """
-    digest = hashlib.sha256()
-    for rid in sorted(record_ids):
-        digest.update(rid.encode("utf-8"))
-        digest.update(b"\0")
-    return digest.hexdigest()
+_NODE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_LEGACY_FILE = re.compile(r"^(?P<node>[A-Za-z0-9_.-]+)--(?P<fp>[0-9a-f]{16})\.json$")
 
 
 @dataclass
 class LedgerEntry:
-    """One charge (or decline) recorded in a node's ledger."""
+    """One charge (or decline) recorded in the ledger; epsilon_after is the trained records' largest."""
 
     time: float
+    node: str
     run: str
     round: int
     steps: int
     noise_multiplier: float
     sample_rate: float
+    records: int
     epsilon_after: float
     declined: bool = False
     reason: str = ""
 
 
 @dataclass
-class _LedgerState:
-    node: str
-    fingerprint: str
+class _Cohort:
+    """Records that share one RDP history, at one delta."""
+
     delta: float
-    history: list[list[float]] = field(default_factory=list)  # Opacus RDPAccountant.history
-    events: list[dict] = field(default_factory=list)
+    history: list[HistoryEntry]
+    records: set[str]
 
 
-class NodePrivacyLedger:
-    """The persisted RDP accountant of one (node, dataset fingerprint).
+@dataclass
+class _State:
+    cohorts: list[_Cohort] = field(default_factory=list)
+    # node -> histories of earlier-layout ledgers not yet charged to its records
+    legacy: dict[str, list[dict]] = field(default_factory=dict)
 
-    `delta` is fixed when the ledger is created: epsilon is always reported at that delta.
-    Raises PrivacyBudgetError when reopened with a different delta (silently switching
-    delta would change every epsilon already reported).
+    def cohort_of(self) -> dict[str, int]:
+        return {r: i for i, c in enumerate(self.cohorts) for r in c.records}
+
+
+def _check_node(node: str) -> None:
+    if not _NODE_NAME.fullmatch(node):
+        raise ValueError(f"node name must use letters, digits, '_', '.', '-' only, got {node!r}")
+
+
+class PrivacyLedger:
+    """The per-record RDP ledger of one state folder (see the module docstring).
+
+    Every method takes the records it is about (content ids) and the owner's `delta`, at
+    which epsilon is reported. A record's delta is fixed by its first charge: asking about
+    it at another delta raises PrivacyBudgetError (switching delta would change every
+    epsilon already reported). A damaged ledger file raises PrivacyBudgetError too: a budget
+    is never silently reset.
     """
 
-    @staticmethod
-    def path_for(state_dir: str | os.PathLike, node: str, fingerprint: str) -> Path:
-        """Where the ledger of (node, fingerprint) lives under `state_dir` (it may not exist yet)."""
-        return Path(state_dir) / "ledgers" / f"{node}--{fingerprint[:16]}.json"
-
-    def __init__(self, state_dir: str | os.PathLike, node: str, fingerprint: str, delta: float) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", node):
-            raise ValueError(f"node name must use letters, digits, '_', '.', '-' only, got {node!r}")
-        if not 0.0 < delta < 1.0:
-            raise PrivacyBudgetError(f"delta must be in (0, 1), got {delta}")
-        self.node = node
-        self.fingerprint = fingerprint
-        self.delta = float(delta)
-        self.path = self.path_for(state_dir, node, fingerprint)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, state_dir: str | os.PathLike) -> None:
+        self.folder = Path(state_dir) / "ledgers"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "records.json"
+        self.events_path = self.folder / "events.jsonl"
         with self._locked():
-            state = self._read()
-            if state is None:
-                self._write(_LedgerState(node=node, fingerprint=fingerprint, delta=self.delta))
-            elif not math.isclose(state.delta, self.delta, rel_tol=1e-12):
-                raise PrivacyBudgetError(
-                    f"ledger {self.path} was opened with delta={state.delta}; node-config asks "
-                    f"delta={self.delta}. A ledger's delta cannot change; use the original delta."
-                )
+            self._migrate_legacy_files()
 
     # -- queries -----------------------------------------------------------------------
-    @property
-    def history(self) -> list[HistoryEntry]:
-        """Composed (noise_multiplier, sample_rate, steps) entries so far."""
+    def epsilon(self, records: Sequence[str], delta: float) -> float:
+        """Largest epsilon spent by any of `records` at `delta` (0.0 when none was charged)."""
+        return self.worst(records, delta)[0]
+
+    def worst(self, records: Sequence[str], delta: float) -> tuple[float, list[HistoryEntry]]:
+        """(epsilon, history) of the record of `records` that has spent the most."""
         state = self._read()
-        return [tuple(h) for h in state.history] if state else []  # type: ignore[misc]
+        return _worst(state, state.cohort_of(), records, delta)
 
-    @property
-    def events(self) -> list[LedgerEntry]:
-        """Every charge and decline recorded, oldest first."""
+    def epsilon_if_charged(self, records: Sequence[str], delta: float, noise_multiplier: float, sample_rate: float,
+                           steps: int) -> float:
+        """Largest epsilon any of `records` would reach after `steps` more steps (nothing is written)."""
         state = self._read()
-        return [LedgerEntry(**e) for e in state.events] if state else []
+        return _after_charge(state, state.cohort_of(), records, delta, noise_multiplier, sample_rate, steps)
 
-    def epsilon(self) -> float:
-        """Epsilon spent so far at this ledger's delta (0.0 for a fresh ledger)."""
-        return epsilon_for_history(self.history, self.delta)
-
-    def steps(self) -> int:
-        """Total DP-SGD steps charged so far."""
-        return int(sum(h[2] for h in self.history))
-
-    def epsilon_if_charged(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Epsilon this ledger would show after `steps` more steps (nothing is written)."""
-        return epsilon_for_history(compose_history(self.history, noise_multiplier, sample_rate, steps), self.delta)
+    def events(self, node: str | None = None) -> list[LedgerEntry]:
+        """Every charge and decline recorded (of `node`, or of all nodes), oldest first."""
+        if not self.events_path.exists():
+            return []
+        lines = self.events_path.read_text(encoding="utf-8").splitlines()
+        entries = [LedgerEntry(**json.loads(line)) for line in lines if line.strip()]
+        return [e for e in entries if node is None or e.node == node]
 
     # -- updates -----------------------------------------------------------------------
-    def charge(
-        self,
-        *,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        max_epsilon: float,
-        run: str,
-        round: int,
-    ) -> LedgerEntry:
-        """Charge `steps` DP-SGD steps if the result stays within `max_epsilon`.
+    def adopt_legacy(self, node: str, records: Sequence[str], delta: float) -> int:
+        """Charge `node`'s earlier-layout ledgers to `records` (all the data it holds). Returns how many.
 
-        Returns the entry written. If the charge would exceed `max_epsilon`, nothing is
-        charged and a `declined=True` entry is recorded and returned instead.
+        A no-op once adopted. Raises PrivacyBudgetError when an old ledger used another delta.
         """
-        if steps < 1 or noise_multiplier <= 0 or not 0 < sample_rate <= 1:
-            raise PrivacyBudgetError(
-                f"invalid charge: steps={steps}, noise_multiplier={noise_multiplier}, sample_rate={sample_rate}"
-            )
+        _check_node(node)
         with self._locked():
             state = self._read()
-            assert state is not None
-            spent = epsilon_for_history(state.history, self.delta)
-            composed = compose_history(state.history, noise_multiplier, sample_rate, steps)
-            after = epsilon_for_history(composed, self.delta)
+            pending = state.legacy.pop(node, [])
+            if not pending:
+                return 0
+            for old in pending:
+                if not math.isclose(old["delta"], delta, rel_tol=1e-12):
+                    raise PrivacyBudgetError(
+                        f"the earlier ledger {old['file']} of {node} was kept at delta={old['delta']}; node-config "
+                        f"asks delta={delta}. A ledger's delta cannot change; use the original delta.")
+                for sigma, q, steps in old["history"]:
+                    _charge_cohorts(state, set(records), delta, float(sigma), float(q), int(steps))
+            self._write(state)
+            return len(pending)
+
+    def charge(self, records: Sequence[str], *, node: str, delta: float, noise_multiplier: float,
+               sample_rate: float, steps: int, max_epsilon: float, run: str, round: int) -> LedgerEntry:
+        """Charge `steps` DP-SGD steps to every one of `records` if none passes `max_epsilon`.
+
+        Returns the entry written (epsilon_after: the largest over `records`). If some record
+        would pass `max_epsilon`, nothing is charged and a `declined=True` entry is recorded
+        and returned instead. Raises PrivacyBudgetError for an invalid charge or delta.
+        """
+        _check_node(node)
+        if steps < 1 or noise_multiplier <= 0 or not 0 < sample_rate <= 1 or not records:
+            raise PrivacyBudgetError(f"invalid charge: steps={steps}, noise_multiplier={noise_multiplier}, "
+                                     f"sample_rate={sample_rate}, records={len(records)}")
+        with self._locked():
+            state = self._read()
+            index = state.cohort_of()
+            spent = _worst(state, index, records, delta)[0]
+            after = _after_charge(state, index, records, delta, noise_multiplier, sample_rate, steps)
             declined = after > max_epsilon + _BUDGET_SLACK
             entry = LedgerEntry(
-                time=time.time(),
-                run=run,
-                round=round,
-                steps=0 if declined else steps,
-                noise_multiplier=noise_multiplier,
-                sample_rate=sample_rate,
-                epsilon_after=spent if declined else after,
-                declined=declined,
-                reason=(
-                    f"training would reach epsilon={after:.3f} > max-epsilon={max_epsilon:g} "
-                    f"(spent so far {spent:.3f}, delta={self.delta:g})"
-                    if declined
-                    else ""
-                ),
+                time=time.time(), node=node, run=run, round=round, steps=0 if declined else steps,
+                noise_multiplier=noise_multiplier, sample_rate=sample_rate, records=len(records),
+                epsilon_after=spent if declined else after, declined=declined,
+                reason=(f"training would reach epsilon={after:.3f} > max-epsilon={max_epsilon:g} "
+                        f"(spent so far {spent:.3f}, delta={delta:g})" if declined else ""),
             )
             if not declined:
-                state.history = [list(h) for h in composed]
-            state.events.append(asdict(entry))
-            self._write(state)
+                _charge_cohorts(state, set(records), delta, noise_multiplier, sample_rate, steps)
+                self._write(state)
+            with open(self.events_path, "a", encoding="utf-8") as log:
+                log.write(json.dumps(asdict(entry)) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
             return entry
 
     # -- storage -----------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.path.with_suffix(".lock"), "a+") as lock:
+        with open(self.folder / "records.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _read(self) -> _LedgerState | None:
+    def _read(self) -> _State:
         if not self.path.exists():
-            return None
+            return _State()
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
-            return _LedgerState(**raw)
-        except (json.JSONDecodeError, TypeError) as err:
-            # Never silently reset a budget: a damaged ledger stops the node.
+            return _State(
+                cohorts=[_Cohort(delta=float(c["delta"]), history=[(float(s), float(q), int(n)) for s, q, n in c["history"]],
+                                 records=set(c["records"])) for c in raw["cohorts"]],
+                legacy={str(k): list(v) for k, v in raw.get("legacy", {}).items()},
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise PrivacyBudgetError(f"privacy ledger {self.path} is unreadable ({err}); refusing to train") from err
 
-    def _write(self, state: _LedgerState) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
+    def _write(self, state: _State) -> None:
+        doc = {
+            "version": 2,
+            "cohorts": [{"delta": c.delta, "history": [list(h) for h in c.history], "records": sorted(c.records)}
+                        for c in state.cohorts],
+            "legacy": state.legacy,
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".records-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(asdict(state), handle, indent=1)
+                json.dump(doc, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _migrate_legacy_files(self) -> None:
+        """Move earlier-layout ledgers into `legacy` (under the lock); their spend is kept."""
+        old_files = sorted(p for p in self.folder.glob("*.json") if _LEGACY_FILE.match(p.name))
+        if not old_files:
+            return
+        state = self._read()
+        (self.folder / "migrated").mkdir(exist_ok=True)
+        for path in old_files:
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+                old = {"file": path.name, "delta": float(raw["delta"]),
+                       "history": [[float(s), float(q), int(n)] for s, q, n in raw["history"]]}
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise PrivacyBudgetError(f"earlier privacy ledger {path} is unreadable ({err}); refusing to train") from err
+            if old["history"]:
+                state.legacy.setdefault(_LEGACY_FILE.match(path.name)["node"], []).append(old)
+            self._write(state)  # recorded before the file moves: a crash in between only repeats the move
+            os.replace(path, self.folder / "migrated" / path.name)
+
+
+def _cohorts_of(state: _State, index: dict[str, int], records: Sequence[str], delta: float) -> set[int]:
+    hit = {index[r] for r in records if r in index}
+    for i in hit:
+        if not math.isclose(state.cohorts[i].delta, delta, rel_tol=1e-12):
+            raise PrivacyBudgetError(
+                f"records of this data were charged at delta={state.cohorts[i].delta}; node-config asks "
+                f"delta={delta}. A ledger's delta cannot change; use the original delta.")
+    return hit
+
+
+def _worst(state: _State, index: dict[str, int], records: Sequence[str], delta: float) -> tuple[float, list]:
+    best: tuple[float, list] = (0.0, [])
+    for i in _cohorts_of(state, index, records, delta):
+        eps = epsilon_for_history(state.cohorts[i].history, delta)
+        if eps > best[0]:
+            best = (eps, list(state.cohorts[i].history))
+    return best
+
+
+def _after_charge(state: _State, index: dict[str, int], records: Sequence[str], delta: float,
+                  noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    histories = [state.cohorts[i].history for i in _cohorts_of(state, index, records, delta)]
+    if any(r not in index for r in records):
+        histories.append([])  # records never charged before
+    return max(epsilon_for_history(compose_history(h, noise_multiplier, sample_rate, steps), delta) for h in histories)
+
+
+def _charge_cohorts(state: _State, records: set[str], delta: float, noise_multiplier: float, sample_rate: float,
+                    steps: int) -> None:
+    """Add the charge to every record of `records`: split cohorts it covers in part, then merge equal histories."""
+    out: list[_Cohort] = []
+    fresh = set(records)
+    for cohort in state.cohorts:
+        inside = cohort.records & records
+        fresh -= inside
+        if inside:
+            out.append(_Cohort(cohort.delta, compose_history(cohort.history, noise_multiplier, sample_rate, steps), inside))
+        if len(inside) < len(cohort.records):
+            out.append(_Cohort(cohort.delta, cohort.history, cohort.records - inside))
+    if fresh:
+        out.append(_Cohort(delta, compose_history([], noise_multiplier, sample_rate, steps), fresh))
+    merged: dict[tuple, _Cohort] = {}
+    for cohort in out:
+        key = (cohort.delta, tuple(cohort.history))
+        if key in merged:
+            merged[key].records |= cohort.records
+        else:
+            merged[key] = cohort
+    state.cohorts = list(merged.values())

@@ -89,7 +89,7 @@ def node_records(config: dict, plan) -> tuple[list[LabeledArrays], list[LabeledA
     trains, vals = [], []
     for pid in range(clients):
         node = NodeIdentity(name=f"node-{pid}", state_dir=Path("."), max_epsilon=1.0, delta=plan.delta,
-                            data_path=None, partition_id=pid, num_partitions=clients)
+                            data_path=None, partition_id=pid, num_partitions=clients, val_fraction=plan.val_fraction)
         data = load_node_data(node, plan)
         trains.append(data.train)
         vals.append(data.val)

@@ -3,7 +3,9 @@
 Pipeline per client (DESIGN 4.2 and 5), for a flattened delta x of d float32 values:
 1. clip to L2 norm C:                      x <- x * min(1, C / ||x||_2)
 2. add Gaussian noise (distributed DP):    x <- x + N(0, (sigma * C)^2 / n_min) per coordinate,
-   so any surviving set of >= n_min clients carries total noise std >= sigma * C on the sum;
+   so any n_min honest survivors carry total noise std >= sigma * C on the sum (the server
+   sets n_min = t - colluding nodes: colluders know, and can subtract, their own noise);
+   drawn, like the rounding of step 4, from the node's secret entropy;
 3. clamp each coordinate to [-B, B], B = C + 8 * sigma * C / sqrt(n_min) (a Gaussian passes 8
    standard deviations with probability < 1.3e-15 per coordinate; the clamp makes the no-wrap
    bound hold always rather than with high probability);
@@ -29,13 +31,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from privacy.secret_randomness import SecretRandom
+
 
 @dataclass(frozen=True)
 class EncodingParams:
     """Parameters every client and the server agree on for one round.
 
     clip_norm C (L2, model units); noise_multiplier sigma (0 = no client-level DP noise);
-    min_clients n_min (noise is split so that n_min clients carry sigma*C); scale: grid
+    min_clients n_min (noise is split so that any n_min honest clients carry sigma*C); scale: grid
     points per model unit; max_clients: the most clients whose sum must not wrap.
     """
 
@@ -76,9 +80,11 @@ def clip_l2(x: np.ndarray, clip_norm: float) -> np.ndarray:
     return x * min(1.0, clip_norm / norm) if norm > 0 else x.copy()
 
 
-def encode(x: np.ndarray, params: EncodingParams, rng: np.random.Generator) -> np.ndarray:
+def encode(x: np.ndarray, params: EncodingParams, randomness: SecretRandom) -> np.ndarray:
     """Steps 1-5 of the module docstring: float (d,) delta -> (d,) uint64 in Z_(2^k).
 
+    randomness: the node's secret source of the noise (step 2) and the rounding (step 4);
+    a server that knows the run's seed and the node's name cannot regenerate either.
     Raises ValueError for a non-finite delta (it would poison the sum).
     """
     x = np.asarray(x, dtype=np.float64).ravel()
@@ -86,10 +92,10 @@ def encode(x: np.ndarray, params: EncodingParams, rng: np.random.Generator) -> n
         raise ValueError("model delta has NaN/Inf values; refusing to encode it")
     x = clip_l2(x, params.clip_norm)
     if params.noise_multiplier > 0:
-        x = x + rng.normal(0.0, params.noise_std, size=x.shape)
+        x = x + randomness.gaussian(x.size, params.noise_std)
     x = np.clip(x, -params.clamp, params.clamp) * params.scale
     floor = np.floor(x)
-    z = floor + (rng.random(x.shape) < (x - floor))  # unbiased stochastic rounding
+    z = floor + (randomness.uniform(x.size) < (x - floor))  # unbiased stochastic rounding
     return to_ring(z.astype(np.int64), params.modulus_bits)
 
 
