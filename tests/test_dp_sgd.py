@@ -55,6 +55,13 @@ def test_the_noise_added_per_step_has_the_dp_sgd_standard_deviation():
     expected_std = 0.5 * 2.0 * 1.0 / expected_batch * math.sqrt(steps)
     assert moved.std() == pytest.approx(expected_std, rel=0.1)
     assert abs(moved.mean()) < 4 * expected_std / math.sqrt(moved.size)
+    # That noise is the key's: the same torch seed with another key moves the weight elsewhere,
+    # the same key moves it identically.
+    for key, same in ((b"k" * 32, True), (b"j" * 32, False)):
+        torch.manual_seed(0)
+        again = _session(train, sigma=2.0, batch=64)
+        other = (again.train_epochs(1, SecretRandom(key)).state[name] - before).reshape(-1).numpy()
+        assert np.array_equal(other, moved.astype(np.float32)) is same
 
 
 def test_every_size_and_batch_runs_exactly_the_steps_charged():

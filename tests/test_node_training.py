@@ -2,11 +2,12 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from client.config import ConfigError, NodeIdentity, TrainingPlan
-from client.node_training import load_node_data, plan_noise, train_round
+from client.node_training import load_node_data, plan_noise, split_validation, train_round
 from privacy.accountants import PrivacyLedger, epsilon_for_history
 from shared_models import build_model
 
@@ -143,3 +144,27 @@ def test_a_node_killed_mid_round_keeps_the_whole_rounds_charge(tmp_path):
     ledger = PrivacyLedger(tmp_path)
     assert ledger.worst(data.train.record_ids, 1e-5)[1] == [(sigma, q, steps)]
     assert ledger.epsilon(data.train.record_ids, 1e-5) == pytest.approx(epsilon_for_history([(sigma, q, steps)], 1e-5))
+
+
+def test_the_validation_share_is_fixed_by_record_content_not_by_the_run(tmp_path):
+    from client.datasets import load_npz
+
+    images = np.random.default_rng(0).integers(0, 256, (200, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "site.npz", train_images=images, train_labels=np.arange(200) % 2)
+    data = load_npz(tmp_path / "site.npz")["train"]
+    train, val = split_validation(data, 0.1)
+    assert len(val) == 20 and not set(val.record_ids) & set(train.record_ids)
+    # Another order of the same records: the same validation records.
+    shuffled = data.subset(np.random.default_rng(1).permutation(200))
+    assert set(split_validation(shuffled, 0.1)[1].record_ids) == set(val.record_ids)
+    # One record more: at most one record changes side.
+    np.savez(tmp_path / "grown.npz", train_images=np.concatenate([images, images[:1] // 2 + 1]),
+             train_labels=np.arange(201) % 2)
+    grown_val = split_validation(load_npz(tmp_path / "grown.npz")["train"], 0.1)[1]
+    assert len(set(val.record_ids) - set(grown_val.record_ids)) <= 1
+    # A deployed node's share is its owner's: the run-config's seed and val-fraction change nothing.
+    node = NodeIdentity(name="site", state_dir=tmp_path, max_epsilon=8.0, delta=1e-5, data_path=str(tmp_path / "site.npz"),
+                        partition_id=None, num_partitions=None, val_fraction=0.1)
+    runs = [{**RUN_CONFIG, "seed": 0, "val-fraction": 0.1}, {**RUN_CONFIG, "seed": 9, "val-fraction": 0.4}]
+    shares = [load_node_data(node, TrainingPlan.from_run_config(run)) for run in runs]
+    assert shares[0].val.record_ids == shares[1].val.record_ids and set(shares[0].val.record_ids) == set(val.record_ids)
