@@ -357,7 +357,7 @@ def threat_model(summary: dict) -> str:
         second = ("Differential privacy was off, so nothing bounds what the model, the updates or these "
                   "metrics reveal about any one record.")
     third = ("A deployed node refuses runs that break its owner's policy (DP-SGD and SecAgg+ required by default); "
-             "refusals are listed below.")
+             "any refusal is listed below.")
     return f"{first} {second} {third}"
 
 

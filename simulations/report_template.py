@@ -106,6 +106,10 @@ TEMPLATE = """<!DOCTYPE html>
 </ul>
 {% endif %}
 
+<img class="plot" id="plot-epsilon" data-plot="{{ plot_files.epsilon }}" alt="each node's epsilon by round against its budget" src="{{ plots.epsilon }}">
+<p class="sub">Each line is one node's cumulative epsilon as the node reported it after each round (ledger.json);
+  nodes that spent the same overlap. A round that would take a node past its budget (dashed) is declined.</p>
+
 <h3>What each node sent, and what protects it</h3>
 <table id="releases">
   <thead><tr><th>field</th><th>sent</th><th>protected by</th></tr></thead>
@@ -115,10 +119,6 @@ TEMPLATE = """<!DOCTYPE html>
   {% endfor %}
   </tbody>
 </table>
-
-<img class="plot" id="plot-epsilon" data-plot="{{ plot_files.epsilon }}" alt="each node's epsilon by round against its budget" src="{{ plots.epsilon }}">
-<p class="sub">Each line is one node's cumulative epsilon as the node reported it after each round (ledger.json);
-  nodes that spent the same overlap. A round that would take a node past its budget (dashed) is declined.</p>
 
 <h2>Model quality</h2>
 <img class="plot" id="plot-accuracy" data-plot="{{ plot_files.accuracy }}" alt="global test accuracy and loss by round" src="{{ plots.accuracy }}">
