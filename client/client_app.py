@@ -12,18 +12,21 @@ The work is in `client.node_training` and `client.secure_aggregation`.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import faults
 from client import secure_aggregation as secagg
-from client.config import TrainingPlan, node_identity, policy_refusal
+from client.config import ConfigError, TrainingPlan, as_bool, node_identity, policy_refusal
 from client.node_training import device, load_node_data, node_randomness, train_round
 from privacy.dp_sgd import evaluate as evaluate_model
 from shared_models import build_model
 
 app = ClientApp()
+log = logging.getLogger("fedpriv.client")
 
 
 def _setup(context: Context):
@@ -34,23 +37,35 @@ def _setup(context: Context):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training; any error becomes a named failure reply, never a crash."""
-    plan = TrainingPlan.from_run_config(dict(context.run_config))
-    node = node_identity(context, plan)
+    """One round of local training; any error becomes a named failure reply, never a crash.
+
+    What a failure reply says: the exception's type and message for a run-config the node
+    cannot accept (the coordinator's own input) and in simulations; for any other error a
+    deployed node sends the type only and keeps the message in its own log, since a message
+    (a file name, a value) may depend on its data, which DP does not cover.
+    """
+    deployed = "data-path" in context.node_config
+    name = str(context.node_config.get("node-name", "node")) if deployed else \
+        f"node-{context.node_config.get('partition-id', '?')}"
     try:
+        plan = TrainingPlan.from_run_config(dict(context.run_config))
+        node = node_identity(context, plan)
+        name = node.name
         return _train(msg, context, plan, node)
     except Exception as err:  # noqa: BLE001 - one node's failure must not take others down
-        # Only the exception's type and message leave the node (no traceback, no data).
+        log.error("%s: round failed: %s: %s", name, type(err).__name__, err)
+        told = f"{type(err).__name__}: {err}" if not deployed or isinstance(err, ConfigError) else \
+            f"{type(err).__name__} (the message stays in the node's log)"
         return Message(content=RecordDict({
             "metrics": MetricRecord({"failed": 1}),
-            "node": ConfigRecord({"name": node.name, "error": f"{type(err).__name__}: {err}"}),
+            "node": ConfigRecord({"name": name, "error": told}),
         }), reply_to=msg)
 
 
 def _train(msg: Message, context: Context, plan: TrainingPlan, node) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
-    secure = bool(config.get("secagg", False))
+    secure = as_bool(config.get("secagg", False), "train message 'secagg'")
     refusal = policy_refusal(node, plan, secure)
     if refusal:  # the site's policy, not the coordinator's plan, decides: nothing is trained or charged
         return Message(content=RecordDict({
@@ -70,9 +85,11 @@ def _train(msg: Message, context: Context, plan: TrainingPlan, node) -> Message:
         # Keep the encoded update here; only its masked form will leave the node. Its
         # client-level noise and stochastic rounding come from secret entropy.
         delta = secagg.flatten_delta(outcome.state, global_state)
-        # The norm before clipping helps choose --clip-norm; a function of the DP-SGD
-        # output (sample-level DP covers it), not hidden by SecAgg+ (client.releases).
-        metrics["update-norm"] = float(np.linalg.norm(delta))
+        if float(config.get("client-noise-multiplier", 0.0)) == 0.0:
+            # The norm before clipping helps choose --clip-norm; a function of the DP-SGD output
+            # (sample-level DP covers it), not hidden by SecAgg+. Not sent once client-level
+            # noise is on: it would be one node's statistic outside client-level DP.
+            metrics["update-norm"] = float(np.linalg.norm(delta))
         secagg.store_encoded_update(context, delta, config, node_randomness(node, plan, server_round, "secagg-encoding"),
                                     spool_dir=node.state_dir / "secagg-spool")
         if simulated:

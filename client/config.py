@@ -11,6 +11,7 @@ stands in for the owners of the simulated nodes.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -25,8 +26,27 @@ DEFAULT_MAX_EPSILON = 8.0
 DEFAULT_DELTA = 1e-5
 
 
+# Ranges a node accepts from the coordinator's run-config. Outside them DP-SGD's arithmetic
+# breaks: a clipping norm near float32's denormals rounds clipped gradients above C (more
+# spent than charged), and Opacus's noise search never ends for an epsilon near 1e15.
+MAX_GRAD_NORM_RANGE = (1e-4, 1e4)
+MAX_EPSILON_PER_RUN = 1e3
+
+
 class ConfigError(ValueError):
     """A run-config or node-config value is missing or out of range (message names the key)."""
+
+
+def as_bool(value, where: str) -> bool:
+    """A TOML boolean, or the strings "true"/"false"; anything else raises ConfigError naming `where`.
+
+    (Python's bool("false") is True: a run-config string must never switch DP on or off by accident.)
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"{where} must be true or false, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,8 @@ class TrainingPlan:
         def get(key, kind):
             if key not in cfg:
                 raise ConfigError(f"run-config is missing '{key}'")
+            if kind is bool:
+                return as_bool(cfg[key], f"run-config '{key}'")
             try:
                 return kind(cfg[key])
             except (TypeError, ValueError) as err:
@@ -95,13 +117,14 @@ class TrainingPlan:
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
             (plan.local_epochs >= 1, "local-epochs", "an integer >= 1"),
             (plan.batch_size >= 1, "batch-size", "an integer >= 1"),
-            (plan.lr > 0, "lr", "> 0"),
+            (0 < plan.lr < math.inf, "lr", "a finite number > 0"),
             (plan.optimizer in ("sgd", "adam"), "optimizer", "'sgd' or 'adam'"),
             (0 <= plan.momentum < 1, "momentum", "in [0, 1)"),
             (plan.activation in ("tanh", "relu"), "activation", "'tanh' or 'relu'"),
-            (not plan.dp or plan.epsilon > 0, "epsilon", "> 0"),
+            (not plan.dp or 0 < plan.epsilon <= MAX_EPSILON_PER_RUN, "epsilon", f"in (0, {MAX_EPSILON_PER_RUN:g}]"),
             (0 < plan.delta < 1, "delta", "in (0, 1)"),
-            (plan.max_grad_norm > 0, "max-grad-norm", "> 0"),
+            (MAX_GRAD_NORM_RANGE[0] <= plan.max_grad_norm <= MAX_GRAD_NORM_RANGE[1], "max-grad-norm",
+             "in [%g, %g]" % MAX_GRAD_NORM_RANGE),
             (0 <= plan.val_fraction < 0.5, "val-fraction", "in [0, 0.5)"),
             (plan.canaries >= 0, "canaries", "an integer >= 0"),
         ]
@@ -144,15 +167,6 @@ def default_state_dir() -> Path:
     return Path(user_state_dir("fedpriv"))
 
 
-def _flag(cfg: dict, key: str, default: bool) -> bool:
-    value = cfg.get(key, default)
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "false"):
-        return str(value).lower() == "true"
-    raise ConfigError(f"node-config '{key}' must be true or false, got {value!r}")
-
-
 def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
     """Read the node's identity and policy from node-config (deployment) or the run (simulation).
 
@@ -183,7 +197,8 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         raise ConfigError(f"node-config 'node-name' must use letters, digits, '_', '.', '-' only, got {name!r}")
     if data_path is None:  # simulation: the researcher's run-config is the owners' policy
         max_eps = float(run_cfg.get("max-epsilon", 0.0) or plan.epsilon)
-        delta, require_dp, require_secagg = plan.delta, plan.dp, bool(run_cfg.get("secagg", False))
+        delta, require_dp = plan.delta, plan.dp
+        require_secagg = as_bool(run_cfg.get("secagg", False), "run-config 'secagg'")
         val_fraction = plan.val_fraction
         state = run_cfg.get("state-dir") or ""
     else:
@@ -193,7 +208,8 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
             val_fraction = float(node_cfg.get("val-fraction", 0.0))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"node-config 'max-epsilon', 'delta' and 'val-fraction' must be numbers ({err})") from err
-        require_dp, require_secagg = _flag(node_cfg, "require-dp", True), _flag(node_cfg, "require-secagg", True)
+        require_dp = as_bool(node_cfg.get("require-dp", True), "node-config 'require-dp'")
+        require_secagg = as_bool(node_cfg.get("require-secagg", True), "node-config 'require-secagg'")
         state = node_cfg.get("state-dir") or ""
     if not max_eps > 0:
         raise ConfigError(f"'max-epsilon' must be > 0, got {max_eps}")

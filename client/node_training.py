@@ -11,9 +11,9 @@ Order of a round (DESIGN 4.1):
    with noise and Poisson sampling drawn from secret OS entropy (`privacy.secret_randomness`),
    then check that the steps Opacus's accountant saw are the steps charged.
 
-The validation share is the node's, not the run's: the records whose content ids hash
-lowest (`split_validation`), so no run-config value moves a record between training and
-validation, and adding a record moves at most one.
+The validation share is the node's, not the run's: a record's side follows from a hash of
+its own content id (`split_validation`), so no run-config value, and no other record, moves
+it between training and validation.
 """
 
 from __future__ import annotations
@@ -67,19 +67,23 @@ class RoundOutcome:
 
 
 def split_validation(data: LabeledArrays, fraction: float) -> tuple[LabeledArrays, LabeledArrays]:
-    """(train, validation) shares of a node's records, fixed by their content.
+    """(train, validation) shares of a node's records, fixed by each record's own content.
 
-    The validation share is the round(fraction * N) records whose SHA-256("fedpriv-validation",
-    record id) is lowest: the same records whatever run, seed or file order, and a dataset
-    with one record added keeps all but at most one of them. Raises ValueError when no
-    training record would be left.
+    A record is in the validation share iff SHA-256("fedpriv-validation", record id), read
+    as a number in [0, 1), is below `fraction`: its side depends on nothing else, so no run,
+    seed or file order moves it, and adding or removing *another* record never does (two
+    neighbouring datasets differ in one training record, not two). The share holds about
+    fraction * N records (Binomial). Raises ValueError when no training record would be left.
     """
-    n_val = int(round(fraction * len(data)))
-    if len(data) - n_val < 1:
+    in_val = np.array([_unit_hash(rid) < fraction for rid in data.record_ids], dtype=bool)
+    if in_val.all():
         raise ValueError(f"node has {len(data)} records: too few to keep a validation share of {fraction}")
-    keys = [hashlib.sha256(b"fedpriv-validation\0" + rid.encode()).digest() for rid in data.record_ids]
-    order = sorted(range(len(data)), key=keys.__getitem__)
-    return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
+    return data.subset(np.flatnonzero(~in_val)), data.subset(np.flatnonzero(in_val))
+
+
+def _unit_hash(record_id: str) -> float:
+    digest = hashlib.sha256(b"fedpriv-validation\0" + record_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def load_node_data(node: NodeIdentity, plan: TrainingPlan) -> NodeData:

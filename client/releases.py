@@ -29,9 +29,9 @@ NODE_RELEASES: tuple[Release, ...] = (
             "sample-level DP, and by client-level DP when client noise is on"),
     Release("SecAgg+ public keys, encrypted shares, revealed shares", "SecAgg+ stages",
             "fresh per round; shares encrypted to their recipient (AES-GCM); never both share kinds of one node"),
-    Release("update-norm", "train reply, with SecAgg+",
-            "sample-level DP (a function of the DP-SGD output); not hidden by SecAgg+ and not covered by "
-            "client-level DP"),
+    Release("update-norm", "train reply, with SecAgg+ and no client-level noise",
+            "sample-level DP (a function of the DP-SGD output); not hidden by SecAgg+, and never sent when "
+            "client-level noise is on"),
     Release("num-examples", "train reply", "not covered: the training record count is public metadata"),
     Release("epsilon, delta, max-epsilon, steps-total", "train reply (DP runs)",
             "not covered: the ledger's state, a function of public parameters and of which records were charged "
@@ -40,7 +40,10 @@ NODE_RELEASES: tuple[Release, ...] = (
             "not covered: functions of the run's public plan and the record count"),
     Release("declined, reason", "train reply", "not covered: says that some training record would pass the budget"),
     Release("refused, reason", "train reply", "not covered: the site's policy, which the site chooses to state"),
-    Release("failed, error", "train reply", "not covered: an exception's type and message, never a traceback or data"),
+    Release("failed, error", "train reply",
+            "not covered: that the round failed, and the exception's type; its message only for a run-config the "
+            "node refused or in simulations (a deployed node keeps other messages in its log). Non-finite "
+            "per-sample gradients are zeroed before clipping, so a record cannot be made to fail a round"),
     Release("val-loss, val-accuracy, val-auc, num-val-examples", "train and evaluate replies, only when the "
             "site keeps a validation share (fedpriv node --val-fraction; simulations: --val-fraction)",
             "not covered: computed without noise on the validation records, which are never trained on; off by "

@@ -83,10 +83,11 @@ class PoissonBatchSampler:
 class SecretNoiseDPOptimizer(DPOptimizer):
     """Opacus's `DPOptimizer` with its Gaussian noise drawn from a `SecretRandom`.
 
-    Same clipping, accumulation and scaling as Opacus; only `add_noise` differs: one draw of
+    Same clipping, accumulation and scaling as Opacus, except: `add_noise` draws
     N(0, (noise_multiplier * max_grad_norm)^2) per parameter coordinate from the node's
     ChaCha20 keystream (float-attack mitigated, `privacy.secret_randomness`), not from torch's
-    seeded generator. Written against opacus 1.6.0 (pinned), whose `add_noise` it mirrors.
+    seeded generator; and `clip_and_accumulate` first zeroes samples with non-finite
+    gradients. Written against opacus 1.6.0 (pinned), whose `add_noise` it mirrors.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
@@ -94,6 +95,26 @@ class SecretNoiseDPOptimizer(DPOptimizer):
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction="mean")
         self.randomness = randomness
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus's per-sample clipping, after zeroing every sample whose gradient is not finite.
+
+        A record whose gradient overflows (NaN/Inf: the coordinator can craft weights that do
+        this for one chosen record) would otherwise turn the whole clipped sum, and the node's
+        reply, into NaN: a membership test outside DP. Zeroed, it contributes 0, within the
+        clipping bound C like any record.
+        """
+        for p in self.params:
+            if isinstance(p.grad_sample, list):  # accumulated batches (not used here): one tensor
+                p.grad_sample = torch.cat(p.grad_sample, dim=0)
+        samples = self.grad_samples
+        if len(samples[0]):
+            finite = torch.stack([torch.isfinite(g.reshape(len(g), -1)).all(dim=1) for g in samples]).all(dim=0)
+            if not bool(finite.all()):
+                for p in self.params:
+                    p.grad_sample = torch.where(finite.view(-1, *[1] * (p.grad_sample.dim() - 1)), p.grad_sample,
+                                                torch.zeros_like(p.grad_sample))
+        super().clip_and_accumulate()
 
     def add_noise(self) -> None:
         """p.grad <- (sum of clipped per-sample gradients) + secret Gaussian noise, for every parameter."""

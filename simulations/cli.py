@@ -136,7 +136,7 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                      help="SecAgg+ reconstruction threshold t (0: max(2, 2/3 of a round's participants))")
     sec.add_argument("--clip-norm", type=_positive_float, default=None,
                      help="L2 clip C of each node's model update; required with --client-noise-multiplier > 0 "
-                          f"(see update_norms in metrics.jsonl). Without client-level noise the default {UNCLIPPED_NORM:g} "
+                          f"(see update_norms in metrics.jsonl of a run without client-level noise). Without client-level noise the default {UNCLIPPED_NORM:g} "
                           "never binds and only bounds the SecAgg+ encoding")
     sec.add_argument("--client-noise-multiplier", type=float, default=0.0,
                      help="sigma of the distributed client-level Gaussian: the sum carries noise std >= sigma*C "
@@ -223,6 +223,7 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
     nodes_label: how error messages name the node count (a flag, or the kit's nodes).
     Raises ValueError naming the flag.
     """
+    from client.config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
     from simulations.datasets import dataset_task
     from shared_models import model_names
 
@@ -236,11 +237,19 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
         raise ValueError("secure aggregation needs at least 2 clients (or use --no-secagg)")
     if args.client_noise_multiplier < 0:
         raise ValueError(f"--client-noise-multiplier must be >= 0, got {args.client_noise_multiplier}")
+    low, high = MAX_GRAD_NORM_RANGE
+    if not low <= args.max_grad_norm <= high:
+        raise ValueError(f"--max-grad-norm must be in [{low:g}, {high:g}] (nodes refuse others), got {args.max_grad_norm}")
+    if not args.no_dp and args.epsilon > MAX_EPSILON_PER_RUN:
+        raise ValueError(f"--epsilon must be at most {MAX_EPSILON_PER_RUN:g} (nodes refuse more), got {args.epsilon}")
+    if args.client_noise_multiplier > 0 and args.client_delta >= 1.0 / nodes:
+        raise ValueError(f"--client-delta must be < 1/{nodes_label} = {1.0 / nodes:.3g}, got {args.client_delta:g}")
     if args.colluding_nodes < -1:
         raise ValueError(f"--colluding-nodes must be -1 (threshold - 1) or >= 0, got {args.colluding_nodes}")
     if args.client_noise_multiplier > 0 and args.clip_norm is None:
         raise ValueError("--client-noise-multiplier needs an explicit --clip-norm: the noise std is sigma*C, so C "
-                         "should sit near the nodes' update norms (reported as update_norms in metrics.jsonl)")
+                         "should sit near the nodes' update norms (update_norms in metrics.jsonl of a run without client-level "
+                         "noise)")
     return task
 
 

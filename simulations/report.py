@@ -344,8 +344,9 @@ def threat_model(summary: dict) -> str:
     (KeyError if absent; `load_run` checks both).
     """
     if summary["secure_aggregation"]:
-        first = ("With SecAgg+ secure aggregation the server saw only the sum of at least t nodes' updates, "
-                 "never one node's, as long as it followed the protocol and at most t-1 nodes colluded with it.")
+        first = ("With SecAgg+ secure aggregation the server saw only the sum of at least t nodes' updates, as "
+                 "long as it followed the protocol; nodes colluding with it know their own, so with t-1 of them the "
+                 "sum is one honest node's update, which its sample-level DP still covers.")
     else:
         first = "Secure aggregation was off: the server saw each node's model update in the clear."
     if summary["dp"]:

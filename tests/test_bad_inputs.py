@@ -215,6 +215,10 @@ CLI_CASES = {
     "client noise without clip": (["--client-noise-multiplier", "0.5"], "needs an explicit --clip-norm"),
     "path without task": (["--dataset", "."], "say its --task"),
     "model of another task": (["--model", "conv-lstm"], "--model for task 'vision' must be one of"),
+    "clipping norm nodes refuse": (["--max-grad-norm", "1e-9"], "--max-grad-norm must be in [0.0001, 10000]"),
+    "epsilon nodes refuse": (["--epsilon", "1e15"], "--epsilon must be at most 1000"),
+    "client delta above 1/clients": (["--client-noise-multiplier", "0.5", "--clip-norm", "1", "--client-delta", "0.5"],
+                                     "--client-delta must be < 1/--clients = 0.2"),
 }
 
 

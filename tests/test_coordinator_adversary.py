@@ -10,11 +10,14 @@ failed on 14c484c (the code the review attacked) and passes now:
 3. a deployed node refuses `dp=false`, a round without SecAgg+, and reproducible noise;
 4. another seed, another validation share, one added record or a renamed file never let
    the node's cumulative epsilon pass its `max-epsilon`;
-5. N=744, B=8 (where Opacus's loader runs one step less than ceil(N/B)) trains every round.
+5. N=744, B=8 (where Opacus's loader runs one step less than ceil(N/B)) trains every round;
+6. weights crafted so that one chosen record's gradient overflows do not turn the node's
+   reply (failed or not) into a membership test (found by a review after the fix of 1-5).
 """
 
 from __future__ import annotations
 
+import csv
 import multiprocessing
 import shutil
 from pathlib import Path
@@ -58,8 +61,8 @@ def _write_site(path: Path, count: int, offset: int = 0, extra: int = 0) -> Path
     return path
 
 
-def _site_context(data: Path, state: Path, **policy) -> Context:
-    node_config = {"node-name": "site-a", "data-path": str(data), "task": "vision", "max-epsilon": 8.0,
+def _site_context(data: Path, state: Path, task: str = "vision", **policy) -> Context:
+    node_config = {"node-name": "site-a", "data-path": str(data), "task": task, "max-epsilon": 8.0,
                    "delta": DELTA, "state-dir": str(state), **policy}
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
@@ -240,6 +243,41 @@ def test_5_a_node_of_744_records_at_batch_8_trains_and_contributes_every_round(t
         assert metrics["declined"] == 0 and metrics["round-steps"] == 93 == -(-744 // 8)
         assert metrics["steps-total"] == 93 * server_round and "arrays" in reply.content
         arrays = reply.content["arrays"]
+
+
+def test_6_a_record_whose_gradient_overflows_does_not_make_the_reply_a_membership_test(tmp_path):
+    from client.datasets import load_local
+
+    def write(path, rows):
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([("text", "label"), *rows])
+        return path
+
+    others = [(f"visit {i}: blood pressure {100 + i % 40}, follow up in {i % 12 + 1} weeks", "ham" if i % 3 else "spam")
+              for i in range(199)]
+    target, substitute = ("xq zv jw kq vx zj qx wz jq xz vq kz", "spam"), ("visit 999: routine check", "ham")
+    d, d_prime = write(tmp_path / "d.csv", others + [target]), write(tmp_path / "d-prime.csv", others + [substitute])
+    # The coordinator computes every record's features with the public model code and sends
+    # weights whose class-0 logit overflows float32 on the target's n-gram buckets only.
+    model = build_model("text", None, (200,), 2)
+    with torch.no_grad():
+        features = model.features(torch.from_numpy(load_local(d, "text").x))
+    buckets = features[-1] > 0
+    target_mass, other_mass = float(features[-1][buckets].sum()), float(features[:-1][:, buckets].sum(1).max())
+    assert other_mass < target_mass
+    scale = float(np.finfo(np.float32).max) / np.sqrt(target_mass * max(other_mass, target_mass / 4))
+    state = model.state_dict()
+    state["linear.weight"] = torch.zeros_like(state["linear.weight"])
+    state["linear.weight"][0, buckets] = scale
+    state["linear.bias"] = torch.zeros_like(state["linear.bias"])
+    run = {"task": "text", "dataset": "sms_spam", "lr": 8.0, "batch-size": 10_000, "epsilon": 1.0, "secagg": True}
+    secagg = {"secagg": True, "clip-norm": 10.0, "client-noise-multiplier": 0.0, "min-clients": 2, "scale": 1e4,
+              "max-clients": 3}
+    for path in (d, d_prime):  # q = 1: the target is in every batch of D
+        for trial in range(3):
+            context = _site_context(path, tmp_path / f"{path.stem}-{trial}", task="text")
+            reply = _ask_to_train(context, run, arrays=ArrayRecord(state), **secagg)  # asserts the node did not fail
+            assert reply.content["metrics"]["declined"] == 0
 
 
 def test_replies_carry_only_the_fields_listed_as_released(tmp_path):

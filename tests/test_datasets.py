@@ -20,6 +20,7 @@ from client.datasets import (
     load_npz,
     load_sms_spam,
     load_text_csv,
+    read_tsv,
 )
 
 
@@ -210,3 +211,13 @@ def test_record_ids_follow_content_not_names_order_or_format(tmp_path):
         (tmp_path / "folder" / label).mkdir(parents=True)
         Image.fromarray(image).save(tmp_path / "folder" / label / "x.png")
     assert load_npz(tmp_path / "site.npz")["train"].record_ids == load_image_folder(tmp_path / "folder").record_ids
+    # ... and so are the same pixels exported as (N, H, W, 1) or as floats in [0, 1].
+    np.savez(tmp_path / "hwc.npz", train_images=pixels[..., None], train_labels=np.array([0, 1]))
+    np.savez(tmp_path / "float.npz", train_images=pixels.astype(np.float32) / np.float32(255), train_labels=np.array([0, 1]))
+    for other in ("hwc.npz", "float.npz"):
+        assert load_npz(tmp_path / other)["train"].record_ids == load_npz(tmp_path / "site.npz")["train"].record_ids
+    # A text re-saved from the SMS TSV format to CSV (or with white space around it) is the same record.
+    (tmp_path / "sms.tsv").write_text("ham\tcall me back \nspam\tWIN a prize now\n", encoding="utf-8")
+    tsv = read_tsv(tmp_path / "sms.tsv")
+    csv_ids = write(tmp_path / "sms.csv", [("call me back", "ham"), (" WIN a prize now", "spam")]).record_ids
+    assert tsv.record_ids == csv_ids

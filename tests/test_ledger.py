@@ -82,12 +82,15 @@ def test_ledgers_of_the_earlier_layout_are_adopted_never_dropped(tmp_path):
                                "history": [[1.2, 0.02, 300]], "events": []}))
     ledger = PrivacyLedger(tmp_path)
     assert not old.exists() and (tmp_path / "ledgers" / "migrated" / old.name).exists()
-    # The old ledger had no record ids: its spend goes to every record the node holds next.
-    assert ledger.adopt_legacy("site-a", ["r1", "r2"], D) == 1
-    assert ledger.adopt_legacy("site-a", ["r1", "r2"], D) == 0  # once only
+    # The old ledger had no record ids: its spend goes to every record the node holds.
+    assert ledger.adopt_legacy("site-a", ["r1", "r2"], D) == 2
+    assert ledger.adopt_legacy("site-a", ["r1", "r2"], D) == 0  # once per record
     assert ledger.epsilon(["r2"], D) == pytest.approx(_eps((1.2, 0.02, 300)))
     _charge(ledger, ["r1"], 10, node="site-a")
     assert ledger.worst(["r1"], D)[1] == [(1.2, 0.02, 300), (1.0, 0.05, 10)]
+    # ... also to records the node opens later (the old spend may have been on those).
+    assert PrivacyLedger(tmp_path).adopt_legacy("site-a", ["r1", "later"], D) == 1
+    assert ledger.epsilon(["later"], D) == pytest.approx(_eps((1.2, 0.02, 300)))
     assert PrivacyLedger(tmp_path).adopt_legacy("site-b", ["x"], D) == 0
 
 

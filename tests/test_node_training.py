@@ -33,7 +33,8 @@ def test_rounds_spend_the_run_budget_and_a_second_run_continues_then_declines(tm
     plan = TrainingPlan.from_run_config(RUN_CONFIG)
     node = _node(tmp_path, max_epsilon=2.5)  # 2 rounds spend 2.0, 3 rounds 2.35, 4 rounds 2.66
     data = load_node_data(node, plan)
-    assert len(data.train) == 431 and len(data.val) == 48  # 1437/3 records, 10% validation
+    assert len(data.train) + len(data.val) == 479  # 1437 / 3 records
+    assert set(data.val.record_ids) == _validation_by_hand(data.record_ids, 0.1)
     sigma, q, steps = plan_noise(plan, len(data.train), node.delta)
     state = _global(data)
 
@@ -41,7 +42,7 @@ def test_rounds_spend_the_run_budget_and_a_second_run_continues_then_declines(tm
     assert all(not o.declined for o in first)
     assert first[0].metrics["epsilon"] < first[1].metrics["epsilon"] <= 2.0
     assert first[1].metrics["epsilon"] == pytest.approx(epsilon_for_history([(sigma, q, 2 * steps)], 1e-5))
-    assert first[1].metrics["steps-total"] == 2 * steps == 2 * 7
+    assert first[1].metrics["steps-total"] == 2 * steps == 2 * -(-len(data.train) // 64)
     changed = [k for k in state if not torch.equal(state[k], first[0].state[k])]
     assert len(changed) == len(state)
 
@@ -77,14 +78,26 @@ def test_without_dp_there_is_no_ledger_and_weights_change(tmp_path):
     out = train_round(node, plan, data, state, 1, "run")
     assert "epsilon" not in out.metrics and not (tmp_path / "ledgers").exists()
     assert any(not torch.equal(state[k], out.state[k]) for k in state)
-    assert out.metrics["num-examples"] == 431 and 0.0 <= out.metrics["val-accuracy"] <= 1.0
+    assert out.metrics["num-examples"] == len(data.train) and 0.0 <= out.metrics["val-accuracy"] <= 1.0
 
 
 def test_run_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="missing 'lr'"):
         TrainingPlan.from_run_config({k: v for k, v in RUN_CONFIG.items() if k != "lr"})
-    with pytest.raises(ConfigError, match="'epsilon' must be > 0"):
+    with pytest.raises(ConfigError, match=r"'epsilon' must be in \(0, 1000\]"):
         TrainingPlan.from_run_config({**RUN_CONFIG, "epsilon": 0.0})
+    # Values a coordinator could send to break DP-SGD's arithmetic: refused, naming the key.
+    for key, value, message in (("epsilon", 1e15, "epsilon"), ("epsilon", float("inf"), "epsilon"),
+                                ("max-grad-norm", 1e-44, r"max-grad-norm' must be in \[0.0001, 10000\]"),
+                                ("max-grad-norm", float("nan"), "max-grad-norm"), ("lr", float("inf"), "lr"),
+                                ("dp", "false", None), ("dp", "no", "'dp' must be true or false"),
+                                ("reproducible-noise", 1, "'reproducible-noise' must be true or false")):
+        cfg = {**RUN_CONFIG, key: value}
+        if message is None:  # the string "false" is read as False, never as a truthy string
+            assert TrainingPlan.from_run_config(cfg).dp is False
+            continue
+        with pytest.raises(ConfigError, match=message):
+            TrainingPlan.from_run_config(cfg)
     with pytest.raises(ConfigError, match="'optimizer'"):
         TrainingPlan.from_run_config({**RUN_CONFIG, "optimizer": "lbfgs"})
     plan = TrainingPlan.from_run_config(RUN_CONFIG)
@@ -140,10 +153,18 @@ def test_a_node_killed_mid_round_keeps_the_whole_rounds_charge(tmp_path):
     node = _node(tmp_path, max_epsilon=100.0)
     data = load_node_data(node, plan)
     sigma, q, steps = plan_noise(plan, len(data.train), node.delta)
-    assert steps == 500 * 7
+    assert steps == 500 * -(-len(data.train) // 64)
     ledger = PrivacyLedger(tmp_path)
     assert ledger.worst(data.train.record_ids, 1e-5)[1] == [(sigma, q, steps)]
     assert ledger.epsilon(data.train.record_ids, 1e-5) == pytest.approx(epsilon_for_history([(sigma, q, steps)], 1e-5))
+
+
+def _validation_by_hand(record_ids, fraction):
+    """The validation share recomputed independently: SHA-256 of the id, first 8 bytes < fraction * 2^64."""
+    import hashlib
+
+    return {rid for rid in record_ids
+            if int.from_bytes(hashlib.sha256(b"fedpriv-validation\0" + rid.encode()).digest()[:8], "big") < fraction * 2**64}
 
 
 def test_the_validation_share_is_fixed_by_record_content_not_by_the_run(tmp_path):
@@ -153,15 +174,16 @@ def test_the_validation_share_is_fixed_by_record_content_not_by_the_run(tmp_path
     np.savez(tmp_path / "site.npz", train_images=images, train_labels=np.arange(200) % 2)
     data = load_npz(tmp_path / "site.npz")["train"]
     train, val = split_validation(data, 0.1)
-    assert len(val) == 20 and not set(val.record_ids) & set(train.record_ids)
+    assert set(val.record_ids) == _validation_by_hand(data.record_ids, 0.1) and 5 < len(val) < 40
+    assert not set(val.record_ids) & set(train.record_ids) and len(train) + len(val) == 200
     # Another order of the same records: the same validation records.
     shuffled = data.subset(np.random.default_rng(1).permutation(200))
     assert set(split_validation(shuffled, 0.1)[1].record_ids) == set(val.record_ids)
-    # One record more: at most one record changes side.
-    np.savez(tmp_path / "grown.npz", train_images=np.concatenate([images, images[:1] // 2 + 1]),
-             train_labels=np.arange(201) % 2)
-    grown_val = split_validation(load_npz(tmp_path / "grown.npz")["train"], 0.1)[1]
-    assert len(set(val.record_ids) - set(grown_val.record_ids)) <= 1
+    # Records added: none of the others changes side.
+    more = np.random.default_rng(2).integers(0, 256, (50, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "grown.npz", train_images=np.concatenate([images, more]), train_labels=np.arange(250) % 2)
+    grown_train, grown_val = split_validation(load_npz(tmp_path / "grown.npz")["train"], 0.1)
+    assert set(val.record_ids) <= set(grown_val.record_ids) and set(train.record_ids) <= set(grown_train.record_ids)
     # A deployed node's share is its owner's: the run-config's seed and val-fraction change nothing.
     node = NodeIdentity(name="site", state_dir=tmp_path, max_epsilon=8.0, delta=1e-5, data_path=str(tmp_path / "site.npz"),
                         partition_id=None, num_partitions=None, val_fraction=0.1)

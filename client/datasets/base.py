@@ -16,9 +16,11 @@ class DataFormatError(ValueError):
 def content_record_ids(contents: Iterable[bytes], kind: str) -> list[str]:
     """Record ids derived from what each record *is*, for the privacy ledger (DESIGN 4.1).
 
-    contents: one bytes object per record, as decoded from its file before any feature
-    transform (a text's UTF-8, an image's pixel array with its shape and dtype, an audio
-    clip's samples). kind: "text", "image" or "audio" (keeps kinds apart). Each id is the
+    contents: one bytes object per record, in a canonical form decoded from its file before
+    any feature transform (a text's NFC UTF-8 without surrounding white space, an image's
+    float32 (C, H, W) pixels scaled by their type, an audio clip's float32 samples), so that
+    the same record exported another way is the same record. kind: "text", "image" or
+    "audio" (keeps kinds apart). Each id is the
     first 128 bits of SHA-256(kind, content) in hex; the k-th repeat of identical content
     (k >= 1) gets "#k" appended, so duplicates stay distinct records. A renamed file, a new
     order or another export of the same records gives the same ids; a changed preprocessing

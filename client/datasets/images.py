@@ -15,6 +15,26 @@ from .base import DataFormatError, LabeledArrays, array_content, content_record_
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def _canonical_pixels(image: np.ndarray) -> np.ndarray:
+    """One image as float32 (C, H, W), integer pixels scaled by their type's maximum.
+
+    What an image's record id is derived from: the same picture stored as uint8 or as
+    floats in [0, 1], as (H, W), (H, W, 1) or (1, H, W), in an .npz or a PNG, is one record.
+    """
+    if image.ndim == 2:
+        image = image[None]
+    elif image.ndim == 3 and image.shape[-1] in (1, 3) and image.shape[0] not in (1, 3):
+        image = image.transpose(2, 0, 1)
+    if np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def image_record_ids(images) -> list[str]:
+    """Content record ids of images (any layout and pixel type, see `_canonical_pixels`)."""
+    return content_record_ids((array_content(_canonical_pixels(np.asarray(img))) for img in images), "image")
+
+
 def _to_nchw(images: np.ndarray, where: str) -> np.ndarray:
     """uint8/float (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W) in [0, 1]."""
     if images.ndim == 3:
@@ -61,7 +81,7 @@ def load_npz(path: str | Path, task: str = "vision", classes: list[str] | None =
     num_classes = int(max(labels.max(initial=0) for _, labels in raw.values())) + 1
     classes = classes or [str(c) for c in range(max(num_classes, 2))]
     # Ids over the whole archive, so a record repeated in two splits stays two records.
-    ids = content_record_ids((array_content(img) for images, _ in raw.values() for img in images), "image")
+    ids = image_record_ids(img for images, _ in raw.values() for img in images)
     ends = np.cumsum([len(labels) for _, labels in raw.values()])
     return {
         split: LabeledArrays(
@@ -114,7 +134,7 @@ def load_image_folder(folder: str | Path, size: tuple[int, int] | None = None) -
         x=_to_nchw(np.stack(xs), str(folder)),
         y=np.asarray(ys, dtype=np.int64),
         classes=[d.name for d in class_dirs],
-        record_ids=content_record_ids((array_content(x) for x in xs), "image"),
+        record_ids=image_record_ids(xs),
         source=str(folder),
     )
 
@@ -135,7 +155,7 @@ def load_digits_embedded(test_fraction: float = 0.2, seed: int = 0) -> dict[str,
         x=images,
         y=digits.target.astype(np.int64),
         classes=[str(d) for d in range(10)],
-        record_ids=content_record_ids((array_content(img) for img in digits.images), "image"),
+        record_ids=image_record_ids(digits.images / 16.0),
         source="sklearn.datasets.load_digits",
     )
     train_idx, test_idx = train_test_split(

@@ -7,6 +7,7 @@ built from one client's messages would put words from its records into the share
 from __future__ import annotations
 
 import csv
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ def _build(texts: list[str], labels: list[str], path: Path, classes: list[str] |
         x=encode_bytes(texts),
         y=np.asarray([index[l] for l in labels], dtype=np.int64),
         classes=classes,
-        record_ids=content_record_ids((t.encode("utf-8") for t in texts), "text"),
+        # Ids from the text as a person wrote it: Unicode NFC, surrounding white space dropped.
+        record_ids=content_record_ids((unicodedata.normalize("NFC", t.strip()).encode("utf-8") for t in texts), "text"),
         source=str(path),
     )
 

@@ -23,9 +23,9 @@ processes (simulated nodes in Ray workers, a node and its restart) never interle
 - `events.jsonl`: one line per charge or decline, appended.
 
 Migration: ledgers of the earlier layout (`<node>--<fingerprint>.json`, one per node and
-training subset, without record ids) are adopted, never dropped: their histories wait under
-the node's name until that node next opens its data, and are then charged to every record it
-holds (`adopt_legacy`); the old files move to `ledgers/migrated/`.
+training subset, without record ids) are adopted, never dropped: their histories stay under
+the node's name and are charged to every record that node opens, now or later
+(`adopt_legacy`); the old files move to `ledgers/migrated/`.
 
 What a decline reveals: that some record of the training share has spent its budget. The
 set of records and their overlap with earlier runs is treated as public metadata, like the
@@ -83,7 +83,7 @@ class _Cohort:
 @dataclass
 class _State:
     cohorts: list[_Cohort] = field(default_factory=list)
-    # node -> histories of earlier-layout ledgers not yet charged to its records
+    # node -> earlier-layout ledgers: {"file", "delta", "history", "charged": records charged so far}
     legacy: dict[str, list[dict]] = field(default_factory=dict)
 
     def cohort_of(self) -> dict[str, int]:
@@ -139,25 +139,32 @@ class PrivacyLedger:
 
     # -- updates -----------------------------------------------------------------------
     def adopt_legacy(self, node: str, records: Sequence[str], delta: float) -> int:
-        """Charge `node`'s earlier-layout ledgers to `records` (all the data it holds). Returns how many.
+        """Charge `node`'s earlier-layout ledgers to those of `records` they were not yet charged to.
 
-        A no-op once adopted. Raises PrivacyBudgetError when an old ledger used another delta.
+        Call with every record the node holds, each time it opens its data: an old ledger
+        had no record ids, so its spend goes to every record the node ever holds (an
+        over-count, never an under-count), and stays attached to the node. Returns how many
+        records were newly charged. Raises PrivacyBudgetError when an old ledger used another delta.
         """
         _check_node(node)
         with self._locked():
             state = self._read()
-            pending = state.legacy.pop(node, [])
-            if not pending:
-                return 0
-            for old in pending:
+            charged = 0
+            for old in state.legacy.get(node, []):
+                fresh = set(records) - set(old["charged"])
+                if not fresh:
+                    continue
                 if not math.isclose(old["delta"], delta, rel_tol=1e-12):
                     raise PrivacyBudgetError(
                         f"the earlier ledger {old['file']} of {node} was kept at delta={old['delta']}; node-config "
                         f"asks delta={delta}. A ledger's delta cannot change; use the original delta.")
                 for sigma, q, steps in old["history"]:
-                    _charge_cohorts(state, set(records), delta, float(sigma), float(q), int(steps))
-            self._write(state)
-            return len(pending)
+                    _charge_cohorts(state, fresh, delta, float(sigma), float(q), int(steps))
+                old["charged"] = sorted(set(old["charged"]) | fresh)
+                charged = max(charged, len(fresh))
+            if charged:
+                self._write(state)
+            return charged
 
     def charge(self, records: Sequence[str], *, node: str, delta: float, noise_multiplier: float,
                sample_rate: float, steps: int, max_epsilon: float, run: str, round: int) -> LedgerEntry:
@@ -245,7 +252,7 @@ class PrivacyLedger:
             try:
                 raw = json.loads(path.read_text(encoding="utf-8"))
                 old = {"file": path.name, "delta": float(raw["delta"]),
-                       "history": [[float(s), float(q), int(n)] for s, q, n in raw["history"]]}
+                       "history": [[float(s), float(q), int(n)] for s, q, n in raw["history"]], "charged": []}
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
                 raise PrivacyBudgetError(f"earlier privacy ledger {path} is unreadable ({err}); refusing to train") from err
             if old["history"]:
