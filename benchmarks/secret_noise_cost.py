@@ -38,7 +38,7 @@ MODELS = [("vision", "cnn", (1, 28, 28), 2), ("speech", "conv", (64, 40), 10), (
 def _records(task: str, shape: tuple, classes: int, n: int):
     import numpy as np
 
-    from client.datasets import LabeledArrays
+    from shared_models.records import LabeledArrays
 
     rng = np.random.default_rng(0)
     x = rng.integers(1, 256, (n, *shape)).astype(np.int64) if task == "text" else rng.random((n, *shape), np.float32)

@@ -94,8 +94,8 @@ class TreeMemorySampler:
 
 def run_config_for(clients: int, rounds: int, secagg: bool, out: Path, state_dir: Path) -> dict:
     """The run-config `fedpriv simulate --dataset digits` would build, plus 10% sampling."""
-    from simulations.cli import UNCLIPPED_NORM
-    from simulations.datasets import data_dir
+    from simulations.cli_options import UNCLIPPED_NORM
+    from shared_models.datasets.named import data_dir
 
     return {
         "task": "vision", "dataset": "digits", "model": "cnn", "num-server-rounds": rounds, "local-epochs": 1,

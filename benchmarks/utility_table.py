@@ -125,10 +125,10 @@ def pooled_training_shares(dataset: str, cfg: dict):
     """All nodes' training shares concatenated (each node's share less its validation split)."""
     import numpy as np
 
-    from client.datasets import LabeledArrays
+    from shared_models.records import LabeledArrays
     from client.node_training import split_validation
-    from simulations.datasets import load_dataset
-    from simulations.partitioning import partition_indices
+    from shared_models.datasets.named import load_dataset
+    from shared_models.datasets.partitioning import partition_indices
 
     splits = load_dataset(dataset)
     train = splits["train"]
@@ -145,7 +145,7 @@ def run_central(dataset: str, cfg: dict) -> dict:
     """Row (a): non-private training on the pooled shares with the nodes' own training code."""
     import torch
 
-    from client.datasets import LabeledArrays  # noqa: F401 - imported for the type in pooled_training_shares
+    from shared_models.records import LabeledArrays  # noqa: F401 - imported for the type in pooled_training_shares
     from privacy.dp_sgd import LocalTrainingSession, evaluate
     from shared_models import build_model
 

@@ -1,7 +1,9 @@
-"""The client node: Flower ClientApp, local data loaders, one round of DP training.
+"""The client node's role: the ClientApp, the site's policy, one round of DP training, `fedpriv node`.
 
-- `client.client_app`: thin Flower entry points (`@app.train`, `@app.evaluate`).
-- `client.config`: the run's training plan and the node's identity/budget from node-config.
-- `client.node_training`: a round of training, Flower-agnostic (budget check, ledger, DP-SGD).
-- `client.datasets`: loaders for the formats a hospital holds (audio, images, npz, text).
+Owns: the Flower entry points (`client.client_app`), the node-config policy and identity
+(`client.config`), a round of training, Flower-agnostic (`client.node_training`: budget
+check, ledger charge, DP-SGD), the node's side of SecAgg+ over Flower messages
+(`client.secure_aggregation`), simulated faults (`client.faults`) and the SuperNode a site
+starts (`client.supernode`).
+May import: `privacy`, `shared_models`. Never `server` (the other role) or `simulations`.
 """

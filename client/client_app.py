@@ -5,7 +5,7 @@ SecAgg+ required: `client.config.policy_refusal`), decline one that would pass i
 privacy budget, else train one round with DP-SGD on local data. Without secure
 aggregation the reply carries the new weights; with it the node keeps its encoded update
 and the reply carries only metrics. Every field a reply may carry, and what protects it,
-is listed in `client.releases`. `query.secagg_*`: the SecAgg+ stages. `evaluate`: the global
+is listed in `privacy.releases`. `query.secagg_*`: the SecAgg+ stages. `evaluate`: the global
 model on the node's validation share (empty unless its owner keeps one).
 The work is in `client.node_training` and `client.secure_aggregation`.
 """
@@ -20,10 +20,11 @@ from flwr.clientapp import ClientApp
 
 from client import faults
 from client import secure_aggregation as secagg
-from client.config import ConfigError, TrainingPlan, as_bool, node_identity, policy_refusal
+from client.config import node_identity, policy_refusal
 from client.node_training import device, load_node_data, node_randomness, train_round
 from privacy.dp_sgd import evaluate as evaluate_model
 from shared_models import build_model
+from shared_models.run_config import ConfigError, TrainingPlan, as_bool
 
 app = ClientApp()
 log = logging.getLogger("fedpriv.client")

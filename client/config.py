@@ -1,6 +1,7 @@
 """What a node needs to know, read from Flower's run-config and node-config.
 
-Run-config (the coordinator's, same for every node): the training plan.
+Run-config (the coordinator's, same for every node): the training plan
+(`shared_models.run_config.TrainingPlan`).
 Node-config (the data owner's, set when the SuperNode starts): where the data is, and the
 site's privacy policy: its budget (`max-epsilon`, `delta`), whether DP and secure
 aggregation are required, and the validation share it keeps out of training. Nothing in
@@ -11,7 +12,6 @@ stands in for the owners of the simulated nodes.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -19,119 +19,13 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from shared_models.run_config import ConfigError, TrainingPlan, as_bool
+
 
 # A deployed node's policy when its node-config leaves a key out (`fedpriv node` always sets
 # them): never the run-config's values, which the coordinator chooses.
 DEFAULT_MAX_EPSILON = 8.0
 DEFAULT_DELTA = 1e-5
-
-
-# Ranges a node accepts from the coordinator's run-config. Outside them DP-SGD's arithmetic
-# breaks: a clipping norm near float32's denormals rounds clipped gradients above C (more
-# spent than charged), and Opacus's noise search never ends for an epsilon near 1e15.
-MAX_GRAD_NORM_RANGE = (1e-4, 1e4)
-MAX_EPSILON_PER_RUN = 1e3
-
-
-class ConfigError(ValueError):
-    """A run-config or node-config value is missing or out of range (message names the key)."""
-
-
-def as_bool(value, where: str) -> bool:
-    """A TOML boolean, or the strings "true"/"false"; anything else raises ConfigError naming `where`.
-
-    (Python's bool("false") is True: a run-config string must never switch DP on or off by accident.)
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise ConfigError(f"{where} must be true or false, got {value!r}")
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """The coordinator's training plan, identical on every node of a run."""
-
-    task: str
-    dataset: str
-    model: str  # "" = the task's DP default
-    activation: str  # "tanh" (DP-friendly default) or "relu"
-    rounds: int
-    local_epochs: int
-    batch_size: int
-    lr: float
-    optimizer: str
-    momentum: float  # SGD momentum
-    dp: bool
-    epsilon: float  # what this run may spend per node: sets the noise multiplier
-    delta: float
-    max_grad_norm: float  # per-sample clipping norm C
-    val_fraction: float
-    partition: str
-    alpha: float
-    seed: int
-    run_name: str
-    data_dir: str  # folder of the named datasets ("" = default)
-    canaries: int = 0  # simulation audit aid: canaries built, half inserted (privacy.audit.canaries)
-    reproducible_noise: bool = False  # simulation only: noise derived from the seed (deployed nodes refuse)
-
-    @classmethod
-    def from_run_config(cls, cfg: dict) -> TrainingPlan:
-        """Parse and range-check Flower's run-config. Raises ConfigError naming the key."""
-        def get(key, kind):
-            if key not in cfg:
-                raise ConfigError(f"run-config is missing '{key}'")
-            if kind is bool:
-                return as_bool(cfg[key], f"run-config '{key}'")
-            try:
-                return kind(cfg[key])
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"run-config '{key}' must be {kind.__name__}, got {cfg[key]!r}") from err
-
-        plan = cls(
-            task=get("task", str),
-            dataset=get("dataset", str),
-            model=get("model", str),
-            activation=str(cfg.get("activation", "tanh")),
-            rounds=get("num-server-rounds", int),
-            local_epochs=get("local-epochs", int),
-            batch_size=get("batch-size", int),
-            lr=get("lr", float),
-            optimizer=get("optimizer", str),
-            momentum=float(cfg.get("momentum", 0.0)),
-            dp=get("dp", bool),
-            epsilon=get("epsilon", float),
-            delta=get("delta", float),
-            max_grad_norm=get("max-grad-norm", float),
-            val_fraction=get("val-fraction", float),
-            partition=get("partition", str),
-            alpha=get("alpha", float),
-            seed=get("seed", int),
-            run_name=get("run-name", str),
-            data_dir=str(cfg.get("data-dir", "")),
-            canaries=get("canaries", int) if "canaries" in cfg else 0,
-            reproducible_noise=get("reproducible-noise", bool) if "reproducible-noise" in cfg else False,
-        )
-        checks = [
-            (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
-            (plan.local_epochs >= 1, "local-epochs", "an integer >= 1"),
-            (plan.batch_size >= 1, "batch-size", "an integer >= 1"),
-            (0 < plan.lr < math.inf, "lr", "a finite number > 0"),
-            (plan.optimizer in ("sgd", "adam"), "optimizer", "'sgd' or 'adam'"),
-            (0 <= plan.momentum < 1, "momentum", "in [0, 1)"),
-            (plan.activation in ("tanh", "relu"), "activation", "'tanh' or 'relu'"),
-            (not plan.dp or 0 < plan.epsilon <= MAX_EPSILON_PER_RUN, "epsilon", f"in (0, {MAX_EPSILON_PER_RUN:g}]"),
-            (0 < plan.delta < 1, "delta", "in (0, 1)"),
-            (MAX_GRAD_NORM_RANGE[0] <= plan.max_grad_norm <= MAX_GRAD_NORM_RANGE[1], "max-grad-norm",
-             "in [%g, %g]" % MAX_GRAD_NORM_RANGE),
-            (0 <= plan.val_fraction < 0.5, "val-fraction", "in [0, 0.5)"),
-            (plan.canaries >= 0, "canaries", "an integer >= 0"),
-        ]
-        for ok, key, expected in checks:
-            if not ok:
-                raise ConfigError(f"run-config '{key}' must be {expected}, got {cfg[key]!r}")
-        return plan
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from client.config import NodeIdentity, TrainingPlan
-from client.datasets import LabeledArrays, load_local
+from client.config import NodeIdentity
 from privacy.accountants import PrivacyLedger, calibrate_noise_multiplier
+from privacy.audit.canaries import node_canaries
 from privacy.dp_sgd import LocalTrainingSession, evaluate, poisson_sample_rate, steps_per_epoch
 from privacy.secret_randomness import SecretRandom
 from shared_models import build_model
+from shared_models.datasets import load_local
+from shared_models.datasets.named import load_dataset
+from shared_models.datasets.partitioning import partition_indices
+from shared_models.records import LabeledArrays, concat
+from shared_models.run_config import TrainingPlan
 
 log = logging.getLogger("fedpriv.client")
 
@@ -104,9 +109,6 @@ def _simulation_partitions(dataset, task, data_dir, num_partitions, partition, a
     Computed once per process and shared by all the nodes it hosts: partitioning is over
     the whole dataset, so doing it per node made 1,000 nodes cost 1,000 partitionings.
     """
-    from simulations.datasets import load_dataset
-    from simulations.partitioning import partition_indices
-
     train = load_dataset(dataset, task, data_dir)["train"]
     return partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed)
 
@@ -122,16 +124,11 @@ def _load_local_node_data(data_path, task, val_fraction, canaries) -> NodeData:
 @functools.lru_cache(maxsize=64)
 def _load_simulated_node_data(partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction,
                               data_dir, canaries) -> NodeData:
-    from simulations.datasets import load_dataset
-
     train = load_dataset(dataset, task, data_dir)["train"]
     parts = _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed)
     local_train, val = split_validation(train.subset(parts[partition_id]), val_fraction)
     if canaries:
         # Audit canaries (privacy.audit.canaries) join the training share only, never validation.
-        from privacy.audit.canaries import node_canaries
-        from privacy.audit.audit import concat
-
         local_train = concat([local_train, node_canaries(train, canaries, seed, partition_id, num_partitions)])
     return NodeData(train=local_train, val=val)
 

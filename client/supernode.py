@@ -21,10 +21,11 @@ import subprocess
 from pathlib import Path
 
 from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, default_state_dir
-from client.datasets import DataFormatError, load_local
 from privacy.provisioning import ProvisioningError, load_kit
 from shared_models import TASKS
-from simulations.runner import console_script, free_port
+from shared_models.datasets import load_local
+from shared_models.flower_processes import console_script, free_port
+from shared_models.records import DataFormatError
 
 
 class NodeConfigError(ValueError):
@@ -68,10 +69,7 @@ def supernode_command(kit: dict, node_cfg: str, clientappio_port: int) -> list[s
 
 def register(subparsers) -> None:
     """Add `fedpriv node` to the CLI."""
-    from simulations.cli import HelpFormatter
-
-    parser = subparsers.add_parser("node", help="data owner: run this site's SuperNode on local data",
-                                   formatter_class=HelpFormatter)
+    parser = subparsers.add_parser("node", help="data owner: run this site's SuperNode on local data")
     parser.add_argument("--kit", type=Path, required=True, help="this node's kit (from `fedpriv provision`)")
     parser.add_argument("--data", type=Path, required=True,
                         help="local data: image/audio folders (one subfolder per class), .npz, or text .csv/.tsv")

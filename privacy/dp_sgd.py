@@ -39,7 +39,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.datasets import LabeledArrays
+from shared_models.records import LabeledArrays
 from privacy.secret_randomness import SecretRandom
 
 

@@ -1,7 +1,10 @@
-"""The coordinator: Flower ServerApp, the FedAvg round loop, the privacy ledger, run outputs.
+"""The coordinator's role: the ServerApp, the FedAvg round loop, its ledger, the run folder and report, `fedpriv server`.
 
-- `server.server_app`: thin Flower entry point (`@app.main`).
-- `server.federation`: rounds over Flower's Grid: sample, send, sort replies, aggregate, evaluate.
-- `server.ledger`: what every node reported (epsilon, declines, failures).
-- `server.run_folder`, `server.summary`: the run folder, summary.json and report.md.
+Owns: the Flower entry point (`server.server_app`), rounds over Flower's Grid
+(`server.federation`: sample, send, sort replies, aggregate, evaluate), the server's side of
+SecAgg+ over Flower messages (`server.secure_aggregation`, `server.messaging`), what every
+node reported (`server.ledger`), the run folder, summary.json and report.md
+(`server.run_folder`, `server.summary`), the HTML run report (`server.report`), and the
+SuperLink with its Fleet-only TLS gateway (`server.superlink`, `server.fleet_gateway`).
+May import: `privacy`, `shared_models`. Never `client` (the other role) or `simulations`.
 """

@@ -16,13 +16,15 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.config import TrainingPlan
 from privacy.dp_sgd import evaluate
 from server.federation import FederationSettings, evaluate_on_nodes, run_federation
 from server.ledger import CoordinatorLedger
+from server.report import write_run_report
 from server.run_folder import RunFolder
 from server.summary import build_summary, write_report
 from shared_models import build_model
+from shared_models.datasets.named import load_dataset
+from shared_models.run_config import TrainingPlan
 
 app = ServerApp()
 
@@ -33,8 +35,6 @@ def main(grid: Grid, context: Context) -> None:
     plan = TrainingPlan.from_run_config(cfg)
     folder = RunFolder(Path(str(cfg["out-dir"])).expanduser())
     started = time.time()
-
-    from simulations.datasets import load_dataset
 
     test = load_dataset(plan.dataset, plan.task, plan.data_dir)["test"]
     torch.manual_seed(plan.seed)
@@ -81,8 +81,6 @@ def main(grid: Grid, context: Context) -> None:
     folder.write_json("summary.json", summary)
     write_report(folder, summary)
     try:  # the HTML report is a convenience: failing to draw it must never lose the run
-        from simulations.report import write_run_report
-
         write_run_report(folder.path)
     except Exception as err:
         logging.getLogger("fedpriv.server").warning("report.html not written (%s: %s)", type(err).__name__, err)

@@ -8,10 +8,10 @@ policy refused and why), and `client_level.assumption`.
 
 from __future__ import annotations
 
-from client.config import TrainingPlan
 from server.ledger import CoordinatorLedger
-from shared_models import DEFAULT_MODELS
 from server.run_folder import RunFolder
+from shared_models import DEFAULT_MODELS
+from shared_models.run_config import TrainingPlan
 
 
 def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: CoordinatorLedger, initial_test: dict,

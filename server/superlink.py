@@ -27,7 +27,7 @@ import tomli_w
 
 from privacy.provisioning import FLWR_CONNECTION, flwr_connection, load_kit
 from server.fleet_gateway import GatewayError, nginx_config, start_gateway
-from simulations.runner import console_script, flwr_env, stop_process_tree
+from shared_models.flower_processes import console_script, flwr_env, stop_process_tree
 
 COORDINATOR_FILE = "coordinator.json"  # in the state folder: where the running SuperLink listens
 START_TIMEOUT_S = 60.0

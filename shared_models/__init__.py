@@ -1,9 +1,15 @@
-"""Model families that the server and every client build from the same config.
+"""What both roles build from one config: the models, the shared types, the data loaders.
 
 `build_model(task, name, input_shape, num_classes)` is the one constructor both sides call,
 so the server's global model and each client's local model have identical parameter names
 and shapes. Every model here passes Opacus `ModuleValidator.validate` (no BatchNorm, DP
 recurrent layers) and holds no integer buffers (they break update clipping in Flower).
+
+Also owns the record type (`shared_models.records`), the run-config schema
+(`shared_models.run_config`), the data both roles read (`shared_models.datasets`: local
+formats, named datasets, partitions) and starting/stopping Flower's processes
+(`shared_models.flower_processes`).
+May import: nothing of fedpriv's; it is the bottom layer.
 """
 
 from __future__ import annotations

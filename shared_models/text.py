@@ -1,6 +1,6 @@
 """Text models over byte-level token ids.
 
-Token ids come from `client.datasets.text.encode_bytes` (UTF-8 byte + 1, 0 = padding): a
+Token ids come from `shared_models.datasets.text.encode_bytes` (UTF-8 byte + 1, 0 = padding): a
 data-independent tokenizer, because a vocabulary built from one client's text would leak
 that text to everyone who receives the model.
 

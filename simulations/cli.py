@@ -3,73 +3,64 @@
     fedpriv simulate [options]   a whole federation on this machine (Flower simulation engine)
 
 Other commands live beside the concept they drive and register themselves here (see
-`_COMMAND_MODULES`): each module has `register(subparsers)`, which adds its parser and sets
-`handler(args, console) -> exit code`. `fedpriv COMMAND --help` lists the options. Flag names
-are a promise to users: add, never rename.
+`COMMAND_MODULES`): each module has `register(subparsers)`, which adds its parser and sets
+`handler(args, console) -> exit code`; every sub-parser gets this CLI's help formatter
+(`FedprivParser`), so no command module imports the CLI. `fedpriv COMMAND --help` lists
+the options. Flag names are a promise to users: add, never rename.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import importlib
 import signal
 import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
-from shared_models import TASKS
-from simulations.datasets import DATASET_TASKS
-from simulations.partitioning import PARTITIONS
-
-
-# Without client-level DP, clipping the update serves only to bound SecAgg+'s encoding range:
-# a bound far above the update norms seen here (8-50) keeps the update intact, and the
-# quantisation step stays below 1e-4 of a typical coordinate.
-UNCLIPPED_NORM = 1000.0
+from client import supernode
+from client.config import NodeIdentity, default_state_dir
+from client.node_training import load_node_data, plan_noise
+from privacy import provisioning
+from privacy.accountants import PrivacyLedger
+from server import report, superlink
+from shared_models.datasets.named import DATASET_TASKS
+from shared_models.datasets.partitioning import PARTITIONS
+from shared_models.run_config import TrainingPlan
+from simulations.cli_options import (
+    HelpFormatter,
+    add_training_options,
+    check_training_args,
+    positive_float,
+    positive_int,
+    print_summary,
+    run_folder_for,
+    training_run_config,
+)
+from simulations import deployed_run
+from simulations.audit import command as audit_command
+from simulations.runner import SimulationError, run_simulation_job
 
 # Modules that add a `fedpriv` command: each has `register(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = (
-    "privacy.provisioning",
-    "server.superlink",
-    "client.supernode",
-    "server.deployed_run",
-    "simulations.report",
-    "privacy.audit.command",
-)
+COMMAND_MODULES = (provisioning, superlink, supernode, deployed_run, report, audit_command)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's defaults formatter, except for options without a default (their help says what None means)."""
+class FedprivParser(argparse.ArgumentParser):
+    """argparse's parser with this CLI's `HelpFormatter` unless told otherwise (sub-parsers inherit it)."""
 
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpriv", description="Privacy-preserving federated learning on Flower + Opacus.")
+    """The `fedpriv` parser with every command's sub-parser."""
+    parser = FedprivParser(prog="fedpriv", description="Privacy-preserving federated learning on Flower + Opacus.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a federation of simulated nodes on this machine",
-                         formatter_class=HelpFormatter)
-    sim.add_argument("--clients", type=_positive_int, default=5, help="number of simulated nodes (SuperNodes)")
+    sim = sub.add_parser("simulate", help="run a federation of simulated nodes on this machine")
+    sim.add_argument("--clients", type=positive_int, default=5, help="number of simulated nodes (SuperNodes)")
     sim.add_argument("--partition", choices=PARTITIONS, default="iid", help="how the training set is split across nodes")
-    sim.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (with --partition dirichlet)")
+    sim.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration (with --partition dirichlet)")
     sim.add_argument("--state-dir", type=Path, default=None,
                      help="where simulated nodes keep their privacy ledgers (default: a per-user folder)")
     add_training_options(sim, dataset_help=f"a named dataset ({', '.join(DATASET_TASKS)}) or a local path "
@@ -84,73 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--reproducible-noise", action="store_true",
                      help="simulation only: derive each node's DP and SecAgg+ noise from --seed, so two runs can be "
                           "compared draw for draw (no privacy against whoever knows the seed; deployed nodes refuse it)")
-    sim.add_argument("--cpus-per-client", type=_positive_int, default=1, help="CPU cores reserved per simulated node")
+    sim.add_argument("--cpus-per-client", type=positive_int, default=1, help="CPU cores reserved per simulated node")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
     sim.set_defaults(handler=lambda args, console: resume(args, console) if args.resume else simulate(args, console))
-    for module in _COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
-
-
-def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> None:
-    """The training plan's options, shared by `fedpriv simulate` and `fedpriv run` (same names, same defaults)."""
-    parser.add_argument("--task", choices=TASKS, help="model family; inferred for named datasets")
-    parser.add_argument("--dataset", default="digits", help=dataset_help)
-    parser.add_argument("--rounds", type=_positive_int, default=10, help="federated rounds")
-    parser.add_argument("--epsilon", type=_positive_float, default=8.0,
-                        help="epsilon each node may spend in this run (sets the DP-SGD noise multiplier)")
-    parser.add_argument("--max-epsilon", type=_positive_float, default=None,
-                        help="each node's lifetime budget on its data; rounds that would exceed it are declined "
-                             "(default: --epsilon; a deployed node's own --max-epsilon always wins)")
-    parser.add_argument("--delta", type=_positive_float, default=1e-5, help="DP delta; must be < 1/(records per node)")
-    parser.add_argument("--no-dp", action="store_true", help="train without differential privacy (for comparison)")
-    parser.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="DP-SGD per-sample clipping norm C")
-    parser.add_argument("--local-epochs", type=_positive_int, default=1, help="passes over local data per round")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="(expected, under Poisson sampling) batch size")
-    parser.add_argument("--lr", type=_positive_float, default=None,
-                        help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv under DP, 0.05 without, "
-                             "8 ngram-linear; 0.002 for adam)")
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    parser.add_argument("--momentum", type=float, default=0.0,
-                        help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
-    parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
-                        help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
-    parser.add_argument("--model", default="",
-                        help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: ngram-linear, conv, lstm, gru)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="share of each simulated node's records kept for validation (chosen by record content); "
-                             "a deployed node keeps the share its owner set with `fedpriv node --val-fraction`")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<dataset>-<time>)")
-    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                        help="continue an interrupted run from its last complete round (other options are taken "
-                             "from RUN_DIR/config.json)")
-    parser.add_argument("--round-timeout", type=_positive_float, default=3600.0,
-                        help="seconds the server waits for a round's replies (a node later than that counts as failed)")
-    sec = parser.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
-    sec.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
-                     help="aggregate with SecAgg+: the server sees only the sum of the nodes' updates")
-    sec.add_argument("--num-shares", type=_positive_int, default=5,
-                     help="SecAgg+ neighbourhood size, self included (>= clients: everyone shares with everyone)")
-    sec.add_argument("--threshold", type=int, default=0,
-                     help="SecAgg+ reconstruction threshold t (0: max(2, 2/3 of a round's participants))")
-    sec.add_argument("--clip-norm", type=_positive_float, default=None,
-                     help="L2 clip C of each node's model update; required with --client-noise-multiplier > 0 "
-                          f"(see update_norms in metrics.jsonl of a run without client-level noise). Without client-level noise the default {UNCLIPPED_NORM:g} "
-                          "never binds and only bounds the SecAgg+ encoding")
-    sec.add_argument("--client-noise-multiplier", type=float, default=0.0,
-                     help="sigma of the distributed client-level Gaussian: the sum carries noise std >= sigma*C "
-                          "(useful with hundreds of nodes; with 5 nodes sigma=0.03 already destroyed accuracy here)")
-    sec.add_argument("--client-delta", type=_positive_float, default=1e-5, help="client-level DP delta")
-    sec.add_argument("--colluding-nodes", type=int, default=-1,
-                     help="surviving nodes that may collude with the server against client-level DP: each node's "
-                          "share of the client-level noise is sized so that the others alone carry sigma*C "
-                          "(-1, and any value above: threshold - 1, the most SecAgg+ tolerates)")
 
 
 def resume(args: argparse.Namespace, console: Console) -> int:
     """`fedpriv simulate --resume RUN_DIR`: same run-config, continue after the last checkpoint."""
-    from simulations.runner import SimulationError, run_simulation_job
 
     run_dir = args.resume.resolve()
     config_file, checkpoint = run_dir / "config.json", run_dir / "checkpoint.pt"
@@ -186,9 +120,6 @@ def preflight(run_config: dict, clients: int) -> list[str]:
     may have been spent under another seed, partition or node name: the ledger knows
     records by content.)
     """
-    from client.config import NodeIdentity, TrainingPlan
-    from client.node_training import load_node_data, plan_noise
-    from privacy.accountants import PrivacyLedger
 
     plan = TrainingPlan.from_run_config(run_config)
     state_dir = Path(run_config["state-dir"])
@@ -217,88 +148,7 @@ def preflight(run_config: dict, clients: int) -> list[str]:
     return exhausted
 
 
-def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str = "--clients") -> str:
-    """Range-check the shared training options for a federation of `nodes`; returns the task.
-
-    nodes_label: how error messages name the node count (a flag, or the kit's nodes).
-    Raises ValueError naming the flag.
-    """
-    from client.config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
-    from simulations.datasets import dataset_task
-    from shared_models import model_names
-
-    task = dataset_task(args.dataset, args.task)
-    if args.model and args.model not in model_names(task):
-        raise ValueError(f"--model for task {task!r} must be one of {model_names(task)}, got {args.model!r}")
-    if args.secagg and args.threshold and not 2 <= args.threshold <= min(args.num_shares, nodes):
-        raise ValueError(f"--threshold must be in [2, min(--num-shares, {nodes_label})] = "
-                         f"[2, {min(args.num_shares, nodes)}], got {args.threshold}")
-    if args.secagg and nodes < 2:
-        raise ValueError("secure aggregation needs at least 2 clients (or use --no-secagg)")
-    if args.client_noise_multiplier < 0:
-        raise ValueError(f"--client-noise-multiplier must be >= 0, got {args.client_noise_multiplier}")
-    low, high = MAX_GRAD_NORM_RANGE
-    if not low <= args.max_grad_norm <= high:
-        raise ValueError(f"--max-grad-norm must be in [{low:g}, {high:g}] (nodes refuse others), got {args.max_grad_norm}")
-    if not args.no_dp and args.epsilon > MAX_EPSILON_PER_RUN:
-        raise ValueError(f"--epsilon must be at most {MAX_EPSILON_PER_RUN:g} (nodes refuse more), got {args.epsilon}")
-    if args.client_noise_multiplier > 0 and args.client_delta >= 1.0 / nodes:
-        raise ValueError(f"--client-delta must be < 1/{nodes_label} = {1.0 / nodes:.3g}, got {args.client_delta:g}")
-    if args.colluding_nodes < -1:
-        raise ValueError(f"--colluding-nodes must be -1 (threshold - 1) or >= 0, got {args.colluding_nodes}")
-    if args.client_noise_multiplier > 0 and args.clip_norm is None:
-        raise ValueError("--client-noise-multiplier needs an explicit --clip-norm: the noise std is sigma*C, so C "
-                         "should sit near the nodes' update norms (update_norms in metrics.jsonl of a run without client-level "
-                         "noise)")
-    return task
-
-
-def run_folder_for(args: argparse.Namespace) -> Path:
-    """--out, or runs/<dataset>-<time> (absolute)."""
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return (args.out or Path("runs") / f"{Path(args.dataset).name}-{stamp}").resolve()
-
-
-def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
-    """The run-config keys (pyproject's [tool.flwr.app.config]) set by the shared training options."""
-    from simulations.datasets import data_dir
-    from shared_models import default_lr
-
-    lr = args.lr if args.lr is not None else default_lr(task, args.model or None, args.optimizer, dp=not args.no_dp)
-    return {
-        "task": task,
-        "dataset": args.dataset if args.dataset in DATASET_TASKS else str(Path(args.dataset).resolve()),
-        "model": args.model,
-        "num-server-rounds": args.rounds,
-        "local-epochs": args.local_epochs,
-        "batch-size": args.batch_size,
-        "lr": lr,
-        "optimizer": args.optimizer,
-        "momentum": args.momentum,
-        "activation": args.activation,
-        "dp": not args.no_dp,
-        "epsilon": args.epsilon,
-        "max-epsilon": args.max_epsilon or args.epsilon,
-        "delta": args.delta,
-        "max-grad-norm": args.max_grad_norm,
-        "val-fraction": args.val_fraction,
-        "seed": args.seed,
-        "run-name": out.name,
-        "data-dir": str(data_dir().resolve()),
-        "round-timeout": args.round_timeout,
-        "secagg": args.secagg,
-        "num-shares": args.num_shares,
-        "threshold": args.threshold,
-        "clip-norm": args.clip_norm if args.clip_norm is not None else UNCLIPPED_NORM,
-        "client-noise-multiplier": args.client_noise_multiplier,
-        "client-delta": args.client_delta,
-        "colluding-nodes": args.colluding_nodes,
-    }
-
-
 def simulate(args: argparse.Namespace, console: Console) -> int:
-    from client.config import default_state_dir
-    from simulations.runner import SimulationError, run_simulation_job
 
     try:
         task = check_training_args(args, args.clients)
@@ -341,41 +191,6 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         return 1
     print_summary(summary, out, console)
     return 0
-
-
-def print_summary(summary: dict, out: Path, console: Console) -> None:
-    final = summary["final"]
-    line = f"final test accuracy {final['test_accuracy']:.4f} (majority class {summary['majority_class_rate']:.4f})"
-    if "test_auc" in final:
-        line += f", AUC {final['test_auc']:.4f}"
-    console.print(f"[bold]{line}[/bold] after {summary['rounds_completed']} rounds")
-    table = Table(title="privacy ledger (sample-level DP per node)")
-    for col in ("node", "epsilon", "delta", "budget", "rounds trained", "declined", "refused", "failed"):
-        table.add_column(col)
-    for node, c in summary["clients"].items():
-        table.add_row(
-            node,
-            "-" if c["epsilon"] is None else f"{c['epsilon']:.3f}",
-            "-" if c["delta"] is None else f"{c['delta']:g}",
-            "-" if c["max_epsilon"] is None else f"{c['max_epsilon']:g}",
-            str(len(c["rounds_trained"])),
-            ",".join(map(str, c["declined_rounds"])) or "-",
-            ",".join(map(str, c.get("refused_rounds", []))) or "-",
-            ",".join(map(str, c["failed_rounds"])) or "-",
-        )
-    console.print(table)
-    for node, reason in sorted({(r["node"], r["reason"]) for r in summary.get("refusals", [])}):
-        console.print(f"[yellow]{node} refused: {reason}[/yellow]")
-    declined = sorted({n for n, c in summary["clients"].items() if c["declined_rounds"]})
-    if declined:
-        console.print(
-            f"[yellow]{len(declined)} node(s) declined rounds: training further would have passed their max-epsilon. "
-            "Their ledgers persist across runs (the budget belongs to the data); use a fresh --state-dir "
-            "to simulate new data owners, or raise --max-epsilon.[/yellow]"
-        )
-    written = [name for name in ("summary.json", "metrics.jsonl", "ledger.json", "report.md", "report.html",
-                                 "final_model.pt") if (Path(out) / name).exists()]
-    console.print(f"run folder: {out} ({', '.join(written)})")
 
 
 def _exit_on_sigterm(signum, frame):

@@ -11,21 +11,19 @@ ClientApps do, inside Flower.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import psutil
 import tomli_w
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shared_models.flower_processes import console_script, flwr_env, free_port, stop_process_tree
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml
 SUPERLINK_START_TIMEOUT_S = 60.0
@@ -33,26 +31,6 @@ SUPERLINK_START_TIMEOUT_S = 60.0
 
 class SimulationError(RuntimeError):
     """The simulation could not be started or did not finish; the message says where to look."""
-
-
-def flwr_env(home: Path) -> dict[str, str]:
-    """Environment for `flwr` and Flower's processes: config folder `home`, no update check, no
-    runtime dependency installation (offline), unbuffered logs."""
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def console_script(name: str) -> str:
-    """A console script of the running interpreter's environment (works without an activated venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path) -> None:
@@ -67,34 +45,6 @@ def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path) -> None:
             pass
         time.sleep(0.3)
     raise SimulationError(f"flower-superlink did not become healthy within {SUPERLINK_START_TIMEOUT_S:.0f} s; see {log_file}")
-
-
-def stop_process_tree(process: subprocess.Popen | None) -> None:
-    """Stop the SuperLink and everything under it, then SIGKILL what is left after 15 s.
-
-    The simulation process and Ray's daemons start their own process groups, so the whole
-    process tree is collected first (psutil) rather than signalling one group.
-    """
-    if process is None:
-        return
-    try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for proc in tree:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=15)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    if process.poll() is None:
-        process.wait(timeout=10)
 
 
 def _rounds_done(metrics_file: Path) -> list[dict]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from client.datasets import LabeledArrays
+from shared_models.records import LabeledArrays
 from privacy.audit import (
     advantage_bound,
     attack_metrics,
@@ -22,8 +22,8 @@ from privacy.audit import (
     per_example_outputs,
     tpr_bound,
 )
-from client.config import TrainingPlan
-from privacy.audit.audit import compare_with_bound, node_records, run_bound
+from shared_models.run_config import TrainingPlan
+from simulations.audit.audit import compare_with_bound, node_records, run_bound
 
 
 # --- the (epsilon, delta) bound, against values worked out by hand ---------------------------
@@ -162,7 +162,7 @@ def test_lira_calibrates_per_example_difficulty():
 
 
 def test_targets_are_balanced_per_label():
-    from privacy.audit.audit import balanced_targets
+    from simulations.audit.audit import balanced_targets
 
     member_y = np.r_[np.zeros(100), np.ones(300)].astype(int)  # 75% label 1, like PneumoniaMNIST train
     nonmember_y = np.r_[np.zeros(60), np.ones(40)].astype(int)
@@ -182,8 +182,8 @@ _DIGITS_PLAN = {"task": "vision", "dataset": "digits", "model": "", "num-server-
 
 
 def test_non_members_are_validation_shares_and_held_out_splits_never_training_records():
-    from privacy.audit.audit import held_out_records
-    from simulations.datasets import load_dataset
+    from simulations.audit.audit import held_out_records
+    from shared_models.datasets.named import load_dataset
 
     plan = TrainingPlan.from_run_config(_DIGITS_PLAN)
     trains, vals = node_records(_DIGITS_PLAN, plan)
@@ -196,8 +196,8 @@ def test_non_members_are_validation_shares_and_held_out_splits_never_training_re
 def test_pneumoniamnist_test_split_is_not_used_as_non_members(shared_data):
     # Its test split is Kermany et al.'s separate test set (62.5% pneumonia vs 74% in train,
     # and every model does worse on it): members vs it measures the shift, not memorisation.
-    from privacy.audit.audit import held_out_records
-    from simulations.datasets import load_dataset
+    from simulations.audit.audit import held_out_records
+    from shared_models.datasets.named import load_dataset
 
     cfg = {**_DIGITS_PLAN, "dataset": "pneumoniamnist", "partition": "dirichlet", "num-supernodes": 5,
            "data-dir": str(shared_data)}
@@ -210,7 +210,7 @@ def test_pneumoniamnist_test_split_is_not_used_as_non_members(shared_data):
 
 
 def test_fedavg_weights_floating_tensors_and_keeps_integer_buffers():
-    from privacy.audit.shadows import fedavg
+    from simulations.audit.shadows import fedavg
 
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(7)}
     b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(9)}
@@ -221,7 +221,7 @@ def test_fedavg_weights_floating_tensors_and_keeps_integer_buffers():
 
 
 def test_shadow_subset_size():
-    from privacy.audit.shadows import shadow_subset_size
+    from simulations.audit.shadows import shadow_subset_size
 
     assert shadow_subset_size(5000, 4236) == 4236  # as many records as the run trained on
     assert shadow_subset_size(3241, 4236) == 2592  # a smaller pool: 80% of it
@@ -230,9 +230,9 @@ def test_shadow_subset_size():
 
 
 def test_shadow_federations_train_like_the_run_on_different_data():
-    from privacy.audit.shadows import train_shadow_federations
+    from simulations.audit.shadows import train_shadow_federations
     from privacy.dp_sgd import evaluate
-    from simulations.datasets import load_dataset
+    from shared_models.datasets.named import load_dataset
 
     # (DP-SGD shadows run in test_fedpriv_audit_on_a_dp_run.)
     plan = TrainingPlan.from_run_config({**_DIGITS_PLAN, "lr": 0.05, "num-server-rounds": 3, "local-epochs": 2})
@@ -255,7 +255,7 @@ def test_canaries_are_deterministic_and_half_are_dealt_to_the_nodes():
     from client.config import NodeIdentity
     from client.node_training import load_node_data
     from privacy.audit.canaries import inserted_mask, make_canaries, node_canaries
-    from simulations.datasets import load_dataset
+    from shared_models.datasets.named import load_dataset
 
     train = load_dataset("digits")["train"]
     a, b = make_canaries(train, 11, seed=3), make_canaries(train, 11, seed=3)
@@ -291,6 +291,7 @@ def _cli(*args, cwd):
                           timeout=600, cwd=cwd, env=env)
 
 
+@pytest.mark.e2e
 def test_fedpriv_audit_on_a_dp_run(tmp_path):
     run = tmp_path / "run"
     sim = _cli("simulate", "--dataset", "digits", "--clients", "2", "--rounds", "1", "--epsilon", "4", "--no-secagg",
@@ -319,6 +320,7 @@ def test_fedpriv_audit_on_a_dp_run(tmp_path):
     assert report["sizes"]["training_records"] == sum(len(t) for t in trains)
 
 
+@pytest.mark.e2e
 def test_fedpriv_audit_names_the_missing_file(tmp_path):
     proc = _cli("audit", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "config.json" in proc.stdout

@@ -13,10 +13,10 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from client.config import ConfigError, TrainingPlan
-from client.datasets import DataFormatError, load_audio_folder, load_fsdd, load_image_folder, load_local, load_npz
-from client.datasets.text import load_text_csv, read_tsv
-from simulations.partitioning import partition_indices
+from shared_models.run_config import ConfigError, TrainingPlan
+from shared_models.datasets import DataFormatError, load_audio_folder, load_fsdd, load_image_folder, load_local, load_npz
+from shared_models.datasets.text import load_text_csv, read_tsv
+from shared_models.datasets.partitioning import partition_indices
 
 
 def _wav_bytes(samples: np.ndarray, rate: int = 8000) -> bytes:
@@ -179,11 +179,11 @@ BASE = {
     "val-fraction": 0.1, "partition": "iid", "alpha": 0.5, "seed": 0, "run-name": "t",
 }
 CONFIG_CASES = {
-    "epsilon zero": ({"epsilon": 0.0}, "'epsilon' must be > 0"),
+    "epsilon zero": ({"epsilon": 0.0}, "'epsilon' must be in \\(0, 1000\\]"),
     "delta one": ({"delta": 1.0}, "'delta' must be in \\(0, 1\\)"),
     "rounds zero": ({"num-server-rounds": 0}, "'num-server-rounds' must be an integer >= 1"),
     "batch zero": ({"batch-size": 0}, "'batch-size' must be an integer >= 1"),
-    "negative lr": ({"lr": -0.1}, "'lr' must be > 0"),
+    "negative lr": ({"lr": -0.1}, "'lr' must be a finite number > 0"),
     "bad optimizer": ({"optimizer": "rmsprop"}, "'optimizer' must be 'sgd' or 'adam'"),
     "validation too big": ({"val-fraction": 0.6}, "'val-fraction' must be in \\[0, 0.5\\)"),
     "momentum one": ({"momentum": 1.0}, "'momentum' must be in \\[0, 1\\)"),
@@ -222,6 +222,7 @@ CLI_CASES = {
 }
 
 
+@pytest.mark.e2e  # each case starts the `fedpriv` command in a new process
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_cli_rejects_bad_configuration_before_starting_anything(case, tmp_path):
     args, message = CLI_CASES[case]

@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
-from client.releases import NODE_RELEASES
+from privacy.releases import NODE_RELEASES
 from privacy.accountants.sample_level import RDP_ORDERS
 from shared_models import build_model
 
@@ -246,7 +246,7 @@ def test_5_a_node_of_744_records_at_batch_8_trains_and_contributes_every_round(t
 
 
 def test_6_a_record_whose_gradient_overflows_does_not_make_the_reply_a_membership_test(tmp_path):
-    from client.datasets import load_local
+    from shared_models.datasets import load_local
 
     def write(path, rows):
         with open(path, "w", newline="", encoding="utf-8") as handle:

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from client.datasets import (
+from shared_models.datasets import (
     DataFormatError,
     encode_bytes,
     load_audio_folder,

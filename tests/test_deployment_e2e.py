@@ -31,7 +31,9 @@ from opacus.accountants.utils import get_noise_multiplier
 from privacy.accountants.sample_level import RDP_ORDERS
 from privacy.provisioning import provision
 from server.superlink import start_coordinator
-from simulations.runner import console_script, free_port, stop_process_tree
+from shared_models.flower_processes import console_script, free_port, stop_process_tree
+
+pytestmark = pytest.mark.e2e
 
 NODES = ("site-a", "site-b", "site-c")
 
@@ -139,7 +141,7 @@ class Federation:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory, shared_data):
+def federation(tmp_path_factory, shared_data, nginx):
     fed = Federation(tmp_path_factory.mktemp("deployment"), shared_data)
     yield fed
     fed.stop()
@@ -318,7 +320,7 @@ def test_a_deployed_run_resumes_after_the_coordinator_crashes_mid_round_and_coun
 
 
 @pytest.fixture(scope="module")
-def two_sites(tmp_path_factory, shared_data):
+def two_sites(tmp_path_factory, shared_data, nginx):
     """Two sites with the default policy (DP-SGD and SecAgg+ required) and a budget of epsilon 2."""
     fed = Federation(tmp_path_factory.mktemp("two-sites"), shared_data, names=("site-x", "site-y"), max_epsilon=2.0)
     yield fed

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from client.datasets import load_digits_embedded
+from shared_models.datasets import load_digits_embedded
 from privacy.dp_sgd import LocalTrainingSession, PoissonBatchSampler, poisson_sample_rate, steps_per_epoch
 from privacy.secret_randomness import SecretRandom
 from shared_models import build_model

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.config import ConfigError, NodeIdentity, TrainingPlan
+from client.config import NodeIdentity
 from client.node_training import load_node_data, plan_noise, split_validation, train_round
 from privacy.accountants import PrivacyLedger, epsilon_for_history
 from shared_models import build_model
+from shared_models.run_config import ConfigError, TrainingPlan
 
 RUN_CONFIG = {
     "task": "vision", "dataset": "digits", "model": "", "num-server-rounds": 2, "local-epochs": 1,
@@ -168,7 +169,7 @@ def _validation_by_hand(record_ids, fraction):
 
 
 def test_the_validation_share_is_fixed_by_record_content_not_by_the_run(tmp_path):
-    from client.datasets import load_npz
+    from shared_models.datasets import load_npz
 
     images = np.random.default_rng(0).integers(0, 256, (200, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "site.npz", train_images=images, train_labels=np.arange(200) % 2)

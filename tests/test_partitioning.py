@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from simulations.partitioning import partition_indices
+from shared_models.datasets.partitioning import partition_indices
 
 LABELS = np.repeat(np.arange(4), 50)
 

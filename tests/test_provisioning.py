@@ -10,9 +10,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.config import ConfigError, TrainingPlan, node_identity
+from client.config import node_identity
 from privacy.provisioning import ProvisioningError, load_kit, provision
 from server.fleet_gateway import nginx_config
+from shared_models.run_config import ConfigError, TrainingPlan
 
 
 def _mode(path) -> int:

@@ -1,4 +1,4 @@
-"""The run report (`simulations.report`, `fedpriv report`), read back in headless Chromium.
+"""The run report (`server.report`, `fedpriv report`), read back in headless Chromium.
 
 One tiny real run (digits, 3 nodes, 2 rounds, SecAgg+ with client-level noise, a budget
 that makes every node decline round 2) feeds every test; Chromium (Debian's `chromium`,
@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from server.report import PLOT_FILES, RunReportError, load_run, participation, threat_model, write_run_report
 from simulations.cli import main as fedpriv_main
-from simulations.report import PLOT_FILES, RunReportError, load_run, participation, threat_model, write_run_report
+
+pytestmark = pytest.mark.e2e  # one real simulated run feeds every test
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -49,14 +51,8 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium") or "/usr/bin/chromium"
-    assert Path(path).exists(), "Chromium not found: install Debian's `chromium` package (.ci/run does)"
-    return path
-
-
-def _run_chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+def _run_chromium(chromium: str, *args: str, profile: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -77,13 +73,14 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rendered(run_dir, tmp_path_factory) -> dict:
+def rendered(run_dir, chromium, tmp_path_factory) -> dict:
     """The probe's findings after Chromium loaded the report `fedpriv report` wrote."""
     work = tmp_path_factory.mktemp("chromium")
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     probed = work / "probed.html"
     probed.write_text(page.replace("</body>", PROBE + "\n</body>"), encoding="utf-8")
-    dom = _run_chromium("--virtual-time-budget=10000", "--dump-dom", probed.as_uri(), profile=work / "profile").stdout
+    dom = _run_chromium(chromium, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri(),
+                        profile=work / "profile").stdout
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert found, "the probe script did not run: " + dom[-1000:]
     return json.loads(html.unescape(found.group(1)))
@@ -159,9 +156,9 @@ def test_numbers_on_the_page_are_summary_json(run_dir, rendered):
     assert client_eps and all(json.loads(v["value"]) == summary["client_level"]["epsilon"] > 0 for v in client_eps)
 
 
-def test_screenshot_of_the_page_is_not_blank(run_dir, tmp_path):
+def test_screenshot_of_the_page_is_not_blank(run_dir, chromium, tmp_path):
     shot = tmp_path / "report.png"
-    _run_chromium("--window-size=1200,1600", f"--screenshot={shot}", (run_dir / "report.html").as_uri(),
+    _run_chromium(chromium, "--window-size=1200,1600", f"--screenshot={shot}", (run_dir / "report.html").as_uri(),
                   profile=tmp_path / "profile")
     pixels = imread(shot)
     assert pixels.shape[:2] == (1600, 1200)

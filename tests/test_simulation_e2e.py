@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 
 def _simulate(*args, cwd):
     proc = subprocess.run(

@@ -1,7 +1,7 @@
 """A data owner's persistent per-record privacy ledger (DESIGN 4.1).
 
 The budget belongs to the data, not to a run or to the subset a run trains on. Records are
-known by ids derived from their content (`client.datasets.base.content_record_ids`), so a
+known by ids derived from their content (`shared_models.records.content_record_ids`), so a
 renamed file, a re-ordered export, another seed or validation share, or a dataset with
 records added or removed still finds what was spent on every record it holds. For each
 record the ledger keeps the RDP history (Opacus `RDPAccountant.history` entries

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.datasets import LabeledArrays
+from shared_models.records import LabeledArrays
 
 CANARY_PREFIX = "canary-"
 _SEED_SALT = 0xCA7A  # keeps canary draws independent of the run's other seeded draws

@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.datasets import LabeledArrays
+from shared_models.records import LabeledArrays
 
 DEFAULT_FPRS = (0.001, 0.01)
 

@@ -31,9 +31,9 @@ import jinja2
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from client.releases import NODE_RELEASES
+from privacy.releases import NODE_RELEASES
+from server.report_template import TEMPLATE
 from server.run_folder import RunFolder
-from simulations.report_template import TEMPLATE
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"

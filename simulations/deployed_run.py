@@ -19,15 +19,15 @@ import httpx
 
 from privacy.provisioning import ProvisioningError, load_kit
 from server.superlink import FLWR_CONNECTION, running_control_port, state_folder, write_flwr_home
-from simulations.cli import (
-    HelpFormatter,
+from shared_models.flower_processes import flwr_env
+from simulations.cli_options import (
     add_training_options,
     check_training_args,
     print_summary,
     run_folder_for,
     training_run_config,
 )
-from simulations.runner import SimulationError, flwr_env, submit_and_follow
+from simulations.runner import SimulationError, submit_and_follow
 
 
 def deployed_run_config(args: argparse.Namespace, task: str, out: Path, kit_nodes: int) -> dict:
@@ -49,8 +49,7 @@ def deployed_run_config(args: argparse.Namespace, task: str, out: Path, kit_node
 
 def register(subparsers) -> None:
     """Add `fedpriv run` to the CLI."""
-    parser = subparsers.add_parser("run", help="coordinator: train on the provisioned federation's SuperNodes",
-                                   formatter_class=HelpFormatter)
+    parser = subparsers.add_parser("run", help="coordinator: train on the provisioned federation's SuperNodes")
     parser.add_argument("--kit", type=Path, required=True, help="the coordinator's kit (as given to `fedpriv server`)")
     parser.add_argument("--state-dir", type=Path, default=None, help="the `fedpriv server` state folder (default: KIT/state)")
     parser.add_argument("--min-nodes", type=int, default=0,

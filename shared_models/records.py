@@ -1,4 +1,8 @@
-"""The in-memory form every loader returns, and the error every loader raises."""
+"""The record type both roles share: what every loader returns, the error it raises, record ids.
+
+`LabeledArrays` holds a dataset in memory; `content_record_ids` gives each record the id the
+privacy ledger knows it by (DESIGN 4.1); `DataFormatError` names the file or field at fault.
+"""
 
 from __future__ import annotations
 
@@ -101,3 +105,21 @@ class LabeledArrays:
             source=self.source,
             meta=dict(self.meta),
         )
+
+
+def concat(parts: list[LabeledArrays]) -> LabeledArrays:
+    """Stack datasets of one task and class list into one (record ids kept; groups dropped).
+
+    Raises ValueError for an empty list.
+    """
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    first = parts[0]
+    return LabeledArrays(
+        task=first.task,
+        x=np.concatenate([p.x for p in parts]),
+        y=np.concatenate([p.y for p in parts]),
+        classes=first.classes,
+        record_ids=[r for p in parts for r in p.record_ids],
+        source=first.source,
+    )

@@ -1,11 +1,11 @@
-"""The HTML template of the run report (jinja2, rendered by `simulations.report` with autoescape on).
+"""The HTML template of the run report (jinja2, rendered by `server.report` with autoescape on).
 
 Kept as a Python string, not an .html file, so that it travels inside the Flower App
 bundle (FABs carry *.py/*.toml/*.md/*.json only) and the ServerApp can write the report.
 """
 
 TEMPLATE = """<!DOCTYPE html>
-{# fedpriv run report (simulations/report.py renders it with autoescape on).
+{# fedpriv run report (server/report.py renders it with autoescape on).
    Every number comes from summary.json and carries data-key (and data-node in node rows)
    plus its exact JSON value in data-value, so tests and scripts can read the page back. #}
 <html lang="en">

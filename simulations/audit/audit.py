@@ -40,11 +40,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.datasets import LabeledArrays
+from client.config import NodeIdentity
+from client.node_training import load_node_data
+from privacy.audit.bounds import advantage_bound, auc_bound, epsilon_lower_bound, tpr_bound
+from privacy.audit.canaries import inserted_mask, is_canary, make_canaries
+from privacy.audit.membership import (
+    DEFAULT_FPRS,
+    attack_metrics,
+    lira_offline_scores,
+    loss_threshold_scores,
+    per_example_outputs,
+)
+from shared_models import build_model
+from shared_models.datasets import load_npz
+from shared_models.datasets.named import _RELATIVE_PATHS, data_dir, load_dataset
+from shared_models.records import LabeledArrays, concat
+from shared_models.run_config import ConfigError, TrainingPlan
 
-from .bounds import advantage_bound, auc_bound, epsilon_lower_bound, tpr_bound
-from .canaries import inserted_mask, is_canary, make_canaries
-from .membership import DEFAULT_FPRS, attack_metrics, lira_offline_scores, loss_threshold_scores, per_example_outputs
 from .shadows import shadow_subset_size, train_shadow_federations, train_shadow_models_central
 
 log = logging.getLogger("fedpriv.audit")
@@ -63,26 +75,8 @@ def _read_json(path: Path) -> dict:
         raise AuditError(f"{path}: not valid JSON ({err})") from err
 
 
-def concat(parts: list[LabeledArrays]) -> LabeledArrays:
-    """Stack datasets of one task and class list into one (record ids kept)."""
-    if not parts:
-        raise ValueError("nothing to concatenate")
-    first = parts[0]
-    return LabeledArrays(
-        task=first.task,
-        x=np.concatenate([p.x for p in parts]),
-        y=np.concatenate([p.y for p in parts]),
-        classes=first.classes,
-        record_ids=[r for p in parts for r in p.record_ids],
-        source=first.source,
-    )
-
-
 def node_records(config: dict, plan) -> tuple[list[LabeledArrays], list[LabeledArrays]]:
     """Each simulated node's (training shares, validation shares), rebuilt as the nodes did."""
-    from client.config import NodeIdentity
-    from client.node_training import load_node_data
-
     clients = int(config.get("num-supernodes", 0))
     if clients < 1:
         raise AuditError("config.json: 'num-supernodes' must be >= 1 (only simulated runs can be audited)")
@@ -106,15 +100,10 @@ def held_out_records(plan, node_validation: list[LabeledArrays] = ()) -> Labeled
     The nodes' validation shares, plus the dataset's held-out splits (test; PneumoniaMNIST's
     official val split) less those in `SHIFTED_SPLITS`. Raises AuditError when none remain.
     """
-    from simulations.datasets import load_dataset
-
     parts = [v for v in node_validation if len(v)]
     if (plan.dataset, "test") not in SHIFTED_SPLITS:
         parts.append(load_dataset(plan.dataset, plan.task, plan.data_dir)["test"])
     if plan.dataset == "pneumoniamnist":
-        from client.datasets.images import load_npz
-        from simulations.datasets import _RELATIVE_PATHS, data_dir
-
         root = Path(plan.data_dir) if plan.data_dir else data_dir()
         splits = load_npz(root / _RELATIVE_PATHS["pneumoniamnist"], classes=parts[0].classes if parts else None)
         if "val" in splits:
@@ -200,8 +189,6 @@ def compare_with_bound(metrics: dict, bound: dict) -> dict:
 
 def load_final_model(run_dir: Path, plan, shape, num_classes: int) -> torch.nn.Module:
     """The run's released global model (final_model.pt state_dict), rebuilt as the server built it."""
-    from shared_models import build_model
-
     path = run_dir / "final_model.pt"
     if not path.exists():
         raise AuditError(f"{path} not found: the run did not finish (no released model to audit)")
@@ -218,8 +205,6 @@ def _audit_canaries(plan, template: LabeledArrays, model, shadows: list, bound: 
 
     The shadow models never saw a canary, so they give every canary's OUT distribution.
     """
-    from simulations.datasets import load_dataset
-
     train = load_dataset(plan.dataset, plan.task, plan.data_dir)["train"]  # the nodes' template
     canaries = make_canaries(train, plan.canaries, plan.seed)
     inserted = inserted_mask(plan.canaries, plan.seed)
@@ -251,8 +236,6 @@ def audit_run(run_dir: Path, shadow_models: int = 4, seed: int = 0, max_targets:
     """
     if shadow_training not in ("federated", "central"):
         raise ValueError(f"shadow_training must be 'federated' or 'central', got {shadow_training!r}")
-    from client.config import ConfigError, TrainingPlan
-
     run_dir = Path(run_dir)
     config = _read_json(run_dir / "config.json")
     summary = _read_json(run_dir / "summary.json")

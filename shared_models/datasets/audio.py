@@ -17,7 +17,7 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-from .base import DataFormatError, LabeledArrays, array_content, content_record_ids
+from shared_models.records import DataFormatError, LabeledArrays, array_content, content_record_ids
 
 FSDD_NAME = re.compile(r"^(?P<label>\d)_(?P<speaker>[A-Za-z]+)_(?P<take>\d+)\.wav$")
 

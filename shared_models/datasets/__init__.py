@@ -1,4 +1,8 @@
-"""Loaders for the data formats a hospital or firm holds (DESIGN 7).
+"""Data both roles read: the formats a hospital or firm holds, the named datasets, partitions (DESIGN 7).
+
+A node reads its local data with these loaders; the coordinator reads its central test set
+and a simulation its named datasets (`shared_models.datasets.named`) and simulated nodes'
+shares (`shared_models.datasets.partitioning`) with the same ones.
 
 `load_local(path, task)` reads a node's own data from its `data-path`:
 - vision: a MedMNIST-style `.npz` (its `train` split) or a folder with one subfolder of
@@ -12,8 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shared_models.records import DataFormatError, LabeledArrays
+
 from .audio import LogMelConfig, load_audio_folder, load_fsdd
-from .base import DataFormatError, LabeledArrays
 from .images import load_digits_embedded, load_image_folder, load_npz
 from .text import encode_bytes, load_sms_spam, load_text_csv, read_tsv
 

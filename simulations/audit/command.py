@@ -17,14 +17,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from simulations.audit.audit import AuditError, audit_run
+
 
 def register(subparsers) -> None:
     """Add the `audit` command to the `fedpriv` parser."""
-    from simulations.cli import HelpFormatter
-
     parser = subparsers.add_parser(
-        "audit", help="membership-inference audit of a finished run vs its (epsilon, delta) bound",
-        formatter_class=HelpFormatter)
+        "audit", help="membership-inference audit of a finished run vs its (epsilon, delta) bound")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished `fedpriv simulate` run folder")
     parser.add_argument("--shadow-models", type=int, default=4,
                         help="shadow models for LiRA offline (0: loss-threshold attack only; else >= 2)")
@@ -47,8 +46,6 @@ def _pct(x: float) -> str:
 
 def run_audit_command(args: argparse.Namespace, console: Console) -> int:
     """Handler of `fedpriv audit`; returns the exit code."""
-    from privacy.audit.audit import AuditError, audit_run
-
     if args.shadow_models == 1 or args.shadow_models < 0:
         console.print(f"[red]error:[/red] --shadow-models must be 0 or >= 2, got {args.shadow_models}")
         return 2

@@ -1,4 +1,4 @@
-"""Named benchmark datasets for simulations (DESIGN 7).
+"""Named datasets: the simulations' benchmarks and the coordinator's central test sets (DESIGN 7).
 
 | name            | task   | source                                   | split                  |
 |-----------------|--------|------------------------------------------|------------------------|
@@ -10,7 +10,7 @@
 `<data-dir>` is `$FEDPRIV_DATA_DIR`, else the `shared/data` folder beside this checkout.
 This build reads local copies only (its machines reach no dataset hosts); a missing folder
 gives a clear error saying where to put the files. Anything that is not a name is read as a
-path in one of the local formats (`client.datasets.load_local`), split 80/20 with seed 0.
+path in one of the local formats (`shared_models.datasets.load_local`), split 80/20 with seed 0.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.datasets import (
+from shared_models.datasets import (
     DataFormatError,
     LabeledArrays,
     load_digits_embedded,
@@ -45,7 +45,7 @@ def data_dir() -> Path:
     env = os.environ.get("FEDPRIV_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def dataset_task(name_or_path: str, task: str | None = None) -> str:

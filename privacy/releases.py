@@ -1,6 +1,6 @@
 """Every field a node sends to the coordinator, and what protects it (DESIGN 3, issue 12).
 
-One list, read by the run report (`simulations.report`) and mirrored in README's release
+One list, read by the run report (`server.report`) and mirrored in README's release
 table; `tests/test_coordinator_adversary.py` checks that a node's replies carry no field
 missing from it. "Sample-level DP" means the node's (epsilon, delta) from its ledger covers
 the field: it is computed from the DP-SGD output (post-processing) or from public

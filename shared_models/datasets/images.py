@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataFormatError, LabeledArrays, array_content, content_record_ids
+from shared_models.records import DataFormatError, LabeledArrays, array_content, content_record_ids
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataFormatError, LabeledArrays, content_record_ids
+from shared_models.records import DataFormatError, LabeledArrays, content_record_ids
 
 MAX_BYTES = 200  # covers ~95% of SMS messages
 

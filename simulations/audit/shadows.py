@@ -27,7 +27,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from client.datasets import LabeledArrays
+from client.node_training import plan_noise
+from privacy.accountants import calibrate_noise_multiplier
+from privacy.dp_sgd import LocalTrainingSession, poisson_sample_rate, steps_per_epoch
+from shared_models import build_model
+from shared_models.datasets.partitioning import partition_indices
+from shared_models.records import LabeledArrays
 
 # A shadow trains on a random subset of the pool as large as the run's training data; when
 # the pool is smaller, on this fraction of it, so that the K shadows still see different data.
@@ -76,9 +81,6 @@ def _shadow_subsets(pool: LabeledArrays, k: int, seed: int, records_each: int) -
 
 
 def _session(plan, data: LabeledArrays, noise_multiplier: float | None):
-    from privacy.dp_sgd import LocalTrainingSession
-    from shared_models import build_model
-
     model = build_model(plan.task, plan.model or None, data.input_shape, data.num_classes, plan.activation)
     return LocalTrainingSession(model, data, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer,
                                 momentum=plan.momentum, noise_multiplier=noise_multiplier,
@@ -99,10 +101,6 @@ def train_shadow_federations(plan, pool: LabeledArrays, k: int, seed: int, *, no
     all rounds). Returns K models in eval mode. Raises ValueError when k < 2 or the pool
     cannot be split into `nodes` non-empty shares.
     """
-    from client.node_training import plan_noise
-    from shared_models import build_model
-    from simulations.partitioning import partition_indices
-
     models = []
     for i, subset in enumerate(_shadow_subsets(pool, k, seed, records_each)):
         shares = [subset.subset(ix) for ix in partition_indices(
@@ -140,9 +138,6 @@ def train_shadow_models_central(plan, pool: LabeledArrays, k: int, seed: int, ep
     is calibrated (Opacus RDP search) so that `epochs` passes spend the run's epsilon at its
     delta. Raises ValueError when k < 2.
     """
-    from privacy.accountants import calibrate_noise_multiplier
-    from privacy.dp_sgd import poisson_sample_rate, steps_per_epoch
-
     models = []
     for i, subset in enumerate(_shadow_subsets(pool, k, seed, records_each)):
         sigma = None
