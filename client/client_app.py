@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from client import faults
 from client import secure_aggregation as secagg
-from client.config import node_identity, policy_refusal
+from client.config import node_identity, policy_refusal, signing_identity
 from client.node_training import device, load_node_data, node_randomness, train_round
 from privacy.dp_sgd import evaluate as evaluate_model
 from shared_models import build_model
@@ -109,7 +109,7 @@ def _secagg_stage(stage: str):
     def handler(msg: Message, context: Context) -> Message:
         plan = TrainingPlan.from_run_config(dict(context.run_config))
         node = node_identity(context, plan)
-        reply = secagg.handle_stage(stage, msg.content, context, cid=str(context.node_id), node=node.name)
+        reply = secagg.handle_stage(stage, msg.content, context, signing_identity(context, node))
         return Message(content=reply, reply_to=msg)
 
     handler.__name__ = stage

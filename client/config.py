@@ -19,6 +19,7 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from privacy.secagg.identity import IdentityError, SigningIdentity, load_identity
 from shared_models.run_config import ConfigError, TrainingPlan, as_bool
 
 
@@ -123,6 +124,29 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         require_secagg=require_secagg,
         val_fraction=val_fraction,
     )
+
+
+def signing_identity(context: Context, node: NodeIdentity) -> SigningIdentity:
+    """The node's SecAgg+ signing key and the federation's keyring (`privacy.secagg.identity`).
+
+    Deployment: node-config `secagg-identity`, the node's kit folder (`fedpriv node` sets it);
+    never the run-config's. Simulation: run-config `secagg-identities`/<node name>, written by
+    the simulation runner. Raises ConfigError naming the key or the file.
+    """
+    if node.data_path is not None:
+        folder = context.node_config.get("secagg-identity")
+        key = "node-config 'secagg-identity'"
+    else:
+        base = context.run_config.get("secagg-identities")
+        folder = Path(str(base)) / node.name if base else None
+        key = "run-config 'secagg-identities'"
+    if not folder:
+        raise ConfigError(f"{key} is missing: SecAgg+ needs this node's signing key and the federation's keyring "
+                          "(`fedpriv provision` writes them into each node kit)")
+    try:
+        return load_identity(Path(str(folder)), node.name)
+    except IdentityError as err:
+        raise ConfigError(f"{key}: {err}") from err
 
 
 def policy_refusal(node: NodeIdentity, plan: TrainingPlan, secure: bool) -> str:

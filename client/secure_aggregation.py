@@ -22,12 +22,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from privacy.secagg import RoundSetup, SecAggClient
 from privacy.secagg.encoding import encode
+from privacy.secagg.identity import SigningIdentity
 from privacy.secagg.protocol import encoding_from_config
 from privacy.secret_randomness import SecretRandom
 
 STATE = "secagg-state"  # ConfigRecord: setup + serialized client
 INPUT = "secagg-input"  # ConfigRecord: path of the spooled encoded (unmasked) vector, never sent
-STAGES = ("secagg_advertise", "secagg_share", "secagg_masked", "secagg_unmask")
+STAGES = ("secagg_advertise", "secagg_share", "secagg_masked", "secagg_consistency", "secagg_unmask")
 
 
 class SimulatedDropout(RuntimeError):
@@ -76,31 +77,36 @@ def _maybe_drop(context: Context, stage: str, node: str) -> None:
         raise SimulatedDropout(f"{node} vanished before {stage} (simulated dropout)")
 
 
-def _load(context: Context) -> tuple[RoundSetup, SecAggClient]:
+def _load(context: Context, identity: SigningIdentity) -> tuple[RoundSetup, SecAggClient]:
     cfg = context.state[STATE]
     setup = RoundSetup.from_config(cfg)
-    return setup, SecAggClient.from_bytes(bytes(cfg["client"]), setup)
+    return setup, SecAggClient.from_bytes(bytes(cfg["client"]), setup, identity)
 
 
 def _save(context: Context, setup: RoundSetup, client: SecAggClient) -> None:
     context.state[STATE] = ConfigRecord({**setup.to_config(), "client": client.to_bytes()})
 
 
-def handle_stage(stage: str, content: RecordDict, context: Context, cid: str, node: str) -> RecordDict:
-    """Answer one SecAgg+ stage; `cid` is this node's id in the protocol. Returns the reply content."""
+def handle_stage(stage: str, content: RecordDict, context: Context, identity: SigningIdentity) -> RecordDict:
+    """Answer one SecAgg+ stage as `identity.name` (the node's id in the protocol).
+
+    Returns the reply content; raises SecAggAbort naming a failed check (the round stops).
+    """
+    node = identity.name
     _maybe_drop(context, stage, node)
     payload = content["secagg"]
     if stage == "secagg_advertise":
         if INPUT not in context.state:
             raise RuntimeError(f"{node}: asked to aggregate but holds no trained update for this round")
         setup = RoundSetup.from_config(payload)
-        client = SecAggClient(cid, setup)
-        c_pk, s_pk = client.advertise_keys()
+        client = SecAggClient(node, setup, identity)
+        c_pk, s_pk, signature = client.advertise_keys()
         _save(context, setup, client)
-        return RecordDict({"secagg": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk})})
-    setup, client = _load(context)
+        return RecordDict({"secagg": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk, "signature": signature})})
+    setup, client = _load(context, identity)
     if stage == "secagg_share":
-        keys = {v: (bytes(c), bytes(s)) for v, c, s in zip(payload["neighbours"], payload["c-pks"], payload["s-pks"])}
+        keys = {v: (bytes(c), bytes(s), bytes(g)) for v, c, s, g in
+                zip(payload["neighbours"], payload["c-pks"], payload["s-pks"], payload["signatures"])}
         out = client.share_keys(keys)
         _save(context, setup, client)
         return RecordDict({"secagg": ConfigRecord({"recipients": list(out), "ciphertexts": list(out.values())})})
@@ -113,8 +119,13 @@ def handle_stage(stage: str, content: RecordDict, context: Context, cid: str, no
         del context.state[INPUT]
         _save(context, setup, client)
         return RecordDict({"masked": ArrayRecord({"y": Array(y)})})
+    if stage == "secagg_consistency":
+        signature = client.sign_survivors([str(u) for u in payload["u3"]])
+        _save(context, setup, client)
+        return RecordDict({"secagg": ConfigRecord({"signature": signature})})
     if stage == "secagg_unmask":
-        revealed = client.unmask([str(u) for u in payload["u3"]])
+        signatures = {str(v): bytes(g) for v, g in zip(payload["signers"], payload["signatures"])}
+        revealed = client.unmask(signatures)
         del context.state[STATE]  # round over: drop this round's secrets
         owners = sorted(revealed)
         return RecordDict({"secagg": ConfigRecord({

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, default_state_dir
 from privacy.provisioning import ProvisioningError, load_kit
+from privacy.secagg.identity import IdentityError, load_identity
 from shared_models import TASKS
 from shared_models.datasets import load_local
 from shared_models.flower_processes import console_script, free_port
@@ -37,9 +38,15 @@ def _toml_string(value: str) -> str:
 
 
 def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: float, state_dir: Path,
-                require_dp: bool = True, require_secagg: bool = True, val_fraction: float = 0.0) -> str:
-    """Flower's `--node-config` text (space-separated TOML key=value pairs) for `client.config.node_identity`."""
+                require_dp: bool = True, require_secagg: bool = True, val_fraction: float = 0.0,
+                secagg_identity: Path | None = None) -> str:
+    """Flower's `--node-config` text (space-separated TOML key=value pairs) for `client.config.node_identity`.
+
+    secagg_identity: the kit folder holding `secagg.key` and `federation-keys.json`
+    (`client.config.signing_identity`).
+    """
     return " ".join([
+        *([f"secagg-identity={_toml_string(str(secagg_identity))}"] if secagg_identity else []),
         f"node-name={_toml_string(node)}", f"data-path={_toml_string(str(data))}", f"task={_toml_string(task)}",
         f"max-epsilon={max_epsilon!r}", f"delta={delta!r}", f"state-dir={_toml_string(str(state_dir))}",
         f"require-dp={str(require_dp).lower()}", f"require-secagg={str(require_secagg).lower()}",
@@ -105,14 +112,15 @@ def _run_node(args, console) -> int:
             raise NodeConfigError(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
         data = args.data.expanduser().resolve()
         records = check_local_data(data, args.task, args.delta)
-    except (ProvisioningError, DataFormatError, NodeConfigError) as err:
+        load_identity(kit["path"], kit["node"])  # SecAgg+ signing key and the federation's keyring
+    except (ProvisioningError, DataFormatError, NodeConfigError, IdentityError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
     state = (args.state_dir or default_state_dir()).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
     cfg = node_config(node=kit["node"], data=data, task=args.task, max_epsilon=args.max_epsilon, delta=args.delta,
                       state_dir=state, require_dp=args.require_dp, require_secagg=args.require_secagg,
-                      val_fraction=args.val_fraction)
+                      val_fraction=args.val_fraction, secagg_identity=kit["path"])
     command = supernode_command(kit, cfg, args.port or free_port())
     required = [name for name, on in (("DP-SGD", args.require_dp), ("SecAgg+", args.require_secagg)) if on]
     console.print(f"{kit['node']}: {records} {args.task} records in {data}; budget epsilon {args.max_epsilon:g} at "

@@ -21,6 +21,10 @@ Layout written under `out`:
         <node>.key                 the node's EC P-384 private key, OpenSSH format (0600), as
                                    `flower-supernode --auth-supernode-private-key` reads it
         <node>.pub
+        secagg.key                 the node's Ed25519 SecAgg+ signing key (0600)
+        federation-keys.json       every node's SecAgg+ public key, by name: the node checks
+                                   its peers' signed round keys against it (re-running
+                                   provision adds new nodes to every kit's copy)
         README.md
 
 Keys are never overwritten: re-running with the same `out` keeps every existing key and
@@ -47,6 +51,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from privacy.secagg.identity import KEY_FILE as SECAGG_KEY_FILE, KEYRING_FILE, write_keyring, write_private_key
 
 CURVE = ec.SECP384R1()
 SIGNATURE_HASH = hashes.SHA384()
@@ -239,12 +245,18 @@ def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = 
         _write_public(kit / f"{node}.pub", public)
         _write_public(server_dir / "node-keys" / f"{node}.pub", public)
         _write_public(kit / "ca.crt", ca_pem)
+        write_private_key(kit / SECAGG_KEY_FILE)
         _write_json(kit / "kit.json", {"role": "node", "node": node, "superlink": superlink,
                                        "ca": "ca.crt", "private_key": f"{node}.key", "public_key": f"{node}.pub"})
         (kit / "README.md").write_text(_node_readme(node, superlink))
         node_kits[node] = kit
 
     all_nodes = sorted(p.stem for p in (server_dir / "node-keys").glob("*.pub"))
+    keyring = {name: write_private_key(nodes_dir / name / SECAGG_KEY_FILE) for name in all_nodes
+               if (nodes_dir / name).is_dir()}
+    for name in keyring:
+        write_keyring(nodes_dir / name / KEYRING_FILE, keyring)
+    write_keyring(server_dir / KEYRING_FILE, keyring)
     _write_json(server_dir / "kit.json", {
         "role": "server", "server_hosts": hosts, "fleet_port": port, "internal_port": DEFAULT_INTERNAL_PORT,
         "ca": "ca.crt", "certificate": "server.crt", "private_key": "server.key", "nodes": all_nodes,

@@ -29,6 +29,9 @@ NODE_RELEASES: tuple[Release, ...] = (
             "sample-level DP, and by client-level DP when client noise is on"),
     Release("SecAgg+ public keys, encrypted shares, revealed shares", "SecAgg+ stages",
             "fresh per round; shares encrypted to their recipient (AES-GCM); never both share kinds of one node"),
+    Release("SecAgg+ signatures (Ed25519)", "SecAgg+ advertise and consistency stages",
+            "not covered, by design: they bind the node's round keys and the survivor set it saw to its "
+            "provisioned key; a function of public values only"),
     Release("update-norm", "train reply, with SecAgg+ and no client-level noise",
             "sample-level DP (a function of the DP-SGD output); not hidden by SecAgg+, and never sent when "
             "client-level noise is on"),

@@ -34,6 +34,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from privacy.accountants import ClientLevelAccountant
 from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort, default_scale
+from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, SecAggParameterError,
+                                       SecAggParameters, parameters_for)
 from privacy.secagg.protocol import encoding_from_config, encoding_to_config
 from server.ledger import CoordinatorLedger
 from server.messaging import exchange
@@ -56,8 +58,10 @@ class FederationSettings:
     run_id: str = ""
     # Secure aggregation (SecAgg+) with distributed client-level DP; see server.secure_aggregation.
     secagg: bool = False
-    num_shares: int = 5  # neighbourhood size, self included (>= #clients: complete graph)
-    threshold: int = 0  # t; 0 = max(2, ceil(2/3 of the round's participants))
+    num_shares: int = 0  # neighbourhood size k, self included (>= #clients: complete graph); 0 = from the bounds
+    threshold: int = 0  # t; 0 = the least t that meets the bounds (privacy.secagg.parameters)
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION  # of a round's nodes that may collude with the server
+    dropout_fraction: float = DEFAULT_DROPOUT_FRACTION  # of a round's nodes that may drop
     clip_norm: float = 1000.0  # L2 clip C of each client's model delta (run-config default: encoding bound only)
     client_noise_multiplier: float = 0.0  # sigma of the distributed client-level Gaussian
     client_delta: float = 1e-5
@@ -177,10 +181,19 @@ def _train_stage(grid, arrays, config, sampled, settings, ledger, report, known_
     return out
 
 
+def round_parameters(settings: FederationSettings, participants: int) -> SecAggParameters:
+    """(k, t) for a round of `participants` sampled nodes, from Bell et al.'s bounds at the
+    run's corrupt and dropout fractions, or the run's settings checked against them.
+
+    Raises SecAggParameterError when no (k, t) (or the set one) is secure and live.
+    """
+    return parameters_for(participants, settings.num_shares, settings.threshold,
+                          settings.corrupt_fraction, settings.dropout_fraction)
+
+
 def round_threshold(settings: FederationSettings, participants: int) -> int:
-    """t for a round: the configured threshold, or max(2, ceil(2/3 of the neighbourhood size))."""
-    hood = min(settings.num_shares, participants)
-    return settings.threshold or max(2, -(-2 * hood // 3))
+    """t for a round (`round_parameters`)."""
+    return round_parameters(settings, participants).threshold
 
 
 def colluding_nodes(settings: FederationSettings, threshold: int) -> int:
@@ -231,18 +244,20 @@ def release_client_level(ledger: CoordinatorLedger, accountant: ClientLevelAccou
 
 def _aggregate_secure(grid, arrays, config, train, settings, ledger, report) -> ArrayRecord | None:
     """New global arrays from the SecAgg+ sum of the trained nodes, or None if the round failed."""
-    participants = sorted(train.trained)
+    participants = {nid: train.names.get(nid, f"node-id-{nid}") for nid in sorted(train.trained)}
     params = encoding_from_config(config)
-    t = round_threshold(settings, int(params.max_clients))
-    if len(participants) < t:
-        return _secure_round_failed(report, f"{len(participants)} nodes trained, threshold is {t}")
     try:
+        chosen = round_parameters(settings, int(params.max_clients))
+        if len(participants) < chosen.threshold:
+            return _secure_round_failed(report, f"{len(participants)} nodes trained, threshold is {chosen.threshold}")
         setup = RoundSetup(
-            round_id=f"{settings.run_id}/round-{report.round}".encode(), participants=tuple(str(n) for n in participants),
-            num_shares=settings.num_shares, threshold=t, params=params, graph_seed=os.urandom(16),
+            round_id=f"{settings.run_id}/round-{report.round}".encode(), participants=tuple(participants.values()),
+            num_shares=chosen.num_shares, threshold=chosen.threshold, params=params, graph_seed=os.urandom(16),
         )
-    except ValueError as err:  # e.g. a threshold above the neighbourhood size
+    except ValueError as err:  # parameters below the bounds, or two nodes reporting one name
         return _secure_round_failed(report, str(err))
+    report.secure["parameters"] = {"num_shares": chosen.num_shares, "threshold": chosen.threshold,
+                                   "corrupt_nodes": chosen.corrupt, "dropout_nodes": chosen.dropouts}
     flat = {k: v.numpy() for k, v in arrays.items()}
     error = None
     try:
@@ -326,12 +341,20 @@ def run_federation(
         node_ids = wait_for_nodes(grid, minimum, settings.node_wait_timeout)
         sampled = sample_nodes(node_ids, settings.fraction_train, settings.min_nodes, rng)
         config = {"server-round": server_round, "run-id": settings.run_id}
+        unsafe = ""
         if settings.secagg:
-            config.update(secagg_train_config(settings, arrays, len(sampled)))
+            try:
+                config.update(secagg_train_config(settings, arrays, len(sampled)))
+            except SecAggParameterError as err:  # e.g. too few nodes connected for a secure threshold
+                unsafe = str(err)
         config = ConfigRecord(config)
-        train = _train_stage(grid, arrays, config, sampled, settings, ledger, report, known_names)
+        if unsafe:  # nothing is trained (nor charged) in a round whose sum could not be secure
+            train = TrainReplies()
+            _secure_round_failed(report, unsafe)
+        else:
+            train = _train_stage(grid, arrays, config, sampled, settings, ledger, report, known_names)
 
-        if settings.secagg:
+        if settings.secagg and not unsafe:
             new_arrays = _aggregate_secure(grid, arrays, config, train, settings, ledger, report)
             if new_arrays is not None:
                 report.client_epsilon = release_client_level(ledger, client_accountant, settings, len(sampled))

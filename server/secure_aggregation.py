@@ -1,4 +1,4 @@
-"""The coordinator's side of SecAgg+ over Flower's Grid: four `query.secagg_*` exchanges.
+"""The coordinator's side of SecAgg+ over Flower's Grid: five `query.secagg_*` exchanges.
 
 The server routes keys and encrypted shares, sums the masked vectors and unmasks the sum
 (`privacy.secagg.protocol.SecAggServer`); it never holds one node's update in the clear.
@@ -47,25 +47,29 @@ def _exchange(grid: Grid, stage: str, payloads: dict[int, RecordDict], timeout: 
     return replies
 
 
-def secure_sum(grid: Grid, node_ids: list[int], setup: RoundSetup, dimension: int, timeout: float) -> SecureSum:
-    """Run SecAgg+ stages 1-4 with the nodes of `setup.participants` (str(node_id)).
+def secure_sum(grid: Grid, names: dict[int, str], setup: RoundSetup, dimension: int, timeout: float) -> SecureSum:
+    """Run SecAgg+ stages 1-5 with the nodes `names` (node id -> node name, the protocol id;
+    `setup.participants` are those names).
 
     Raises SecAggAbort (with the partial outcome in `.outcome`) when too few nodes remain.
     """
     server = SecAggServer(setup, dimension=dimension)
     outcome = SecureSum(total=np.zeros(0), survivors=[])
-    cid = {nid: str(nid) for nid in node_ids}
+    node_ids = sorted(names)
+    cid = dict(names)
     nid_of = {c: n for n, c in cid.items()}
     try:
         config = ConfigRecord(setup.to_config())
         replies = _exchange(grid, "secagg_advertise", {n: RecordDict({"secagg": config}) for n in node_ids}, timeout, outcome)
-        views = server.collect_keys({cid[n]: (bytes(r["secagg"]["c-pk"]), bytes(r["secagg"]["s-pk"])) for n, r in replies.items()})
+        views = server.collect_keys({cid[n]: (bytes(r["secagg"]["c-pk"]), bytes(r["secagg"]["s-pk"]),
+                                              bytes(r["secagg"]["signature"])) for n, r in replies.items()})
 
         payloads = {}
         for u, keys in views.items():
-            names = sorted(keys)
+            order = sorted(keys)
             payloads[nid_of[u]] = RecordDict({"secagg": ConfigRecord({
-                "neighbours": names, "c-pks": [keys[v][0] for v in names], "s-pks": [keys[v][1] for v in names],
+                "neighbours": order, "c-pks": [keys[v][0] for v in order], "s-pks": [keys[v][1] for v in order],
+                "signatures": [keys[v][2] for v in order],
             })})
         replies = _exchange(grid, "secagg_share", payloads, timeout, outcome)
         routed = server.route_shares({
@@ -82,8 +86,14 @@ def secure_sum(grid: Grid, node_ids: list[int], setup: RoundSetup, dimension: in
         replies = _exchange(grid, "secagg_masked", payloads, timeout, outcome)
         u3 = server.collect_masked({cid[n]: r["masked"]["y"].numpy() for n, r in replies.items()})
 
-        live = [nid_of[u] for u in server.u2 if nid_of[u] in replies]
+        live = [nid_of[u] for u in u3]
         payloads = {n: RecordDict({"secagg": ConfigRecord({"u3": u3})}) for n in live}
+        replies = _exchange(grid, "secagg_consistency", payloads, timeout, outcome)
+        signatures = server.collect_signatures({cid[n]: bytes(r["secagg"]["signature"]) for n, r in replies.items()})
+
+        signers = sorted(signatures)
+        payloads = {nid_of[u]: RecordDict({"secagg": ConfigRecord({
+            "signers": signers, "signatures": [signatures[v] for v in signers]})}) for u in signers}
         replies = _exchange(grid, "secagg_unmask", payloads, timeout, outcome)
         revealed = {
             cid[n]: {o: (k, int(i), bytes(s)) for o, k, i, s in zip(c["owners"], c["kinds"], c["indices"], c["shares"])}

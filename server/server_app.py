@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from privacy.dp_sgd import evaluate
+from privacy.secagg.parameters import DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION
 from server.federation import FederationSettings, evaluate_on_nodes, run_federation
 from server.ledger import CoordinatorLedger
 from server.report import write_run_report
@@ -97,8 +98,10 @@ def federation_settings(cfg: dict, plan: TrainingPlan, run_id: str) -> Federatio
         seed=plan.seed,
         run_id=run_id,
         secagg=bool(cfg.get("secagg", False)),
-        num_shares=int(cfg.get("num-shares", 5)),
+        num_shares=int(cfg.get("num-shares", 0)),
         threshold=int(cfg.get("threshold", 0)),
+        corrupt_fraction=float(cfg.get("corrupt-fraction", DEFAULT_CORRUPT_FRACTION)),
+        dropout_fraction=float(cfg.get("dropout-fraction", DEFAULT_DROPOUT_FRACTION)),
         clip_norm=float(cfg.get("clip-norm", 1000.0)),
         client_noise_multiplier=float(cfg.get("client-noise-multiplier", 0.0)),
         client_delta=float(cfg.get("client-delta", 1e-5)),

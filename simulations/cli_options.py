@@ -12,6 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, SecAggParameterError,
+                                       parameters_for)
 from shared_models import TASKS, default_lr, model_names
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.run_config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
@@ -82,10 +84,17 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     sec = parser.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
     sec.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                      help="aggregate with SecAgg+: the server sees only the sum of the nodes' updates")
-    sec.add_argument("--num-shares", type=positive_int, default=5,
-                     help="SecAgg+ neighbourhood size, self included (>= clients: everyone shares with everyone)")
+    sec.add_argument("--num-shares", type=int, default=0,
+                     help="SecAgg+ neighbourhood size k, self included (>= clients: everyone shares with everyone; "
+                          "0: the sparsest that meets Bell et al.'s bounds for the corrupt and dropout fractions)")
     sec.add_argument("--threshold", type=int, default=0,
-                     help="SecAgg+ reconstruction threshold t (0: max(2, 2/3 of a round's participants))")
+                     help="SecAgg+ reconstruction threshold t (0: the least that meets the bounds; a set value "
+                          "below them is refused)")
+    sec.add_argument("--corrupt-fraction", type=float, default=DEFAULT_CORRUPT_FRACTION,
+                     help="SecAgg+: fraction of a round's nodes that may collude with a lying server; k and t are "
+                          "sized so they learn nothing beyond the sum of the honest nodes")
+    sec.add_argument("--dropout-fraction", type=float, default=DEFAULT_DROPOUT_FRACTION,
+                     help="SecAgg+: fraction of a round's nodes that may drop without failing the round")
     sec.add_argument("--clip-norm", type=positive_float, default=None,
                      help="L2 clip C of each node's model update; required with --client-noise-multiplier > 0 "
                           f"(see update_norms in metrics.jsonl of a run without client-level noise). Without client-level noise the default {UNCLIPPED_NORM:g} "
@@ -109,11 +118,17 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
     task = dataset_task(args.dataset, args.task)
     if args.model and args.model not in model_names(task):
         raise ValueError(f"--model for task {task!r} must be one of {model_names(task)}, got {args.model!r}")
-    if args.secagg and args.threshold and not 2 <= args.threshold <= min(args.num_shares, nodes):
-        raise ValueError(f"--threshold must be in [2, min(--num-shares, {nodes_label})] = "
-                         f"[2, {min(args.num_shares, nodes)}], got {args.threshold}")
     if args.secagg and nodes < 2:
         raise ValueError("secure aggregation needs at least 2 clients (or use --no-secagg)")
+    if args.secagg:
+        if args.num_shares < 0 or args.threshold < 0:
+            raise ValueError(f"--num-shares and --threshold must be >= 0 (0: from the bounds), got "
+                             f"{args.num_shares}, {args.threshold}")
+        try:
+            parameters_for(nodes, args.num_shares, args.threshold, args.corrupt_fraction, args.dropout_fraction)
+        except SecAggParameterError as err:
+            raise ValueError(f"--num-shares/--threshold/--corrupt-fraction/--dropout-fraction for {nodes} nodes "
+                             f"({nodes_label}): {err}") from err
     if args.client_noise_multiplier < 0:
         raise ValueError(f"--client-noise-multiplier must be >= 0, got {args.client_noise_multiplier}")
     low, high = MAX_GRAD_NORM_RANGE
@@ -165,6 +180,8 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "secagg": args.secagg,
         "num-shares": args.num_shares,
         "threshold": args.threshold,
+        "corrupt-fraction": args.corrupt_fraction,
+        "dropout-fraction": args.dropout_fraction,
         "clip-norm": args.clip_norm if args.clip_norm is not None else UNCLIPPED_NORM,
         "client-noise-multiplier": args.client_noise_multiplier,
         "client-delta": args.client_delta,

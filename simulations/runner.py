@@ -23,6 +23,7 @@ import tomli_w
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from privacy.secagg.identity import write_identities
 from shared_models.flower_processes import console_script, flwr_env, free_port, stop_process_tree
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml
@@ -81,6 +82,12 @@ def run_simulation_job(
     if not resume:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     run_config = {**run_config, "out-dir": str(out_dir), "resume": resume}
+    if run_config.get("secagg"):
+        # Simulated nodes sign their SecAgg+ keys like deployed ones: one key each, one keyring
+        # (kept across a resume: keys are never overwritten).
+        identities = out_dir / "secagg-identities"
+        write_identities(identities, [f"node-{pid}" for pid in range(num_supernodes)])
+        run_config["secagg-identities"] = str(identities)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
     port = free_port()
     (flwr_home / "config.toml").write_text(

@@ -210,7 +210,9 @@ CLI_CASES = {
     "unknown dataset path": (["--dataset", "no/such/folder", "--task", "vision"], "nor an existing path"),
     "misspelled dataset name": (["--dataset", "pneumonia"], "neither a named dataset (digits, fsdd, pneumoniamnist"),
     "natural partition without ids": (["--dataset", "digits", "--partition", "natural"], "needs a dataset with natural ids"),
-    "threshold above clients": (["--clients", "3", "--threshold", "4"], "--threshold must be in"),
+    "threshold above clients": (["--clients", "3", "--threshold", "4"], "needs t in [2, 3]"),
+    "threshold below the bounds": (["--clients", "10", "--num-shares", "5", "--threshold", "4"], "k = 5, t = 4 refused"),
+    "corrupt fraction one": (["--corrupt-fraction", "1.0"], "corrupt fraction must be in [0, 1)"),
     "dropout rate one": (["--dropout-rate", "1.0"], "--dropout-rate must be in [0, 1)"),
     "client noise without clip": (["--client-noise-multiplier", "0.5"], "needs an explicit --clip-norm"),
     "path without task": (["--dataset", "."], "say its --task"),
@@ -229,5 +231,5 @@ def test_cli_rejects_bad_configuration_before_starting_anything(case, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", *args, "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr
+    assert message in " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
     assert not (tmp_path / "run").exists()  # failed before creating the run folder

@@ -31,14 +31,20 @@ def test_coordinator_ledger_records_replies_declines_and_failures():
     assert out["b"]["failed_rounds"] == [3] and out["b"]["failures"] == [{"round": 3, "error": "ValueError: bad data"}]
 
 
-def test_default_threshold_is_two_thirds_of_the_neighbourhood():
-    from server.federation import FederationSettings, round_threshold
+def test_round_parameters_come_from_the_bounds_and_set_ones_below_them_are_refused():
+    from privacy.secagg.parameters import SecAggParameterError
+    from server.federation import FederationSettings, round_parameters, round_threshold
 
-    settings = FederationSettings(rounds=1, num_shares=5)
-    assert round_threshold(settings, 100) == 4  # ceil(2/3 * 5): never above the neighbourhood
-    assert round_threshold(settings, 3) == 2
-    assert round_threshold(FederationSettings(rounds=1, num_shares=10), 10) == 7
-    assert round_threshold(FederationSettings(rounds=1, num_shares=10, threshold=6), 10) == 6
+    # defaults: up to 20% corrupt and 20% dropping. 10 nodes: c = 2, so t >= c + 2 = 4 and
+    # 2t > n + c = 12, i.e. t = 7, on the complete graph; 8 survive for sure (>= 7).
+    chosen = round_parameters(FederationSettings(rounds=1), 10)
+    assert (chosen.num_shares, chosen.threshold, chosen.corrupt, chosen.dropouts) == (10, 7, 2, 2)
+    assert round_threshold(FederationSettings(rounds=1), 3) == 2  # c = 0: t = max(2, 3 // 2 + 1)
+    assert round_threshold(FederationSettings(rounds=1, threshold=8), 10) == 8
+    with pytest.raises(SecAggParameterError, match="k = 5, t = 4 refused"):  # the old defaults
+        round_parameters(FederationSettings(rounds=1, num_shares=5, threshold=4), 10)
+    with pytest.raises(SecAggParameterError, match="needs t in"):
+        round_parameters(FederationSettings(rounds=1, threshold=6), 10)
 
 
 def test_a_node_known_only_by_its_id_until_it_replies_is_one_node_in_the_ledger():
@@ -117,13 +123,13 @@ def test_client_level_noise_is_sized_for_colluding_survivors():
     from server.federation import FederationSettings, secagg_train_config
 
     arrays = ArrayRecord([np.zeros(100, dtype=np.float32)])
-    settings = FederationSettings(rounds=1, secagg=True, num_shares=10, threshold=4, clip_norm=2.0,
+    settings = FederationSettings(rounds=1, secagg=True, num_shares=10, threshold=7, clip_norm=2.0,
                                   client_noise_multiplier=0.5)
-    # Default: t - 1 = 3 survivors may collude and subtract their own noise, so each node adds
-    # all of sigma*C; with 1 colluder, the 3 honest survivors share it.
+    # Default: t - 1 = 6 survivors may collude and subtract their own noise, so each node adds
+    # all of sigma*C; with 1 colluder, the 6 honest survivors share it.
     assert secagg_train_config(settings, arrays, 10)["min-clients"] == 1
     settings.colluding_nodes = 1
-    assert secagg_train_config(settings, arrays, 10)["min-clients"] == 3
+    assert secagg_train_config(settings, arrays, 10)["min-clients"] == 6
     settings.colluding_nodes = 9  # more than t - 1 is t - 1: one survivor must be honest
     assert secagg_train_config(settings, arrays, 10)["min-clients"] == 1
 
@@ -135,7 +141,7 @@ def test_client_level_epsilon_claims_no_amplification_from_a_sample_the_server_p
     from privacy.accountants.sample_level import RDP_ORDERS
     from server.federation import FederationSettings, release_client_level
 
-    settings = FederationSettings(rounds=10, secagg=True, fraction_train=0.1, num_shares=5, client_noise_multiplier=2.0)
+    settings = FederationSettings(rounds=10, secagg=True, fraction_train=0.1, client_noise_multiplier=2.0)
     ledger, accountant = CoordinatorLedger(), ClientLevelAccountant(delta=1e-5)
     for _ in range(10):
         epsilon = release_client_level(ledger, accountant, settings, num_sampled=10)
@@ -143,7 +149,8 @@ def test_client_level_epsilon_claims_no_amplification_from_a_sample_the_server_p
     unamplified.history, amplified.history = [(2.0, 1.0, 10)], [(2.0, 0.1, 10)]
     assert epsilon == pytest.approx(unamplified.get_epsilon(1e-5, alphas=RDP_ORDERS), rel=1e-12)
     assert epsilon > 3 * amplified.get_epsilon(1e-5, alphas=RDP_ORDERS)  # what q = 0.1 would have claimed
-    assert ledger.client_level["sample_rate"] == 1.0 and ledger.client_level["colluding_nodes"] == 3
+    # 10 sampled nodes at the default fractions: t = 7 (see the test above), t - 1 colluding
+    assert ledger.client_level["sample_rate"] == 1.0 and ledger.client_level["colluding_nodes"] == 6
     assert "no amplification by sampling" in ledger.client_level["assumption"]
 
 

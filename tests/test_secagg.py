@@ -107,7 +107,7 @@ def test_neighbourhoods_are_symmetric_rings_including_self():
 
 def test_distributed_noise_sums_to_the_target_std():
     d, n = 200_000, 8
-    setup = _setup(n, n, 4, d, noise=1.0, clip=0.5)
+    setup = _setup(n, n, 5, d, noise=1.0, clip=0.5, min_clients=4)
     rng = SecretRandom.reproducible("test", "7")
     zero = np.zeros(d)
     total, _, _ = run_local_round(setup, {u: encode(zero, setup.params, rng) for u in setup.participants})

@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from client import secure_aggregation as node_side
 from privacy.secagg import EncodingParams, RoundSetup, SecAggServer, decode_sum, default_scale
+from privacy.secagg.identity import new_identities
 from privacy.secagg.protocol import encoding_to_config
 from privacy.secret_randomness import SecretRandom
 
@@ -30,6 +31,7 @@ def _run(contexts, params, t, drop_stage=None, dropper=None):
     setup = RoundSetup(round_id=b"r/1", participants=tuple(str(n) for n in contexts), num_shares=len(contexts),
                        threshold=t, params=params, graph_seed=b"g")
     server = SecAggServer(setup, dimension=D)
+    ids = new_identities(list(setup.participants))
     if dropper is not None:
         contexts[dropper].state["secagg-dropout"] = ConfigRecord({"stage": drop_stage})
 
@@ -37,23 +39,29 @@ def _run(contexts, params, t, drop_stage=None, dropper=None):
         replies = {}
         for nid, payload in payloads.items():
             try:
-                replies[nid] = node_side.handle_stage(stage, payload, contexts[nid], str(nid), f"node-{nid}")
+                replies[nid] = node_side.handle_stage(stage, payload, contexts[nid], ids[str(nid)])
             except node_side.SimulatedDropout:
                 pass
         return replies
 
     cfg = ConfigRecord(setup.to_config())
     rep = ask("secagg_advertise", {n: RecordDict({"secagg": cfg}) for n in contexts})
-    views = server.collect_keys({str(n): (bytes(r["secagg"]["c-pk"]), bytes(r["secagg"]["s-pk"])) for n, r in rep.items()})
+    views = server.collect_keys({str(n): (bytes(r["secagg"]["c-pk"]), bytes(r["secagg"]["s-pk"]),
+                                          bytes(r["secagg"]["signature"])) for n, r in rep.items()})
     rep = ask("secagg_share", {int(u): RecordDict({"secagg": ConfigRecord({
-        "neighbours": sorted(k), "c-pks": [k[v][0] for v in sorted(k)], "s-pks": [k[v][1] for v in sorted(k)]})})
+        "neighbours": sorted(k), "c-pks": [k[v][0] for v in sorted(k)], "s-pks": [k[v][1] for v in sorted(k)],
+        "signatures": [k[v][2] for v in sorted(k)]})})
         for u, k in views.items()})
     routed = server.route_shares({str(n): dict(zip(r["secagg"]["recipients"], map(bytes, r["secagg"]["ciphertexts"])))
                                   for n, r in rep.items()})
     rep = ask("secagg_masked", {int(u): RecordDict({"secagg": ConfigRecord({
         "senders": sorted(box), "ciphertexts": [box[s] for s in sorted(box)], "u2": server.u2})}) for u, box in routed.items()})
     u3 = server.collect_masked({str(n): r["masked"]["y"].numpy() for n, r in rep.items()})
-    rep = ask("secagg_unmask", {int(u): RecordDict({"secagg": ConfigRecord({"u3": u3})}) for u in u3})
+    rep = ask("secagg_consistency", {int(u): RecordDict({"secagg": ConfigRecord({"u3": u3})}) for u in u3})
+    signatures = server.collect_signatures({str(n): bytes(r["secagg"]["signature"]) for n, r in rep.items()})
+    signers = sorted(signatures)
+    rep = ask("secagg_unmask", {int(u): RecordDict({"secagg": ConfigRecord({
+        "signers": signers, "signatures": [signatures[v] for v in signers]})}) for u in signers})
     revealed = {str(n): {o: (k, int(i), bytes(s)) for o, k, i, s in zip(r["secagg"]["owners"], r["secagg"]["kinds"],
                                                                          r["secagg"]["indices"], r["secagg"]["shares"])}
                 for n, r in rep.items()}
@@ -73,7 +81,7 @@ def _train(contexts, params, spool):
     return deltas
 
 
-def test_four_stages_over_flower_records_give_the_exact_sum(tmp_path):
+def test_five_stages_over_flower_records_give_the_exact_sum(tmp_path):
     contexts = _contexts(4)
     params = _params(4, 3)
     deltas = _train(contexts, params, tmp_path)
@@ -102,4 +110,5 @@ def test_a_node_without_a_trained_update_refuses_to_aggregate():
     setup = RoundSetup(round_id=b"r", participants=("101", "102"), num_shares=2, threshold=2, params=_params(2, 2),
                        graph_seed=b"g")
     with pytest.raises(RuntimeError, match="holds no trained update"):
-        node_side.handle_stage("secagg_advertise", RecordDict({"secagg": ConfigRecord(setup.to_config())}), ctx, "101", "n")
+        node_side.handle_stage("secagg_advertise", RecordDict({"secagg": ConfigRecord(setup.to_config())}), ctx,
+                               new_identities(["101", "102"])["101"])

@@ -1,28 +1,40 @@
-"""SecAgg+ (Bell et al., CCS 2020), semi-honest variant, on Bonawitz et al. (CCS 2017).
+"""SecAgg+ (Bell et al., CCS 2020) with the malicious-server checks of Bonawitz et al.
+(CCS 2017, sec. 6: signed keys, a signed consistency round).
 
-Parties: clients (ids are strings, totally ordered) and an honest-but-curious server that
-routes every message. Each client u shares its secrets only with its neighbourhood N(u): a
-seeded ring (Harary) graph of `num_shares` members, u included, so the graph is symmetric.
-Threshold t: any t members of N(u) can rebuild u's secrets; fewer learn nothing.
+Parties: clients (ids are node names, totally ordered) and a server that routes every
+message. Each client u shares its secrets only with its neighbourhood N(u): a seeded ring
+(Harary) graph of `num_shares` members, u included, so the graph is symmetric (the
+complete graph when num_shares >= n). Threshold t: any t members of N(u) can rebuild u's
+secrets; fewer learn nothing. k and t come from `parameters` (Bell et al.'s bounds).
 
 Stages and what each message carries (the server sees all of it):
-0. setup       server -> all: participants, num_shares, t, encoding params, graph seed
-1. advertise   u -> server: c_pk_u (share transport), s_pk_u (pairwise masks), X25519 publics
-               server -> u: public keys of N(u) ∩ U1 (U1 = clients that advertised)
+0. setup       server -> all: participants, num_shares, t, encoding params, graph seed.
+               Each client checks 2t > |N(u)| and that every participant is in its keyring.
+1. advertise   u -> server: c_pk_u (share transport), s_pk_u (pairwise masks), X25519 publics,
+               and sig_u(setup digest, u, c_pk_u, s_pk_u) with u's provisioned Ed25519 key
+               server -> u: keys and signatures of N(u) ∩ U1 (U1 = clients that advertised);
+               u verifies each against its keyring (a swapped key fails) and needs t of them
 2. share keys  u draws a self-mask seed b_u, Shamir-splits b_u and s_sk_u (t-of-|N(u)|),
                and sends each v in N(u) its pair of shares AES-GCM-encrypted under
                HKDF(X25519(c_sk_u, c_pk_v)), with (round, u, v) as associated data
                u -> server: {v: ciphertext};  server -> v: {u: ciphertext}, and U2
-3. masked input  u -> server: y_u = x_u + PRG(b_u) + sum_{v in N(u)∩U2, v != u} ±PRG(s_uv)
-               mod 2^k, s_uv = HKDF(X25519(s_sk_u, s_pk_v)); + if u < v, - if u > v
-4. unmask      server -> survivors: U3 (sent y_u); each v reveals, for each u in N(v)∩U2,
-               the share of b_u if u in U3, else the share of s_sk_u — never both for one u
-               server: rebuilds b_u (u in U3) and s_sk_u (u in U2 \\ U3), removes the masks,
-               and obtains sum_{u in U3} x_u mod 2^k.
+3. masked input  u needs |N(u) ∩ U2| >= t; u -> server: y_u = x_u + PRG(b_u)
+               + sum_{v in N(u)∩U2, v != u} ±PRG(s_uv) mod 2^k, s_uv = HKDF(X25519(s_sk_u, s_pk_v));
+               + if u < v, - if u > v
+4. consistency server -> survivors: U3 (sent y_u); u needs U3 ⊆ U2, u in U3, |N(u) ∩ U3| >= t,
+               and signs (setup digest, U3)
+5. unmask      server -> survivors: the signatures over U3; u reveals only if t members of
+               N(u) ∩ U3 signed the very U3 it signed and no signature fails; then, for each
+               owner in N(u)∩U2, the share of b_owner if owner in U3, else of s_sk_owner, never
+               both, and only once. The server rebuilds b_u (u in U3) and s_sk_u (u in U2 \\ U3),
+               removes the masks, and obtains sum_{u in U3} x_u mod 2^k.
 
-Threat model (DESIGN 3): the server follows the protocol but reads everything it sees; it
-learns only the sum over U3 as long as at most t-1 clients collude with it. Any stage below
-t live clients fails the round with `SecAggAbort` and nothing is revealed.
+Threat model (DESIGN 3): a server that deviates (swaps keys, shows nodes different survivor
+sets or setups, calls honest nodes dropped) together with up to c nodes, with t and k
+chosen for c (`parameters`): it learns only sums over honest survivors, and a deviation is
+caught by a check, which aborts the round (`SecAggAbort` names the check). Assumption: the
+kits' signing keys were not made by the coordinator (`identity`). Any stage below t live
+clients fails the round and nothing is revealed.
 """
 
 from __future__ import annotations
@@ -35,12 +47,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .encoding import EncodingParams
-from .primitives import SecAggCryptoError, agree, decrypt, encrypt, new_keypair, prg_mask
+from .identity import SigningIdentity
+from .primitives import PROTOCOL_LABEL, SecAggCryptoError, agree, decrypt, encrypt, new_keypair, prg_mask
 from .sharing import ReconstructionError, combine_shares, split_secret
 
 
 class SecAggAbort(RuntimeError):
-    """The round cannot complete securely (too few live clients, inconsistent sets)."""
+    """The round cannot complete securely (too few live clients, a failed check); says which."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,9 @@ class RoundSetup:
 
     num_shares: neighbourhood size, self included; below the number of participants the
     ring takes num_shares // 2 neighbours on each side (an even value acts as the next odd).
-    Raises ValueError for duplicate ids or a threshold outside [2, min(num_shares, n)].
+    Raises ValueError for duplicate ids or a threshold outside [2, min(num_shares, n)], or
+    one of at most half the neighbourhood (2t > k: two survivor sets could then each gather
+    t signatures).
     """
 
     round_id: bytes
@@ -65,6 +80,10 @@ class RoundSetup:
             raise ValueError("participant ids must be distinct")
         if not 2 <= self.threshold <= min(self.num_shares, n):
             raise ValueError(f"threshold must be in [2, min(num_shares, clients)] = [2, {min(self.num_shares, n)}], got {self.threshold}")
+        largest = max(len(members) for members in self.neighbourhoods().values())
+        if 2 * self.threshold <= largest:
+            raise ValueError(f"threshold {self.threshold} is at most half the neighbourhood size {largest}: "
+                             "two survivor sets could each gather t signatures")
         if self.params.min_clients > self.threshold:
             raise ValueError("noise is split over min_clients, which must be <= threshold (the fewest clients a sum can have)")
 
@@ -83,6 +102,12 @@ class RoundSetup:
             num_shares=int(cfg["num-shares"]), threshold=int(cfg["threshold"]), graph_seed=bytes(cfg["graph-seed"]),
             params=encoding_from_config(cfg),
         )
+
+    def digest(self) -> bytes:
+        """SHA-256 of the setup's canonical form: signed by every node, so no two honest nodes
+        can be shown different setups (graph, threshold, parameters) and both carry on."""
+        canonical = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in self.to_config().items()}
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).digest()
 
     def neighbourhoods(self) -> dict[str, tuple[str, ...]]:
         """N(u) for every u: a ring over a seeded permutation, u included, symmetric."""
@@ -113,6 +138,16 @@ def encoding_from_config(cfg) -> EncodingParams:
     )
 
 
+def advertise_message(setup: RoundSetup, cid: str, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a node signs at stage 1: its round keys bound to the setup and its name."""
+    return b"|".join((PROTOCOL_LABEL, b"advertise", setup.digest(), cid.encode(), c_pk, s_pk))
+
+
+def consistency_message(setup: RoundSetup, u3: list[str]) -> bytes:
+    """What a node signs at stage 4: the survivor set U3 it was shown, bound to the setup."""
+    return b"|".join((PROTOCOL_LABEL, b"consistency", setup.digest(), json.dumps(sorted(u3)).encode()))
+
+
 def _aad(round_id: bytes, sender: str, receiver: str) -> bytes:
     return b"share|" + round_id + b"|" + sender.encode() + b"|" + receiver.encode()
 
@@ -124,16 +159,22 @@ def _pairwise_signed_mask(seed: bytes, me: str, peer: str, d: int, k: int) -> np
 
 @dataclass
 class SecAggClient:
-    """One client's side of a round. Keeps its secrets in memory only for this round."""
+    """One client's side of a round. Keeps its secrets in memory only for this round.
+
+    identity: this node's signing key and the federation keyring (`identity.load_identity`);
+    its name must be `cid`. Every stage raises SecAggAbort naming the failed check.
+    """
 
     cid: str
     setup: RoundSetup
+    identity: SigningIdentity
     _c_sk: bytes = b""
     _s_sk: bytes = b""
     _b: bytes = b""
     _neighbour_keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     _held: dict[str, tuple[int, bytes, bytes]] = field(default_factory=dict)  # owner -> (index, b share, sk share)
     _u2: frozenset[str] = frozenset()
+    _u3: tuple[str, ...] = ()
     _revealed: bool = False
 
     def to_bytes(self) -> bytes:
@@ -142,20 +183,21 @@ class SecAggClient:
             "cid": self.cid, "c_sk": self._c_sk.hex(), "s_sk": self._s_sk.hex(), "b": self._b.hex(),
             "neighbour_keys": {v: [c.hex(), s.hex()] for v, (c, s) in self._neighbour_keys.items()},
             "held": {u: [i, b.hex(), k.hex()] for u, (i, b, k) in self._held.items()},
-            "u2": sorted(self._u2), "revealed": self._revealed,
+            "u2": sorted(self._u2), "u3": list(self._u3), "revealed": self._revealed,
         }
         return json.dumps(state).encode()
 
     @classmethod
-    def from_bytes(cls, blob: bytes, setup: RoundSetup) -> SecAggClient:
-        """Inverse of `to_bytes` for the same round's `setup`."""
+    def from_bytes(cls, blob: bytes, setup: RoundSetup, identity: SigningIdentity) -> SecAggClient:
+        """Inverse of `to_bytes` for the same round's `setup` (the identity is the node's own)."""
         state = json.loads(blob)
         return cls(
-            cid=state["cid"], setup=setup, _c_sk=bytes.fromhex(state["c_sk"]), _s_sk=bytes.fromhex(state["s_sk"]),
+            cid=state["cid"], setup=setup, identity=identity, _c_sk=bytes.fromhex(state["c_sk"]),
+            _s_sk=bytes.fromhex(state["s_sk"]),
             _b=bytes.fromhex(state["b"]),
             _neighbour_keys={v: (bytes.fromhex(c), bytes.fromhex(s)) for v, (c, s) in state["neighbour_keys"].items()},
             _held={u: (int(i), bytes.fromhex(b), bytes.fromhex(k)) for u, (i, b, k) in state["held"].items()},
-            _u2=frozenset(state["u2"]), _revealed=bool(state["revealed"]),
+            _u2=frozenset(state["u2"]), _u3=tuple(state["u3"]), _revealed=bool(state["revealed"]),
         )
 
     @property
@@ -163,15 +205,38 @@ class SecAggClient:
         """N(self): the sorted ids this client shares secrets with, itself included."""
         return self.setup.neighbourhoods()[self.cid]
 
-    def advertise_keys(self) -> tuple[bytes, bytes]:
-        """Stage 1: (c_pk, s_pk), fresh X25519 public keys for this round."""
+    def advertise_keys(self) -> tuple[bytes, bytes, bytes]:
+        """Stage 1: (c_pk, s_pk, signature): fresh X25519 public keys for this round, signed.
+
+        Checks the setup first: this node is a participant under its own name, every
+        participant is in its keyring, and 2t > |N(u)| (RoundSetup enforces it too).
+        """
+        if self.identity.name != self.cid or self.cid not in self.setup.participants:
+            raise SecAggAbort(f"{self.cid}: the setup does not list this node ({self.identity.name}) as a participant")
+        unknown = sorted(set(self.setup.participants) - set(self.identity.keyring))
+        if unknown:
+            raise SecAggAbort(f"{self.cid}: participants {unknown} are not in the federation's keyring")
+        if 2 * self.setup.threshold <= len(self.neighbours):
+            raise SecAggAbort(f"{self.cid}: threshold {self.setup.threshold} is at most half of N(u) = {len(self.neighbours)}")
         self._c_sk, c_pk = new_keypair()
         self._s_sk, s_pk = new_keypair()
-        return c_pk, s_pk
+        return c_pk, s_pk, self.identity.sign(advertise_message(self.setup, self.cid, c_pk, s_pk))
 
-    def share_keys(self, neighbour_keys: dict[str, tuple[bytes, bytes]]) -> dict[str, bytes]:
-        """Stage 2: encrypted shares of b_u and s_sk_u for each live neighbour (self kept locally)."""
-        live = {v: k for v, k in neighbour_keys.items() if v in self.neighbours}
+    def share_keys(self, neighbour_keys: dict[str, tuple[bytes, bytes, bytes]]) -> dict[str, bytes]:
+        """Stage 2: encrypted shares of b_u and s_sk_u for each live neighbour (self kept locally).
+
+        neighbour_keys: v -> (c_pk, s_pk, signature) for v in N(u) ∩ U1. Aborts when a
+        signature does not verify against the keyring (a swapped or forged key) or fewer
+        than t neighbours are live.
+        """
+        live = {}
+        for v, (c_pk, s_pk, signature) in neighbour_keys.items():
+            if v not in self.neighbours:
+                continue
+            if not self.identity.verifies(v, advertise_message(self.setup, v, c_pk, s_pk), signature):
+                raise SecAggAbort(f"{self.cid}: the round keys of {v} are not signed by {v}'s provisioned key "
+                                  "(swapped or forged keys, or another setup)")
+            live[v] = (c_pk, s_pk)
         if len(live) < self.setup.threshold:
             raise SecAggAbort(f"{self.cid}: {len(live)} live neighbours < threshold {self.setup.threshold}")
         self._neighbour_keys = live
@@ -196,8 +261,12 @@ class SecAggClient:
         """
         k = self.setup.params.modulus_bits
         self._u2 = frozenset(u2)
-        if len(self._u2) < self.setup.threshold:
-            raise SecAggAbort(f"{self.cid}: only {len(self._u2)} clients completed key sharing")
+        live = self._u2 & set(self.neighbours)
+        if self.cid not in self._u2 or not self._u2 <= set(self.setup.participants):
+            raise SecAggAbort(f"{self.cid}: U2 must hold this node and participants only")
+        if len(live) < self.setup.threshold:
+            raise SecAggAbort(f"{self.cid}: only {len(live)} of its neighbours completed key sharing "
+                              f"(|N(u) ∩ U2| < t = {self.setup.threshold})")
         for sender, blob in ciphertexts.items():
             if sender not in self._neighbour_keys:
                 raise SecAggCryptoError(f"{self.cid}: share from {sender}, who is not a live neighbour")
@@ -214,15 +283,44 @@ class SecAggClient:
             y = (y + _pairwise_signed_mask(seed, self.cid, v, d, k)) & np.uint64((1 << k) - 1)
         return y
 
-    def unmask(self, u3: list[str]) -> dict[str, tuple[str, int, bytes]]:
-        """Stage 4: for each owner u in N(self)∩U2: ("b", index, share) if u in U3, else ("sk", ...)."""
+    def sign_survivors(self, u3: list[str]) -> bytes:
+        """Stage 4: sign the survivor set U3 the server showed this node (once per round).
+
+        Aborts unless U3 ⊆ U2, this node is in U3 and |N(u) ∩ U3| >= t.
+        """
+        if self._u3:
+            raise SecAggAbort(f"{self.cid}: asked to sign a survivor set twice")
+        survivors = frozenset(u3)
+        if not survivors <= self._u2 or self.cid not in survivors:
+            raise SecAggAbort(f"{self.cid}: U3 must be a subset of U2 that holds this node")
+        live = survivors & set(self.neighbours)
+        if len(live) < self.setup.threshold:
+            raise SecAggAbort(f"{self.cid}: {len(live)} of its neighbours sent masked inputs "
+                              f"(|N(u) ∩ U3| < t = {self.setup.threshold}); revealing nothing")
+        self._u3 = tuple(sorted(survivors))
+        return self.identity.sign(consistency_message(self.setup, list(self._u3)))
+
+    def unmask(self, signatures: dict[str, bytes]) -> dict[str, tuple[str, int, bytes]]:
+        """Stage 5: for each owner u in N(self)∩U2: ("b", index, share) if u in U3, else ("sk", ...).
+
+        signatures: v -> v's stage-4 signature. Reveals only if every signature verifies over
+        the U3 this node signed and at least t come from N(self) ∩ U3; aborts otherwise (the
+        server showed nodes different survivor sets, or forged one).
+        """
         if self._revealed:
             raise SecAggAbort(f"{self.cid}: unmask asked twice")
-        survivors = frozenset(u3)
-        if not survivors <= self._u2:
-            raise SecAggAbort(f"{self.cid}: U3 is not a subset of U2")
-        if len(survivors) < self.setup.threshold:
-            raise SecAggAbort(f"{self.cid}: {len(survivors)} masked inputs < threshold; revealing nothing")
+        if not self._u3:
+            raise SecAggAbort(f"{self.cid}: unmask before signing a survivor set")
+        message = consistency_message(self.setup, list(self._u3))
+        for v, signature in signatures.items():
+            if v not in self._u3 or not self.identity.verifies(v, message, signature):
+                raise SecAggAbort(f"{self.cid}: consistency check failed: {v}'s signature is not over the survivor set "
+                                  "this node was shown")
+        signed = set(signatures) & set(self.neighbours)
+        if len(signed) < self.setup.threshold:
+            raise SecAggAbort(f"{self.cid}: consistency check failed: {len(signed)} neighbours signed its survivor "
+                              f"set, t = {self.setup.threshold} needed")
+        survivors = frozenset(self._u3)
         self._revealed = True
         out = {}
         for owner, (idx, b_share, sk_share) in self._held.items():
@@ -239,20 +337,23 @@ class SecAggServer:
     setup: RoundSetup
     dimension: int
     keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    signed_keys: dict[str, tuple[bytes, bytes, bytes]] = field(default_factory=dict)
     u2: list[str] = field(default_factory=list)
     u3: list[str] = field(default_factory=list)
+    signatures: dict[str, bytes] = field(default_factory=dict)
     _masked_sum: np.ndarray | None = None
 
     def _need(self, alive: int, stage: str) -> None:
         if alive < self.setup.threshold:
             raise SecAggAbort(f"{stage}: {alive} clients left, threshold is {self.setup.threshold}")
 
-    def collect_keys(self, replies: dict[str, tuple[bytes, bytes]]) -> dict[str, dict[str, tuple[bytes, bytes]]]:
-        """Stage 1 -> 2: for each live client, the public keys of its live neighbours."""
-        self.keys = {u: k for u, k in replies.items() if u in self.setup.participants}
+    def collect_keys(self, replies: dict[str, tuple[bytes, bytes, bytes]]) -> dict[str, dict[str, tuple[bytes, bytes, bytes]]]:
+        """Stage 1 -> 2: for each live client, the signed public keys of its live neighbours."""
+        self.signed_keys = {u: k for u, k in replies.items() if u in self.setup.participants}
+        self.keys = {u: (c_pk, s_pk) for u, (c_pk, s_pk, _) in self.signed_keys.items()}
         self._need(len(self.keys), "advertise keys")
         hoods = self.setup.neighbourhoods()
-        return {u: {v: self.keys[v] for v in hoods[u] if v in self.keys} for u in self.keys}
+        return {u: {v: self.signed_keys[v] for v in hoods[u] if v in self.keys} for u in self.keys}
 
     def route_shares(self, replies: dict[str, dict[str, bytes]]) -> dict[str, dict[str, bytes]]:
         """Stage 2 -> 3: ciphertexts regrouped by recipient; U2 = clients that shared."""
@@ -281,8 +382,14 @@ class SecAggServer:
         self.u3, self._masked_sum = u3, total
         return u3
 
+    def collect_signatures(self, replies: dict[str, bytes]) -> dict[str, bytes]:
+        """Stage 4 -> 5: the survivors' signatures over U3, sent to every survivor."""
+        self.signatures = {u: bytes(s) for u, s in replies.items() if u in self.u3}
+        self._need(len(self.signatures), "consistency")
+        return self.signatures
+
     def unmask(self, replies: dict[str, dict[str, tuple[str, int, bytes]]]) -> np.ndarray:
-        """Stage 4: the exact sum over U3 of the clients' inputs, uint64 in Z_(2^k)."""
+        """Stage 5: the exact sum over U3 of the clients' inputs, uint64 in Z_(2^k)."""
         assert self._masked_sum is not None, "collect_masked must run first"
         self._need(len(replies), "unmask")
         k, d = self.setup.params.modulus_bits, self.dimension
