@@ -61,6 +61,25 @@ def test_rerunning_keeps_every_key_and_adds_new_nodes(tmp_path):
         provision(tmp_path, ["other.example.org"], ["a"])
 
 
+def test_every_node_kit_holds_its_secagg_signing_key_and_the_whole_federations_keyring(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privacy.secagg.identity import IdentityError, load_identity
+
+    provision(tmp_path, ["fl.example.org"], ["a", "b"])
+    fed = provision(tmp_path, ["fl.example.org"], ["c"])  # a node added later
+    for name in ("a", "b", "c"):
+        kit = tmp_path / "nodes" / name
+        assert stat.S_IMODE((kit / "secagg.key").stat().st_mode) == 0o600
+        identity = load_identity(kit, name)
+        assert sorted(identity.keyring) == ["a", "b", "c"]  # older kits learn the new node
+        key = serialization.load_pem_private_key((kit / "secagg.key").read_bytes(), password=None)
+        assert isinstance(key, Ed25519PrivateKey)
+        assert identity.verifies(name, b"m", key.sign(b"m")) and not identity.verifies(name, b"m", b"\0" * 64)
+    with pytest.raises(IdentityError, match="does not list 'b' with the public half"):
+        load_identity(fed.node_kits["c"], "b")  # c's key is not b's
+
+
 @pytest.mark.parametrize("hosts, nodes, message", [
     ([], ["a"], "--server-host needs"),
     (["fl example"], ["a"], "is not a host name"),

@@ -1,7 +1,7 @@
 """Secure aggregation: SecAgg+ (Bell et al. 2020) with distributed client-level DP.
 
 - `primitives`: X25519, HKDF-SHA256, AES-GCM, ChaCha20 PRG (all from `cryptography`).
-- `sharing`: Shamir t-of-n sharing of 32-byte secrets (pycryptodome).
+- `sharing`: Shamir t-of-n sharing of 32-byte secrets over GF(2^521 - 1).
 - `encoding`: clip, distributed Gaussian noise, stochastic rounding into Z_(2^k).
 - `protocol`: the client and server state machines, stage by stage.
 - `local_round`: one round in memory (tests, benchmarks).

@@ -49,7 +49,7 @@ import numpy as np
 from .encoding import EncodingParams
 from .identity import SigningIdentity
 from .primitives import PROTOCOL_LABEL, SecAggCryptoError, agree, decrypt, encrypt, new_keypair, prg_mask
-from .sharing import ReconstructionError, combine_shares, split_secret
+from .sharing import SHARE_BYTES, ReconstructionError, combine_shares, split_secret
 
 
 class SecAggAbort(RuntimeError):
@@ -272,7 +272,10 @@ class SecAggClient:
                 raise SecAggCryptoError(f"{self.cid}: share from {sender}, who is not a live neighbour")
             key = agree(self._c_sk, self._neighbour_keys[sender][0], b"share-transport", self.setup.round_id)
             plain = decrypt(key, blob, _aad(self.setup.round_id, sender, self.cid), sender)
-            self._held[sender] = (int.from_bytes(plain[:2], "big"), plain[2:34], plain[34:66])
+            if len(plain) != 2 + 2 * SHARE_BYTES:
+                raise SecAggCryptoError(f"{self.cid}: share from {sender} has {len(plain)} bytes, "
+                                        f"expected {2 + 2 * SHARE_BYTES}")
+            self._held[sender] = (int.from_bytes(plain[:2], "big"), plain[2:2 + SHARE_BYTES], plain[2 + SHARE_BYTES:])
         vector = np.asarray(vector, dtype=np.uint64)
         d = vector.shape[0]
         y = (vector + prg_mask(self._b, d, k)) & np.uint64((1 << k) - 1)
