@@ -20,7 +20,7 @@ from privacy.secagg.identity import new_identities
 from privacy.secagg.parameters import (SecAggParameterError, check_parameters, choose_parameters,
                                        complete_threshold, parameters_for)
 from privacy.secagg.primitives import agree, new_keypair, prg_mask
-from privacy.secagg.protocol import _pairwise_signed_mask, advertise_message
+from privacy.secagg.protocol import advertise_message
 from privacy.secagg.sharing import combine_shares
 
 D = 64
@@ -34,6 +34,12 @@ def _setup(names, num_shares, t, seed=b"graph"):
 
 def _ring(x, k):
     return np.asarray(x, dtype=np.uint64) & np.uint64((1 << k) - 1)
+
+
+def _pairwise_mask(seed, me, peer, k):
+    """What `me` added for its pair with `peer` (Bonawitz et al.): +PRG(s) if me < peer, else -PRG(s)."""
+    mask = _ring(prg_mask(seed, D, k), k)
+    return mask if me < peer else _ring(np.uint64(0) - mask, k)
 
 
 def _isolation_attack(setup, colluders, victim, dropper):
@@ -68,7 +74,7 @@ def _isolation_attack(setup, colluders, victim, dropper):
         for owner, (idx, b, sk) in clients[c]._held.items():
             b_shares.setdefault(owner, []).append((idx, b))
             sk_shares.setdefault(owner, []).append((idx, sk))
-    estimate = masked[victim].copy()
+    estimate = _ring(masked[victim], k)
     b_victim = combine_shares(b_shares[victim], setup.threshold)
     estimate = _ring(estimate - prg_mask(b_victim, D, k), k)
     for v in setup.neighbourhoods()[victim]:
@@ -82,7 +88,7 @@ def _isolation_attack(setup, colluders, victim, dropper):
             except ValueError:
                 continue  # an honest survivor's mask key stays secret
         seed = agree(s_sk_v, server.keys[victim][1], b"pairwise-mask", setup.round_id)
-        estimate = _ring(estimate - _pairwise_signed_mask(seed, victim, v, D, k), k)
+        estimate = _ring(estimate - _pairwise_mask(seed, victim, v, k), k)
     return inputs[victim], estimate
 
 
