@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from privacy.accountants import ClientLevelAccountant
-from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort, default_scale
+from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort
 from privacy.secagg.protocol import encoding_from_config, encoding_to_config
 from server.ledger import CoordinatorLedger
 from server.messaging import exchange
@@ -198,10 +198,9 @@ def secagg_train_config(settings: FederationSettings, arrays: ArrayRecord, num_s
     """
     dimension = sum(int(np.prod(a.shape)) for a in arrays.values())
     t = round_threshold(settings, num_sampled)
-    params = EncodingParams(
+    params = EncodingParams.fitted(  # the scale fits the uint32 ring for num_sampled clients (encoding.default_scale)
         clip_norm=settings.clip_norm, noise_multiplier=settings.client_noise_multiplier,
-        min_clients=t - colluding_nodes(settings, t), scale=default_scale(settings.clip_norm, dimension),
-        max_clients=num_sampled,
+        min_clients=t - colluding_nodes(settings, t), max_clients=num_sampled, dimension=dimension,
     )
     return {"secagg": True, "dropout-rate": settings.dropout_rate, **encoding_to_config(params)}
 

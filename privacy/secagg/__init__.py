@@ -2,7 +2,8 @@
 
 - `primitives`: X25519, HKDF-SHA256, AES-GCM, ChaCha20 PRG (all from `cryptography`).
 - `sharing`: Shamir t-of-n sharing of 32-byte secrets (pycryptodome).
-- `encoding`: clip, distributed Gaussian noise, stochastic rounding into Z_(2^k).
+- `encoding`: clip, distributed Gaussian noise, stochastic rounding into Z_(2^k); the grid (scale).
+- `ring`: Z_(2^k), k <= 32, in uint32: reduction, negation, sign decoding, k-bit wire packing.
 - `protocol`: the client and server state machines, stage by stage.
 - `local_round`: one round in memory (tests, benchmarks).
 
