@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from privacy.secagg import RoundSetup, SecAggClient
 from privacy.secagg.encoding import encode
 from privacy.secagg.protocol import encoding_from_config
+from privacy.secagg.ring import pack_ring
 from privacy.secret_randomness import SecretRandom
 
 STATE = "secagg-state"  # ConfigRecord: setup + serialized client
@@ -112,7 +113,8 @@ def handle_stage(stage: str, content: RecordDict, context: Context, cid: str, no
         spooled.unlink(missing_ok=True)  # the plain encoding is no longer needed
         del context.state[INPUT]
         _save(context, setup, client)
-        return RecordDict({"masked": ArrayRecord({"y": Array(y)})})
+        packed = pack_ring(y, setup.params.modulus_bits)  # k bits per coordinate (ring.pack_ring)
+        return RecordDict({"masked": ArrayRecord({"y": Array(np.frombuffer(packed, dtype=np.uint8))})})
     if stage == "secagg_unmask":
         revealed = client.unmask([str(u) for u in payload["u3"]])
         del context.state[STATE]  # round over: drop this round's secrets
