@@ -21,7 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from privacy.secagg import RoundSetup, SecAggClient
-from privacy.secagg.encoding import encode
+from privacy.secagg.encoding import encode, summed_keys
 from privacy.secagg.protocol import encoding_from_config
 from privacy.secagg.ring import pack_ring
 from privacy.secret_randomness import SecretRandom
@@ -36,8 +36,16 @@ class SimulatedDropout(RuntimeError):
 
 
 def flatten_delta(local: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> np.ndarray:
-    """(d,) float64 local - global, concatenated in the global state's key order."""
-    return np.concatenate([(local[k].double() - global_state[k].double()).reshape(-1).numpy() for k in global_state])
+    """(d,) float64 local - global over the floating-point tensors only, in the global state's key order.
+
+    Which tensors: `privacy.secagg.encoding.summed_keys(global_state)`, decided by the global
+    model's dtypes as the server decides; integer state (a counter such as BatchNorm's
+    num_batches_tracked) is never clipped, quantised or sent, and keeps the global value.
+    """
+    keys = summed_keys(global_state)
+    if not keys:
+        return np.zeros(0)
+    return np.concatenate([(local[k].double() - global_state[k].double()).reshape(-1).numpy() for k in keys])
 
 
 def store_encoded_update(context: Context, delta: np.ndarray, config, randomness: SecretRandom,
