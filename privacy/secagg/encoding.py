@@ -177,12 +177,14 @@ def encode(x: np.ndarray, params: EncodingParams, randomness: SecretRandom) -> n
     x = np.asarray(x, dtype=np.float64).ravel()
     if not np.isfinite(x).all():
         raise ValueError("model delta has NaN/Inf values; refusing to encode it")
-    x = clip_l2(x, params.clip_norm)
+    x = clip_l2(x, params.clip_norm)  # a new array: the steps below work in place, never on the caller's delta
     if params.noise_multiplier > 0:
-        x = x + randomness.gaussian(x.size, params.noise_std)
-    x = np.clip(x, -params.clamp, params.clamp) * params.scale
-    floor = np.floor(x)
-    z = floor + (randomness.uniform(x.size) < (x - floor))  # unbiased stochastic rounding
+        x += randomness.gaussian(x.size, params.noise_std)
+    np.clip(x, -params.clamp, params.clamp, out=x)
+    x *= params.scale
+    z = np.floor(x)
+    x -= z  # the fractional part, in [0, 1)
+    z += randomness.uniform(x.size) < x  # unbiased stochastic rounding: up with probability = the fraction
     return to_ring(z, k)
 
 
