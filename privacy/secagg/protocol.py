@@ -36,7 +36,7 @@ import numpy as np
 
 from .encoding import EncodingParams
 from .primitives import SecAggCryptoError, agree, decrypt, encrypt, new_keypair, prg_mask
-from .ring import RING_DTYPE, as_ring_vector, reduce_, ring_neg
+from .ring import RING_DTYPE, as_ring_vector, reduce_
 from .sharing import ReconstructionError, combine_shares, split_secret
 
 
@@ -116,11 +116,6 @@ def encoding_from_config(cfg) -> EncodingParams:
 
 def _aad(round_id: bytes, sender: str, receiver: str) -> bytes:
     return b"share|" + round_id + b"|" + sender.encode() + b"|" + receiver.encode()
-
-
-def _pairwise_signed_mask(seed: bytes, me: str, peer: str, d: int, k: int) -> np.ndarray:
-    mask = prg_mask(seed, d, k)
-    return mask if me < peer else ring_neg(mask, k)
 
 
 @dataclass
