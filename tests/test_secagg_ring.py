@@ -185,6 +185,12 @@ def test_masked_inputs_cancel_and_travel_packed(tmp_path):
     k = setup.params.modulus_bits
     expected = [sum(int(encoded[u][i]) for u in encoded) % (1 << k) for i in range(0, 5_000, 97)]
     assert total[::97].tolist() == expected
+    # "b" shares its keys, then vanishes: the server must take out the survivors' pairwise masks with b,
+    # each with the sign its survivor used.
+    dropped_total, u3, _ = run_local_round(setup, encoded, dropouts={"share": {"b"}})
+    assert u3 == ["a", "c", "d"]
+    expected = [sum(int(encoded[u][i]) for u in u3) % (1 << k) for i in range(0, 5_000, 97)]
+    assert dropped_total[::97].tolist() == expected
     # The server sums packed payloads like arrays, and names a client whose payload has the wrong size.
     server = SecAggServer(setup, dimension=5_000)
     server.u2 = list(setup.participants)
