@@ -24,7 +24,7 @@ unbiased, so the error has mean 0 and, the clients' roundings being independent,
 deviation <= sqrt(n) / (2 * scale) (each rounding's variance is <= 1/4 grid step^2).
 
 Choosing the grid (`default_scale`, what the server sends as `scale`): the ring width k is
-the wire width (Bonawitz et al., CCS 2017, sec. 7, and Bell et al., CCS 2020, send k bits
+the wire width (Bonawitz et al., CCS 2017, and Bell et al., CCS 2020, send k bits
 per coordinate; masked values are uniform on Z_(2^k), so no code is shorter), so the scale
 buys precision with bytes. The server asks for a precision, `precision_bits` q (default 12):
 the standard deviation of the quantisation error of the released MEAN (sum / n) per
@@ -54,7 +54,7 @@ uint64 fallback; pick the scale with `default_scale` / `EncodingParams.fitted`.
 Mechanism gap, stated plainly: steps 3-5 make the released sum a clamped, discretised
 Gaussian sum rather than the continuous Gaussian the accountant assumes. Kairouz, Liu and
 Steinke (ICML 2021, "The Distributed Discrete Gaussian Mechanism") give the exact analysis;
-with the grid step far below the per-client noise std (with `default_scale`, step / std <=
+with the grid step far below the per-client noise std (with `default_scale` below 32 bits, step / std <=
 sqrt(n * n_min) / (2^(q-1) * sigma * sqrt(d)): 1.5e-4 at d = 10^6, n = 1000, n_min = 1,
 sigma = 0.1) and the 8-sigma clamp the difference is far below the accountant's own slack,
 but it is not zero and is not yet accounted.
@@ -146,7 +146,7 @@ def default_scale(clip_norm: float, dimension: int, max_clients: int = 1, clamp:
     coordinate, 1 / (2 scale sqrt(n)), is at most 2^-precision_bits * C / sqrt(d) (see the
     module docstring for the figures); if even k = 32 cannot give that precision, the largest
     scale that fits 32 bits. The sum of any max_clients encodings never wraps
-    (Bonawitz et al., CCS 2017, sec. 3: inputs in Z_R with R large enough for the sum).
+    (Bonawitz et al., CCS 2017: inputs in Z_R with R large enough for the sum).
     Raises ValueError for a non-positive C or B, or max_clients < 1.
     """
     if not (math.isfinite(clip_norm) and clip_norm > 0):

@@ -77,7 +77,7 @@ def prg_mask(seed: bytes, length: int, modulus_bits: int, out: np.ndarray | None
     One ChaCha20 keystream (RFC 8439: key = seed, all-zero 16-byte counter+nonce) of
     4 * length bytes, read directly as little-endian 32-bit words, each ANDed down to its low
     k bits when k < 32: a uniform word's low k bits are uniform on Z_(2^k), so the mask is
-    exactly uniform (no modular bias). This is the PRG of Bonawitz et al. (CCS 2017, sec. 4)
+    exactly uniform (no modular bias). This is the PRG of Bonawitz et al. (CCS 2017)
     and Bell et al. (CCS 2020) for both the self mask b_u and the pairwise masks s_uv.
     Each seed is fresh per round (derived with the round in HKDF info, or random), so the
     fixed all-zero nonce never repeats under one key.

@@ -1,6 +1,6 @@
 """The ring Z_(2^k), k <= 32, of SecAgg+'s masked vectors, held in numpy uint32.
 
-Bonawitz et al. (CCS 2017, sec. 3) and Bell et al. (CCS 2020) mask inputs in Z_R and sum
+Bonawitz et al. (CCS 2017) and Bell et al. (CCS 2020) mask inputs in Z_R and sum
 them mod R; with R = 2^k the ring's arithmetic is the machine's: numpy's uint32 adds and
 subtracts wrap mod 2^32 natively, and since 2^k divides 2^32 a chain of adds/subtracts mod
 2^32 followed by ONE `& (2^k - 1)` equals the same chain mod 2^k. So callers add and
