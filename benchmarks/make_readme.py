@@ -35,8 +35,10 @@ def secagg_table(result: dict) -> list[str]:
         "",
         f"Command: `{result['command']}` — machine: {result['machine']['cpus']} CPUs, Python {result['machine']['python']}.",
         f"Neighbourhood size {result['num_shares']}, threshold {result['threshold_fraction']:.0%} of it. "
-        "Round time is server-side wall time from the first message to holding the sum; bytes are the payload each "
-        "node sent in the round (mean over nodes). Ratios are against `plain` in the same run.",
+        "Round time is server-side wall time from the first message to holding the sum"
+        + (f", of the last of {result['rounds']} rounds (the first pays the nodes' cold start)" if result.get("rounds", 1) > 1
+           else "") + "; bytes are the payload each node sent in the round (mean over nodes). Ratios are against "
+        "`plain` in the same run.",
         "",
         "| clients | params | kind | round (s) | x plain | MB sent / node | x plain |",
         "|---|---|---|---|---|---|---|",

@@ -1,16 +1,23 @@
-"""Benchmark: one aggregation round of a 1M-parameter update, three ways, in one run.
+"""Benchmark: one aggregation round of a 1M-parameter update, four ways, in one run.
 
 - plain:   Message API FedAvg, each node sends its float32 update in the clear;
-- fedpriv: fedpriv's SecAgg+ (`server.secure_aggregation` / `client.secure_aggregation`);
+- fedpriv: fedpriv's SecAgg+ (`server.secure_aggregation` / `client.secure_aggregation`,
+           signed keys and the consistency stage included) at Flower's neighbourhood size 5
+           and threshold 3;
+- fedpriv-bounds: the same at the k and t fedpriv's server picks (Bell et al.'s bounds at
+           the default corrupt and dropout fractions: the complete graph up to ~50 nodes);
 - flower:  Flower 1.42's legacy SecAgg+ (`SecAggPlusWorkflow` + `secaggplus_mod`, on the
            legacy strategy stack — benchmark only, fedpriv itself does not use it).
 
-All three run on Flower's simulation engine (Ray) with the same number of SuperNodes and the
-same neighbourhood size / threshold. Per configuration it reports the round's wall time
-(seconds, server side, from sending the first message to holding the sum) and the bytes each
-node sent (mean over nodes, payload bytes of its replies: arrays, keys, ciphertexts, shares).
+All run on Flower's simulation engine (Ray) with the same number of SuperNodes. Each configuration runs `--rounds` rounds (default 2) and
+reports the last: `round_seconds`, its wall time (server side, from sending the first message
+to holding the sum), with `first_round_seconds` beside it (the first round also pays the
+nodes' cold start: Ray actors, imports: torch for fedpriv's node code; until this option the
+benchmark reported that first round), and the bytes each node sent per round (mean over
+nodes, payload bytes of its replies: arrays, keys, ciphertexts, shares); fedpriv rows add `stage_seconds`: each stage's message round trip, and the server's own work.
+fedpriv's grid is the one its server picks (`EncodingParams.fitted`: k bits per coordinate).
 
-    python benchmarks/secagg_round.py [--clients 10 50 100] [--params 1000000]
+    python benchmarks/secagg_round.py [--clients 10 50 100] [--params 1000000] [--rounds 2]
 
 Prints JSON and writes benchmarks/results/secagg_round.json. Ratios are against `plain`
 measured in the same run.
@@ -58,8 +65,10 @@ def measuring_mod(msg, context, call_next):
     return reply
 
 
-def _timing(path: str, seconds: float) -> None:
-    Path(path).write_text(json.dumps({"round_seconds": seconds}))
+def _timing(path: str, seconds: float, stages: dict | None = None) -> None:
+    """Append one round's timing (a JSON line) to `path`."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"round_seconds": seconds, **({"stage_seconds": dict(stages)} if stages else {})}) + "\n")
 
 
 def build_apps(kind: str, num_nodes: int, dim: int):
@@ -71,6 +80,7 @@ def build_apps(kind: str, num_nodes: int, dim: int):
 
     threshold = max(2, int(round(THRESHOLD_FRACTION * min(NUM_SHARES, num_nodes))))
     timing_file = os.environ["BENCH_TIMING"]
+    rounds = int(os.environ.get("BENCH_ROUNDS", "1"))
 
     def update_for(node_id: int):
         return np.random.default_rng(node_id % 2**32).normal(0, 0.01, dim).astype(np.float32)
@@ -99,7 +109,7 @@ def build_apps(kind: str, num_nodes: int, dim: int):
 
         @server.main()
         def _main(grid, context):
-            legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+            legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
             DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=NUM_SHARES, reconstruction_threshold=threshold))(grid, legacy)
 
         class Client(NumPyClient):
@@ -120,12 +130,13 @@ def build_apps(kind: str, num_nodes: int, dim: int):
         def _main(grid, context):
             nodes = _wait(grid, num_nodes)
             zeros = ArrayRecord({"w": Array(np.zeros(dim, np.float32))})
-            t0 = time.perf_counter()
-            msgs = [Message(RecordDict({"arrays": zeros}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
-            replies = list(grid.send_and_receive(msgs))
-            total = sum(r.content["arrays"]["w"].numpy().astype(np.float64) for r in replies)
-            _timing(timing_file, time.perf_counter() - t0)
-            assert len(replies) == num_nodes and total.shape == (dim,)
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                msgs = [Message(RecordDict({"arrays": zeros}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+                replies = list(grid.send_and_receive(msgs))
+                total = sum(r.content["arrays"]["w"].numpy().astype(np.float64) for r in replies)
+                _timing(timing_file, time.perf_counter() - t0)
+                assert len(replies) == num_nodes and total.shape == (dim,)
 
         @client.train()
         def _train(msg, context):
@@ -135,37 +146,73 @@ def build_apps(kind: str, num_nodes: int, dim: int):
 
     # fedpriv SecAgg+
     from client import secure_aggregation as node_side
-    from privacy.secagg import EncodingParams, RoundSetup, default_scale
+    from privacy.secagg import EncodingParams, RoundSetup
+    from privacy.secagg.identity import load_identity
+    from privacy.secagg.parameters import parameters_for
     from privacy.secagg.protocol import encoding_to_config
     from privacy.secret_randomness import SecretRandom
+    from server import secure_aggregation as server_side
     from server.secure_aggregation import secure_sum
 
-    params = EncodingParams(clip_norm=10.0, noise_multiplier=0.0, min_clients=threshold,
-                            scale=default_scale(10.0, dim), max_clients=num_nodes)
+    stages: dict[str, float] = {}
+    exchange = server_side._exchange
+
+    def timed_exchange(grid, stage, payloads, timeout, outcome):
+        """Time each stage's message round trip (the server's own work is the rest of the round)."""
+        started = time.perf_counter()
+        try:
+            return exchange(grid, stage, payloads, timeout, outcome)
+        finally:
+            stages[stage] = time.perf_counter() - started
+
+    server_side._exchange = timed_exchange  # this benchmark process only
+
+    # fedpriv: Flower's neighbourhood size and threshold (same work per node); fedpriv-bounds:
+    # the k and t fedpriv's server picks from Bell et al.'s bounds (default fractions).
+    if kind == "fedpriv-bounds":
+        chosen = parameters_for(num_nodes)
+        num_shares, threshold = chosen.num_shares, chosen.threshold
+    else:
+        num_shares = NUM_SHARES
+    identities = Path(os.environ["BENCH_IDS"])
+    # The grid the server would pick (encoding.default_scale): k bits per coordinate on the wire.
+    params = EncodingParams.fitted(clip_norm=10.0, noise_multiplier=0.0, min_clients=threshold, max_clients=num_nodes,
+                                   dimension=dim)
 
     @server.main()
     def _main(grid, context):
         nodes = _wait(grid, num_nodes)
-        t0 = time.perf_counter()
-        msgs = [Message(RecordDict({"config": ConfigRecord(encoding_to_config(params))}), dst_node_id=n,
-                        message_type=MessageType.TRAIN) for n in nodes]
-        trained = [r.metadata.src_node_id for r in grid.send_and_receive(msgs) if not r.has_error()]
-        setup = RoundSetup(round_id=b"bench/1", participants=tuple(str(n) for n in trained), num_shares=NUM_SHARES,
-                           threshold=threshold, params=params, graph_seed=os.urandom(16))
-        result = secure_sum(grid, trained, setup, dim, timeout=3600)
-        _timing(timing_file, time.perf_counter() - t0)
-        assert len(result.survivors) == num_nodes
+        for server_round in range(1, rounds + 1):
+            stages.clear()
+            t0 = time.perf_counter()
+            msgs = [Message(RecordDict({"config": ConfigRecord(encoding_to_config(params))}), dst_node_id=n,
+                            message_type=MessageType.TRAIN) for n in nodes]
+            names = {r.metadata.src_node_id: str(r.content["node"]["name"])
+                     for r in grid.send_and_receive(msgs) if not r.has_error()}
+            stages["train (encode, spool)"] = time.perf_counter() - t0
+            setup = RoundSetup(round_id=f"bench/{server_round}".encode(), participants=tuple(names.values()),
+                               num_shares=num_shares, threshold=threshold, params=params, graph_seed=os.urandom(16))
+            result = secure_sum(grid, names, setup, dim, timeout=3600)
+            elapsed = time.perf_counter() - t0
+            stages["server compute (sum, unmask, decode)"] = elapsed - sum(stages.values())
+            _timing(timing_file, elapsed, stages)
+            assert len(result.survivors) == num_nodes
 
     @client.train()
     def _train(msg, context):
         node_side.store_encoded_update(context, update_for(context.node_id).astype(np.float64),
                                        msg.content["config"], SecretRandom(),
                                        spool_dir=Path(tempfile.gettempdir()) / "fedpriv-bench-spool")
-        return Message(RecordDict({"metrics": MetricRecord({"trained": 1})}), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord({"trained": 1}),
+                                   "node": ConfigRecord({"name": _name(context)})}), reply_to=msg)
+
+    def _name(context):
+        return f"node-{context.node_config['partition-id']}"
 
     for stage in node_side.STAGES:
         def handler(msg, context, stage=stage):
-            reply = node_side.handle_stage(stage, msg.content, context, str(context.node_id), f"node-{context.node_id}")
+            identity = load_identity(identities / _name(context), _name(context))
+            reply = node_side.handle_stage(stage, msg.content, context, identity)
             return Message(reply, reply_to=msg)
         client.query(stage)(handler)
     return server, client
@@ -184,24 +231,36 @@ def run_one(kind: str, num_nodes: int, dim: int) -> dict:
     warnings.filterwarnings("ignore")
     from flwr.simulation import run_simulation
 
+    if kind.startswith("fedpriv"):  # each simulated node signs with its own key, as in a run
+        from privacy.secagg.identity import write_identities
+
+        os.environ["BENCH_IDS"] = tempfile.mkdtemp(prefix="fedpriv-bench-ids-")
+        write_identities(Path(os.environ["BENCH_IDS"]), [f"node-{i}" for i in range(num_nodes)])
     server, client = build_apps(kind, num_nodes, dim)
     run_simulation(server_app=server, client_app=client, num_supernodes=num_nodes,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
-    timing = json.loads(Path(os.environ["BENCH_TIMING"]).read_text())
+    timings = [json.loads(line) for line in Path(os.environ["BENCH_TIMING"]).read_text().splitlines()]
+    rounds = int(os.environ.get("BENCH_ROUNDS", "1"))
+    assert len(timings) == rounds, f"{len(timings)} rounds timed, {rounds} run"
     sent = [json.loads(line) for line in Path(os.environ["BENCH_BYTES"]).read_text().splitlines()]
     per_node: dict[int, int] = {}
     for row in sent:
         per_node[row["node"]] = per_node.get(row["node"], 0) + row["bytes"]
-    return {"round_seconds": timing["round_seconds"], "bytes_sent_per_node": sum(per_node.values()) / max(len(per_node), 1),
-            "nodes_reporting": len(per_node)}
+    last = timings[-1]  # every round sends the same, so bytes per round = total / rounds
+    return {"round_seconds": last["round_seconds"], "first_round_seconds": timings[0]["round_seconds"],
+            "rounds": rounds, "bytes_sent_per_node": sum(per_node.values()) / max(len(per_node), 1) / rounds,
+            "nodes_reporting": len(per_node), **({"stage_seconds": last["stage_seconds"]} if "stage_seconds" in last else {})}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--params", type=int, default=1_000_000)
-    parser.add_argument("--kinds", nargs="+", default=["plain", "fedpriv", "flower"])
+    parser.add_argument("--kinds", nargs="+", default=["plain", "fedpriv", "fedpriv-bounds", "flower"],
+                        help="fedpriv: Flower's k and t; fedpriv-bounds: the k and t fedpriv picks from Bell et al.'s bounds")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds per configuration; the last is reported (the first includes the nodes' cold start)")
     parser.add_argument("--one", nargs=3, metavar=("KIND", "CLIENTS", "PARAMS"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "secagg_round.json")
     args = parser.parse_args()
@@ -214,8 +273,8 @@ def main() -> None:
     for n in args.clients:
         for kind in args.kinds:
             with tempfile.TemporaryDirectory() as tmp:
-                env = {**os.environ, "BENCH_TIMING": f"{tmp}/t.json", "BENCH_BYTES": f"{tmp}/b.jsonl",
-                       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
+                env = {**os.environ, "BENCH_TIMING": f"{tmp}/t.jsonl", "BENCH_BYTES": f"{tmp}/b.jsonl",
+                       "BENCH_ROUNDS": str(args.rounds), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
                 Path(env["BENCH_BYTES"]).touch()
                 started = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--one", kind, str(n), str(args.params)],
@@ -237,6 +296,7 @@ def main() -> None:
         "benchmark": "secagg_round",
         "num_shares": NUM_SHARES,
         "threshold_fraction": THRESHOLD_FRACTION,
+        "rounds": args.rounds,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "command": "python benchmarks/secagg_round.py " + " ".join(sys.argv[1:]),
         "rows": rows,

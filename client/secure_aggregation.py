@@ -21,9 +21,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from privacy.secagg import RoundSetup, SecAggClient
-from privacy.secagg.encoding import encode
+from privacy.secagg.encoding import encode, summed_keys
 from privacy.secagg.identity import SigningIdentity
 from privacy.secagg.protocol import encoding_from_config
+from privacy.secagg.ring import pack_ring
 from privacy.secret_randomness import SecretRandom
 
 STATE = "secagg-state"  # ConfigRecord: setup + serialized client
@@ -36,8 +37,16 @@ class SimulatedDropout(RuntimeError):
 
 
 def flatten_delta(local: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> np.ndarray:
-    """(d,) float64 local - global, concatenated in the global state's key order."""
-    return np.concatenate([(local[k].double() - global_state[k].double()).reshape(-1).numpy() for k in global_state])
+    """(d,) float64 local - global over the floating-point tensors only, in the global state's key order.
+
+    Which tensors: `privacy.secagg.encoding.summed_keys(global_state)`, decided by the global
+    model's dtypes as the server decides; integer state (a counter such as BatchNorm's
+    num_batches_tracked) is never clipped, quantised or sent, and keeps the global value.
+    """
+    keys = summed_keys(global_state)
+    if not keys:
+        return np.zeros(0)
+    return np.concatenate([(local[k].double() - global_state[k].double()).reshape(-1).numpy() for k in keys])
 
 
 def store_encoded_update(context: Context, delta: np.ndarray, config, randomness: SecretRandom,
@@ -118,7 +127,8 @@ def handle_stage(stage: str, content: RecordDict, context: Context, identity: Si
         spooled.unlink(missing_ok=True)  # the plain encoding is no longer needed
         del context.state[INPUT]
         _save(context, setup, client)
-        return RecordDict({"masked": ArrayRecord({"y": Array(y)})})
+        packed = pack_ring(y, setup.params.modulus_bits)  # k bits per coordinate (ring.pack_ring)
+        return RecordDict({"masked": ArrayRecord({"y": Array(np.frombuffer(packed, dtype=np.uint8))})})
     if stage == "secagg_consistency":
         signature = client.sign_survivors([str(u) for u in payload["u3"]])
         _save(context, setup, client)

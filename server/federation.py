@@ -33,7 +33,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from privacy.accountants import ClientLevelAccountant
-from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort, default_scale
+from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort
+from privacy.secagg.encoding import summed_keys
 from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, SecAggParameterError,
                                        SecAggParameters, parameters_for)
 from privacy.secagg.protocol import encoding_from_config, encoding_to_config
@@ -209,12 +210,11 @@ def secagg_train_config(settings: FederationSettings, arrays: ArrayRecord, num_s
     The client-level noise is split over min_clients = t - colluding nodes: the fewest
     honest survivors a sum can have (see the module docstring).
     """
-    dimension = sum(int(np.prod(a.shape)) for a in arrays.values())
+    dimension = sum(int(np.prod(arrays[k].shape)) for k in summed_keys(arrays))  # floating-point arrays only
     t = round_threshold(settings, num_sampled)
-    params = EncodingParams(
+    params = EncodingParams.fitted(  # the scale fits the uint32 ring for num_sampled clients (encoding.default_scale)
         clip_norm=settings.clip_norm, noise_multiplier=settings.client_noise_multiplier,
-        min_clients=t - colluding_nodes(settings, t), scale=default_scale(settings.clip_norm, dimension),
-        max_clients=num_sampled,
+        min_clients=t - colluding_nodes(settings, t), max_clients=num_sampled, dimension=dimension,
     )
     return {"secagg": True, "dropout-rate": settings.dropout_rate, **encoding_to_config(params)}
 
@@ -258,10 +258,10 @@ def _aggregate_secure(grid, arrays, config, train, settings, ledger, report) -> 
         return _secure_round_failed(report, str(err))
     report.secure["parameters"] = {"num_shares": chosen.num_shares, "threshold": chosen.threshold,
                                    "corrupt_nodes": chosen.corrupt, "dropout_nodes": chosen.dropouts}
-    flat = {k: v.numpy() for k, v in arrays.items()}
+    dimension = sum(int(np.prod(arrays[k].shape)) for k in summed_keys(arrays))  # floating-point arrays only
     error = None
     try:
-        outcome = secure_sum(grid, participants, setup, sum(v.size for v in flat.values()), settings.round_timeout)
+        outcome = secure_sum(grid, participants, setup, dimension, settings.round_timeout)
     except SecAggAbort as err:
         error, outcome = str(err), err.outcome  # type: ignore[attr-defined]
     for nid, why in outcome.errors.items():
@@ -273,11 +273,32 @@ def _aggregate_secure(grid, arrays, config, train, settings, ledger, report) -> 
         return _secure_round_failed(report, error)
     report.secure["survivors"] = [train.names.get(n, str(n)) for n in outcome.survivors]
     mean = outcome.total / len(outcome.survivors)  # equal weights: client-level DP bounds each client's share
-    new, offset = {}, 0
-    for key, value in flat.items():
-        new[key] = (value.astype(np.float64) + mean[offset: offset + value.size].reshape(value.shape)).astype(value.dtype)
+    return apply_secure_mean(arrays, mean)
+
+
+def apply_secure_mean(arrays: ArrayRecord, mean: np.ndarray) -> ArrayRecord:
+    """The global arrays moved by the securely aggregated mean update.
+
+    mean: (d,) float64, the floating-point arrays' deltas concatenated in key order
+    (`privacy.secagg.encoding.summed_keys`, decided by the global arrays' dtypes exactly as
+    the nodes decide). Each floating-point array gets its slice added (and keeps its dtype);
+    integer arrays (counters such as num_batches_tracked) keep the global value: the nodes
+    never send them, since they depend on local data sizes and their mean means nothing.
+    Raises ValueError if mean's length is not the floating-point arrays' total size.
+    """
+    keys = set(summed_keys(arrays))
+    expected = sum(int(np.prod(arrays[k].shape)) for k in keys)
+    if mean.shape != (expected,):
+        raise ValueError(f"mean update has shape {mean.shape}, expected ({expected},) (the floating-point arrays)")
+    out, offset = {}, 0
+    for key, array in arrays.items():
+        if key not in keys:
+            out[key] = array
+            continue
+        value = array.numpy()
+        out[key] = Array((value.astype(np.float64) + mean[offset: offset + value.size].reshape(value.shape)).astype(value.dtype))
         offset += value.size
-    return ArrayRecord({k: Array(v) for k, v in new.items()})
+    return ArrayRecord(out)
 
 
 def _secure_round_failed(report: RoundReport, why: str) -> None:

@@ -21,6 +21,7 @@ from client import secure_aggregation as node_side
 from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort, default_scale
 from privacy.secagg.primitives import agree, prg_mask
 from privacy.secagg.protocol import SecAggClient, encoding_to_config
+from privacy.secagg.ring import unpack_ring
 from privacy.secagg.sharing import combine_shares
 from privacy.secret_randomness import SecretRandom
 from secagg_grid import TO_SERVER, SecAggGrid, serverapp_identity
@@ -279,20 +280,20 @@ def test_a_late_masked_input_is_hidden_by_the_self_mask_from_a_server_that_rebui
     sk_shares = [(i, s) for _, o, kind, i, s in _revealed(grid) if o == "103" and kind == "sk"]
     s_sk = combine_shares(sk_shares, setup.threshold)
     u2 = [str(u) for u in grid.sent("secagg_masked")[101].content["secagg"]["u2"]]
-    view = late[103].content["masked"]["y"].numpy()
+    view = unpack_ring(late[103].content["masked"]["y"].numpy(), k, d).astype(np.uint64)  # k-bit wire format
     modulus = np.uint64((1 << k) - 1)
     for v in u2:
         if v != "103":
-            mask = prg_mask(agree(s_sk, s_pk[int(v)], b"pairwise-mask", setup.round_id), d, k)
+            mask = prg_mask(agree(s_sk, s_pk[int(v)], b"pairwise-mask", setup.round_id), d, k).astype(np.uint64)
             view = (view - mask) & modulus if "103" < v else (view + mask) & modulus
-    x = encodings[103]
+    x = encodings[103].astype(np.uint64)
     assert np.mean(view == x) < 0.01, "the server reads x_103"
     counts = np.bincount((view >> np.uint64(k - 8)).astype(np.int64), minlength=256)
     assert stats.chisquare(counts).pvalue > 1e-6
     signed = np.where(x >= 1 << (k - 1), x.astype(np.float64) - 2.0**k, x.astype(np.float64))
     assert abs(np.corrcoef(view.astype(np.float64), signed)[0, 1]) < 5 / np.sqrt(d)
     # Holding 103's secrets: every pairwise mask was stripped, only PRG(b_103) is left.
-    assert np.array_equal(view, (x + prg_mask(_secrets(grid, 103, setup)._b, d, k)) & modulus)
+    assert np.array_equal(view, (x + prg_mask(_secrets(grid, 103, setup)._b, d, k).astype(np.uint64)) & modulus)
 
 
 def test_a_lying_server_splitting_u3_between_two_halves_is_caught_before_any_share_leaves(tmp_path):

@@ -25,7 +25,7 @@ def run_local_round(
 ) -> tuple[np.ndarray, list[str], dict]:
     """(sum over U3 in Z_(2^k), U3, transcript of everything the server received).
 
-    inputs: client id -> (d,) uint64 vector in Z_(2^k). tamper: optional callable applied to
+    inputs: client id -> (d,) uint32 vector in Z_(2^k). tamper: optional callable applied to
     the routed ciphertexts (dict receiver -> {sender: bytes}) to simulate an attacker.
     identities: the clients' signing identities (default: fresh ones, one keyring).
     Raises SecAggAbort when fewer than t clients remain at a stage or a check fails.

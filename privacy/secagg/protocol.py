@@ -49,6 +49,7 @@ import numpy as np
 from .encoding import EncodingParams
 from .identity import SigningIdentity
 from .primitives import PROTOCOL_LABEL, SecAggCryptoError, agree, decrypt, encrypt, new_keypair, prg_mask
+from .ring import RING_DTYPE, as_ring_vector, reduce_
 from .sharing import SHARE_BYTES, ReconstructionError, combine_shares, split_secret
 
 
@@ -152,11 +153,6 @@ def _aad(round_id: bytes, sender: str, receiver: str) -> bytes:
     return b"share|" + round_id + b"|" + sender.encode() + b"|" + receiver.encode()
 
 
-def _pairwise_signed_mask(seed: bytes, me: str, peer: str, d: int, k: int) -> np.ndarray:
-    mask = prg_mask(seed, d, k)
-    return mask if me < peer else (np.uint64(0) - mask) & np.uint64((1 << k) - 1)
-
-
 @dataclass
 class SecAggClient:
     """One client's side of a round. Keeps its secrets in memory only for this round.
@@ -255,7 +251,7 @@ class SecAggClient:
         return out
 
     def masked_input(self, ciphertexts: dict[str, bytes], u2: list[str], vector: np.ndarray) -> np.ndarray:
-        """Stage 3: decrypt received shares, return y_u (uint64 in Z_(2^k)) for `vector` in Z_(2^k).
+        """Stage 3: decrypt received shares, return y_u ((d,) uint32 in Z_(2^k)) for `vector` in Z_(2^k).
 
         Raises SecAggCryptoError naming the sender of a tampered share.
         """
@@ -276,15 +272,19 @@ class SecAggClient:
                 raise SecAggCryptoError(f"{self.cid}: share from {sender} has {len(plain)} bytes, "
                                         f"expected {2 + 2 * SHARE_BYTES}")
             self._held[sender] = (int.from_bytes(plain[:2], "big"), plain[2:2 + SHARE_BYTES], plain[2 + SHARE_BYTES:])
-        vector = np.asarray(vector, dtype=np.uint64)
-        d = vector.shape[0]
-        y = (vector + prg_mask(self._b, d, k)) & np.uint64((1 << k) - 1)
+        y = np.array(vector, dtype=RING_DTYPE)  # a copy; uint32 adds wrap mod 2^32, reduced mod 2^k once at the end
+        d = y.shape[0]
+        mask = np.empty(d, dtype=RING_DTYPE)  # one buffer for every mask expansion
+        y += prg_mask(self._b, d, k, out=mask)
         for v in sorted(self._u2 & set(self._neighbour_keys)):
             if v == self.cid:
                 continue
             seed = agree(self._s_sk, self._neighbour_keys[v][1], b"pairwise-mask", self.setup.round_id)
-            y = (y + _pairwise_signed_mask(seed, self.cid, v, d, k)) & np.uint64((1 << k) - 1)
-        return y
+            if self.cid < v:
+                y += prg_mask(seed, d, k, out=mask)
+            else:
+                y -= prg_mask(seed, d, k, out=mask)  # + the ring's negation of PRG(s_uv)
+        return reduce_(y, k)
 
     def sign_survivors(self, u3: list[str]) -> bytes:
         """Stage 4: sign the survivor set U3 the server showed this node (once per round).
@@ -370,19 +370,24 @@ class SecAggServer:
         return routed
 
     def collect_masked(self, replies: dict[str, np.ndarray]) -> list[str]:
-        """Stage 3 -> 4: sum the masked inputs of U3 (mod 2^k); returns U3."""
+        """Stage 3 -> 4: sum the masked inputs of U3 (mod 2^k); returns U3.
+
+        replies: client -> its masked input, packed (`ring.pack_ring` bytes, or those bytes
+        as a uint8 array) or as (d,) unsigned ring values. Raises SecAggAbort naming a client
+        whose input has the wrong size.
+        """
         k = self.setup.params.modulus_bits
-        total = np.zeros(self.dimension, dtype=np.uint64)
+        total = np.zeros(self.dimension, dtype=RING_DTYPE)
         u3 = []
         for u in self.u2:
             if u in replies:
-                y = np.asarray(replies[u], dtype=np.uint64)
-                if y.shape != (self.dimension,):
-                    raise SecAggAbort(f"masked input of {u} has shape {y.shape}, expected ({self.dimension},)")
-                total = (total + y) & np.uint64((1 << k) - 1)
+                try:
+                    total += as_ring_vector(replies[u], k, self.dimension)
+                except ValueError as err:
+                    raise SecAggAbort(f"masked input of {u}: {err}") from err
                 u3.append(u)
         self._need(len(u3), "masked input")
-        self.u3, self._masked_sum = u3, total
+        self.u3, self._masked_sum = u3, reduce_(total, k)
         return u3
 
     def collect_signatures(self, replies: dict[str, bytes]) -> dict[str, bytes]:
@@ -392,29 +397,32 @@ class SecAggServer:
         return self.signatures
 
     def unmask(self, replies: dict[str, dict[str, tuple[str, int, bytes]]]) -> np.ndarray:
-        """Stage 5: the exact sum over U3 of the clients' inputs, uint64 in Z_(2^k)."""
+        """Stage 5: the exact sum over U3 of the clients' inputs, (d,) uint32 in Z_(2^k)."""
         assert self._masked_sum is not None, "collect_masked must run first"
         self._need(len(replies), "unmask")
         k, d = self.setup.params.modulus_bits, self.dimension
-        mod_mask = np.uint64((1 << k) - 1)
         b_shares: dict[str, list] = {}
         sk_shares: dict[str, list] = {}
         for revealed in replies.values():
             for owner, (kind, idx, share) in revealed.items():
                 (b_shares if kind == "b" else sk_shares).setdefault(owner, []).append((idx, share))
-        total = self._masked_sum.copy()
+        total = self._masked_sum.copy()  # uint32: subtracts wrap mod 2^32, reduced mod 2^k once at the end
+        mask = np.empty(d, dtype=RING_DTYPE)  # one buffer for every mask expansion
         survivors, dropped = set(self.u3), set(self.u2) - set(self.u3)
         hoods = self.setup.neighbourhoods()
         try:
             for u in sorted(survivors):
                 b_u = combine_shares(b_shares.get(u, []), self.setup.threshold)
-                total = (total - prg_mask(b_u, d, k)) & mod_mask
+                total -= prg_mask(b_u, d, k, out=mask)
             for u in sorted(dropped):
                 s_sk_u = combine_shares(sk_shares.get(u, []), self.setup.threshold)
                 for v in hoods[u]:
                     if v in survivors and v != u:
                         seed = agree(s_sk_u, self.keys[v][1], b"pairwise-mask", self.setup.round_id)
-                        total = (total - _pairwise_signed_mask(seed, v, u, d, k)) & mod_mask
+                        if v < u:  # v added +PRG(s_uv): take it out
+                            total -= prg_mask(seed, d, k, out=mask)
+                        else:  # v added -PRG(s_uv)
+                            total += prg_mask(seed, d, k, out=mask)
         except ReconstructionError as err:
             raise SecAggAbort(f"unmask: {err}") from err
-        return total
+        return reduce_(total, k)
