@@ -9,6 +9,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+# scikit-learn at module level, not inside the loaders: imported lazily from two threads of one
+# Flower process (a run's ServerApp and its nodes), its internal circular imports failed
+# once with "partially initialized module" (CI, test_simulation_e2e).
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from shared_models.records import DataFormatError, LabeledArrays, array_content, content_record_ids
 
@@ -145,8 +150,6 @@ def load_digits_embedded(test_fraction: float = 0.2, seed: int = 0) -> dict[str,
     Returns {"train", "test"}: a stratified split with a fixed seed, so every node and the
     server agree on it.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]

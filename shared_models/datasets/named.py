@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import train_test_split
 
 from shared_models.datasets import (
     DataFormatError,
@@ -89,7 +90,6 @@ def load_dataset(name_or_path: str, task: str | None = None, root: str = "") -> 
 
 
 def _split_local(data: LabeledArrays, test_fraction: float = 0.2) -> dict[str, LabeledArrays]:
-    from sklearn.model_selection import train_test_split
 
     stratify = data.y if np.bincount(data.y).min(initial=0) >= 2 else None
     train_idx, test_idx = train_test_split(

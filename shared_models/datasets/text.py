@@ -11,6 +11,7 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import train_test_split
 
 from shared_models.records import DataFormatError, LabeledArrays, content_record_ids
 
@@ -102,7 +103,6 @@ def load_sms_spam(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -
     No official split exists: returns a stratified {"train", "test"} split with a fixed
     seed, so every node and the server agree on it.
     """
-    from sklearn.model_selection import train_test_split
 
     full = read_tsv(path, classes=["ham", "spam"])
     train_idx, test_idx = train_test_split(
