@@ -245,7 +245,6 @@ def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = 
         _write_public(kit / f"{node}.pub", public)
         _write_public(server_dir / "node-keys" / f"{node}.pub", public)
         _write_public(kit / "ca.crt", ca_pem)
-        write_private_key(kit / SECAGG_KEY_FILE)
         _write_json(kit / "kit.json", {"role": "node", "node": node, "superlink": superlink,
                                        "ca": "ca.crt", "private_key": f"{node}.key", "public_key": f"{node}.pub"})
         (kit / "README.md").write_text(_node_readme(node, superlink))

@@ -110,7 +110,7 @@ def _sparse(n: int, k: int, c: int, d: int, security_bits: int, correctness_bits
     c_n = next((x for x in range(k) if n * _binomial_tail(c, p, x + 1) <= fail), None)
     if c_n is None:
         return None
-    t = max(c_n + 2, (k + c_n) // 2 + 1)  # as complete_threshold, within a neighbourhood
+    t = complete_threshold(k, c_n)  # the complete graph's rule, within one neighbourhood
     if t > k:
         return None
     if n * _binomial_tail(d, p, k - t + 1) > 2.0 ** -correctness_bits:

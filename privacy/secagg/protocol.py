@@ -44,6 +44,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from collections.abc import Mapping
+from functools import lru_cache
+from types import MappingProxyType
+
 import numpy as np
 
 from .encoding import EncodingParams
@@ -110,19 +114,28 @@ class RoundSetup:
         canonical = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in self.to_config().items()}
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).digest()
 
-    def neighbourhoods(self) -> dict[str, tuple[str, ...]]:
-        """N(u) for every u: a ring over a seeded permutation, u included, symmetric."""
-        ids = sorted(self.participants)
-        n = len(ids)
-        if self.num_shares >= n:
-            return {u: tuple(ids) for u in ids}
-        order = sorted(ids, key=lambda u: hashlib.sha256(self.graph_seed + u.encode()).digest())
-        half = self.num_shares // 2
-        out = {}
-        for pos, u in enumerate(order):
-            members = {order[(pos + j) % n] for j in range(-half, half + 1)}
-            out[u] = tuple(sorted(members))
-        return out
+    def neighbourhoods(self) -> Mapping[str, tuple[str, ...]]:
+        """N(u) for every u: a ring over a seeded permutation, u included, symmetric.
+
+        Read-only and computed once per (participants, num_shares, graph_seed): every check
+        of every stage asks for it.
+        """
+        return _ring_neighbourhoods(self.participants, self.num_shares, self.graph_seed)
+
+
+@lru_cache(maxsize=32)
+def _ring_neighbourhoods(participants: tuple[str, ...], num_shares: int, graph_seed: bytes) -> Mapping[str, tuple[str, ...]]:
+    ids = sorted(participants)
+    n = len(ids)
+    if num_shares >= n:
+        return MappingProxyType({u: tuple(ids) for u in ids})
+    order = sorted(ids, key=lambda u: hashlib.sha256(graph_seed + u.encode()).digest())
+    half = num_shares // 2
+    out = {}
+    for pos, u in enumerate(order):
+        members = {order[(pos + j) % n] for j in range(-half, half + 1)}
+        out[u] = tuple(sorted(members))
+    return MappingProxyType(out)
 
 
 def encoding_to_config(params: EncodingParams) -> dict:
@@ -204,16 +217,15 @@ class SecAggClient:
     def advertise_keys(self) -> tuple[bytes, bytes, bytes]:
         """Stage 1: (c_pk, s_pk, signature): fresh X25519 public keys for this round, signed.
 
-        Checks the setup first: this node is a participant under its own name, every
-        participant is in its keyring, and 2t > |N(u)| (RoundSetup enforces it too).
+        Checks the setup first: this node is a participant under its own name and every
+        participant is in its keyring (2t > |N(u)| holds for every RoundSetup: its constructor
+        refuses less).
         """
         if self.identity.name != self.cid or self.cid not in self.setup.participants:
             raise SecAggAbort(f"{self.cid}: the setup does not list this node ({self.identity.name}) as a participant")
         unknown = sorted(set(self.setup.participants) - set(self.identity.keyring))
         if unknown:
             raise SecAggAbort(f"{self.cid}: participants {unknown} are not in the federation's keyring")
-        if 2 * self.setup.threshold <= len(self.neighbours):
-            raise SecAggAbort(f"{self.cid}: threshold {self.setup.threshold} is at most half of N(u) = {len(self.neighbours)}")
         self._c_sk, c_pk = new_keypair()
         self._s_sk, s_pk = new_keypair()
         return c_pk, s_pk, self.identity.sign(advertise_message(self.setup, self.cid, c_pk, s_pk))
@@ -339,12 +351,16 @@ class SecAggServer:
 
     setup: RoundSetup
     dimension: int
-    keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
-    signed_keys: dict[str, tuple[bytes, bytes, bytes]] = field(default_factory=dict)
+    signed_keys: dict[str, tuple[bytes, bytes, bytes]] = field(default_factory=dict)  # u -> (c_pk, s_pk, signature)
     u2: list[str] = field(default_factory=list)
     u3: list[str] = field(default_factory=list)
     signatures: dict[str, bytes] = field(default_factory=dict)
     _masked_sum: np.ndarray | None = None
+
+    @property
+    def keys(self) -> dict[str, tuple[bytes, bytes]]:
+        """u -> (c_pk, s_pk) of the clients that advertised (U1)."""
+        return {u: (c_pk, s_pk) for u, (c_pk, s_pk, _) in self.signed_keys.items()}
 
     def _need(self, alive: int, stage: str) -> None:
         if alive < self.setup.threshold:
@@ -353,14 +369,13 @@ class SecAggServer:
     def collect_keys(self, replies: dict[str, tuple[bytes, bytes, bytes]]) -> dict[str, dict[str, tuple[bytes, bytes, bytes]]]:
         """Stage 1 -> 2: for each live client, the signed public keys of its live neighbours."""
         self.signed_keys = {u: k for u, k in replies.items() if u in self.setup.participants}
-        self.keys = {u: (c_pk, s_pk) for u, (c_pk, s_pk, _) in self.signed_keys.items()}
-        self._need(len(self.keys), "advertise keys")
+        self._need(len(self.signed_keys), "advertise keys")
         hoods = self.setup.neighbourhoods()
-        return {u: {v: self.signed_keys[v] for v in hoods[u] if v in self.keys} for u in self.keys}
+        return {u: {v: self.signed_keys[v] for v in hoods[u] if v in self.signed_keys} for u in self.signed_keys}
 
     def route_shares(self, replies: dict[str, dict[str, bytes]]) -> dict[str, dict[str, bytes]]:
         """Stage 2 -> 3: ciphertexts regrouped by recipient; U2 = clients that shared."""
-        self.u2 = sorted(u for u in replies if u in self.keys)
+        self.u2 = sorted(u for u in replies if u in self.signed_keys)
         self._need(len(self.u2), "share keys")
         routed: dict[str, dict[str, bytes]] = {u: {} for u in self.u2}
         for sender in self.u2:
@@ -418,7 +433,7 @@ class SecAggServer:
                 s_sk_u = combine_shares(sk_shares.get(u, []), self.setup.threshold)
                 for v in hoods[u]:
                     if v in survivors and v != u:
-                        seed = agree(s_sk_u, self.keys[v][1], b"pairwise-mask", self.setup.round_id)
+                        seed = agree(s_sk_u, self.signed_keys[v][1], b"pairwise-mask", self.setup.round_id)
                         if v < u:  # v added +PRG(s_uv): take it out
                             total -= prg_mask(seed, d, k, out=mask)
                         else:  # v added -PRG(s_uv)
