@@ -85,6 +85,9 @@ def secure_sum(grid: Grid, names: dict[int, str], setup: RoundSetup, dimension: 
         }
         replies = _exchange(grid, "secagg_masked", payloads, timeout, outcome)
         u3 = server.collect_masked({cid[n]: r["masked"]["y"].numpy() for n, r in replies.items()})
+        for u, why in server.rejected.items():  # a malformed masked input: that node counts as dropped
+            outcome.errors[nid_of[u]] = f"secagg_masked: {why}"
+            outcome.dropped["secagg_masked"] = sorted({*outcome.dropped["secagg_masked"], nid_of[u]})
 
         live = [nid_of[u] for u in u3]
         payloads = {n: RecordDict({"secagg": ConfigRecord({"u3": u3})}) for n in live}

@@ -96,6 +96,17 @@ def test_secret_randomness_draws_are_uniform_gaussian_and_unshared():
     keyed = SecretRandom(b"x" * 32)
     assert np.array_equal(keyed.uniform(8), SecretRandom(b"x" * 32).uniform(8))
     assert not np.array_equal(keyed.uniform(8), keyed.uniform(8))  # each call continues the stream
+    # The values, from RFC 8439 ChaCha20 keystream words read independently here: the top 53 bits
+    # of each little-endian 64-bit word times 2^-53; the second call takes the next nonce.
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    def stream(call, words):
+        nonce = b"\0" * 4 + call.to_bytes(12, "little")
+        raw = Cipher(algorithms.ChaCha20(b"y" * 32, nonce), mode=None).encryptor().update(bytes(8 * words))
+        return [(int.from_bytes(raw[8 * i:8 * i + 8], "little") >> 11) / 2**53 for i in range(words)]
+
+    fresh = SecretRandom(b"y" * 32)
+    assert fresh.uniform(5).tolist() == stream(0, 5) and fresh.uniform(3).tolist() == stream(1, 3)
     with pytest.raises(ValueError, match="32 bytes"):
         SecretRandom(b"short")
 

@@ -203,9 +203,19 @@ def test_masked_inputs_cancel_and_travel_packed(tmp_path):
     server.collect_masked(packed)
     masked_sum = [sum(int(transcript["masked"][u][i]) for u in encoded) % (1 << k) for i in range(0, 5_000, 97)]
     assert server._masked_sum[::97].tolist() == masked_sum
+    # One client's payload of the wrong size costs its own contribution, not the round: it is
+    # left out of U3 (treated as dropped after sharing, so its pairwise masks get removed) and named.
     packed["c"] = packed["c"][:-1]
-    with pytest.raises(SecAggAbort, match="masked input of c: .* expected"):
-        server.collect_masked(packed)
+    server = SecAggServer(setup, dimension=5_000)
+    server.u2 = list(setup.participants)
+    assert server.collect_masked(packed) == ["a", "b", "d"]
+    assert "masked input of c:" in server.rejected["c"] and "expected" in server.rejected["c"]
+    masked_sum = [sum(int(transcript["masked"][u][i]) for u in "abd") % (1 << k) for i in range(0, 5_000, 97)]
+    assert server._masked_sum[::97].tolist() == masked_sum
+    # Too few well-formed inputs left: the round stops (t = 3 here).
+    packed["d"] = packed["d"][:-1]
+    with pytest.raises(SecAggAbort, match="masked input: 2 clients left"):
+        SecAggServer(setup, dimension=5_000, u2=list(setup.participants)).collect_masked(packed)
 
 
 def test_integer_state_stays_out_of_the_secure_sum_and_keeps_the_global_value():

@@ -13,7 +13,7 @@ is now caught by the signed consistency round.
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from scipy import stats
 
@@ -208,6 +208,29 @@ def test_the_grid_answers_like_flower_where_the_coordinator_relies_on_it():
     grid.drop(7, "secagg_count", offline=True)
     _, gone = ask(grid, 7)
     assert gone.has_error() and gone.error.code == ErrorCode.NODE_UNAVAILABLE and gone.metadata.src_node_id == 1
+
+
+def test_a_masked_input_of_the_wrong_size_costs_its_sender_not_the_round(tmp_path):
+    """One node's malformed reply (a truncated vector) is left out of U3 and named; the others'
+    sum is exact, the bad node's pairwise masks removed through its rebuilt s_sk.
+
+    Mutation checked: collect_masked raising SecAggAbort on the bad size (as on 371ea29) -> the round fails.
+    """
+    grid, setup, _, encodings = _federation(6, 4, tmp_path)
+
+    def truncate(stage, nid, reply):
+        if stage == "secagg_masked" and nid == 104:
+            y = reply.content["masked"]["y"].numpy()
+            reply.content["masked"]["y"] = Array(y[:-3].copy())
+        return reply
+
+    grid.on_reply(truncate)
+    outcome = secure_sum(grid, grid.names, setup, D, timeout=30)
+    assert outcome.survivors == [101, 102, 103, 105, 106]
+    assert outcome.dropped["secagg_masked"] == [104]
+    assert "masked input of 104" in outcome.errors[104] and "expected" in outcome.errors[104]
+    assert np.array_equal(outcome.total, _expected(encodings, outcome.survivors, setup.params))
+    assert {kind for _, owner, kind, _, _ in _revealed(grid) if owner == "104"} == {"sk"}
 
 
 # ---- a lying server, a curious server -------------------------------------------------------

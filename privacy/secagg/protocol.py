@@ -355,6 +355,7 @@ class SecAggServer:
     u2: list[str] = field(default_factory=list)
     u3: list[str] = field(default_factory=list)
     signatures: dict[str, bytes] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # u -> why its masked input was left out
     _masked_sum: np.ndarray | None = None
 
     @property
@@ -388,8 +389,10 @@ class SecAggServer:
         """Stage 3 -> 4: sum the masked inputs of U3 (mod 2^k); returns U3.
 
         replies: client -> its masked input, packed (`ring.pack_ring` bytes, or those bytes
-        as a uint8 array) or as (d,) unsigned ring values. Raises SecAggAbort naming a client
-        whose input has the wrong size.
+        as a uint8 array) or as (d,) unsigned ring values. An input of the wrong size is left
+        out, its sender treated as dropped after sharing (in U2 \\ U3, so its pairwise masks
+        are removed from the others' sum) and named in `rejected`: one node's bad reply
+        costs its own contribution, not the round. Raises SecAggAbort when fewer than t remain.
         """
         k = self.setup.params.modulus_bits
         total = np.zeros(self.dimension, dtype=RING_DTYPE)
@@ -399,7 +402,8 @@ class SecAggServer:
                 try:
                     total += as_ring_vector(replies[u], k, self.dimension)
                 except ValueError as err:
-                    raise SecAggAbort(f"masked input of {u}: {err}") from err
+                    self.rejected[u] = f"masked input of {u}: {err}"
+                    continue
                 u3.append(u)
         self._need(len(u3), "masked input")
         self.u3, self._masked_sum = u3, reduce_(total, k)
