@@ -6,6 +6,11 @@
            and threshold 3;
 - fedpriv-bounds: the same at the k and t fedpriv's server picks (Bell et al.'s bounds at
            the default corrupt and dropout fractions: the complete graph up to ~50 nodes);
+- exchange-floor: the plain round followed by 5 empty query exchanges with every node: the
+           least any protocol with fedpriv's 6 sequential exchanges (train, advertise, share,
+           masked input, consistency, unmask) pays on this engine, whose every exchange waits
+           on polls (Flower's simulation engine polls for messages every 0.1 s, the Grid for
+           replies every 0.1 s), whatever the protocol computes;
 - flower:  Flower 1.42's legacy SecAgg+ (`SecAggPlusWorkflow` + `secaggplus_mod`, on the
            legacy strategy stack — benchmark only, fedpriv itself does not use it).
 
@@ -65,10 +70,11 @@ def measuring_mod(msg, context, call_next):
     return reply
 
 
-def _timing(path: str, seconds: float, stages: dict | None = None) -> None:
-    """Append one round's timing (a JSON line) to `path`."""
+def _timing(path: str, seconds: float, stages: dict | None = None, secagg: dict | None = None) -> None:
+    """Append one round's timing (a JSON line) to `path`; `secagg`: the round's k, t and ring bits."""
     with open(path, "a") as handle:
-        handle.write(json.dumps({"round_seconds": seconds, **({"stage_seconds": dict(stages)} if stages else {})}) + "\n")
+        handle.write(json.dumps({"round_seconds": seconds, **({"stage_seconds": dict(stages)} if stages else {}),
+                                 **({"secagg": secagg} if secagg else {})}) + "\n")
 
 
 def build_apps(kind: str, num_nodes: int, dim: int):
@@ -125,7 +131,9 @@ def build_apps(kind: str, num_nodes: int, dim: int):
 
     server, client = ServerApp(), ClientApp(mods=[measuring_mod])
 
-    if kind == "plain":
+    if kind in ("plain", "exchange-floor"):
+        extra_exchanges = 5 if kind == "exchange-floor" else 0
+
         @server.main()
         def _main(grid, context):
             nodes = _wait(grid, num_nodes)
@@ -135,12 +143,19 @@ def build_apps(kind: str, num_nodes: int, dim: int):
                 msgs = [Message(RecordDict({"arrays": zeros}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
                 replies = list(grid.send_and_receive(msgs))
                 total = sum(r.content["arrays"]["w"].numpy().astype(np.float64) for r in replies)
+                for _ in range(extra_exchanges):
+                    pings = [Message(RecordDict(), dst_node_id=n, message_type="query.ping") for n in nodes]
+                    assert len(list(grid.send_and_receive(pings))) == num_nodes
                 _timing(timing_file, time.perf_counter() - t0)
                 assert len(replies) == num_nodes and total.shape == (dim,)
 
         @client.train()
         def _train(msg, context):
             return Message(RecordDict({"arrays": ArrayRecord({"w": Array(update_for(context.node_id))})}), reply_to=msg)
+
+        @client.query("ping")
+        def _ping(msg, context):
+            return Message(RecordDict(), reply_to=msg)
 
         return server, client
 
@@ -195,7 +210,8 @@ def build_apps(kind: str, num_nodes: int, dim: int):
             result = secure_sum(grid, names, setup, dim, timeout=3600)
             elapsed = time.perf_counter() - t0
             stages["server compute (sum, unmask, decode)"] = elapsed - sum(stages.values())
-            _timing(timing_file, elapsed, stages)
+            _timing(timing_file, elapsed, stages, {"num_shares": num_shares, "threshold": threshold,
+                                                   "modulus_bits": params.modulus_bits})
             assert len(result.survivors) == num_nodes
 
     @client.train()
@@ -250,14 +266,14 @@ def run_one(kind: str, num_nodes: int, dim: int) -> dict:
     last = timings[-1]  # every round sends the same, so bytes per round = total / rounds
     return {"round_seconds": last["round_seconds"], "first_round_seconds": timings[0]["round_seconds"],
             "rounds": rounds, "bytes_sent_per_node": sum(per_node.values()) / max(len(per_node), 1) / rounds,
-            "nodes_reporting": len(per_node), **({"stage_seconds": last["stage_seconds"]} if "stage_seconds" in last else {})}
+            "nodes_reporting": len(per_node), **{key: last[key] for key in ("stage_seconds", "secagg") if key in last}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--params", type=int, default=1_000_000)
-    parser.add_argument("--kinds", nargs="+", default=["plain", "fedpriv", "fedpriv-bounds", "flower"],
+    parser.add_argument("--kinds", nargs="+", default=["plain", "exchange-floor", "fedpriv", "fedpriv-bounds", "flower"],
                         help="fedpriv: Flower's k and t; fedpriv-bounds: the k and t fedpriv picks from Bell et al.'s bounds")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds per configuration; the last is reported (the first includes the nodes' cold start)")
@@ -279,7 +295,8 @@ def main() -> None:
                 started = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--one", kind, str(n), str(args.params)],
                                       capture_output=True, text=True, env=env, timeout=3000)
-                row = {"kind": kind, "clients": n, "params": args.params, "wall_seconds": time.perf_counter() - started}
+                row = {"kind": kind, "clients": n, "params": args.params, "wall_seconds": time.perf_counter() - started,
+                       "load_average_1m_after": os.getloadavg()[0]}
                 if proc.returncode != 0:
                     row["error"] = (proc.stderr or proc.stdout)[-800:]
                 else:
