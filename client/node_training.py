@@ -227,7 +227,7 @@ def train_round(
     session = _session(key, lambda: LocalTrainingSession(
         build_model(plan.task, plan.model or None, data.train.input_shape, data.train.num_classes, plan.activation),
         data.train, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer, momentum=plan.momentum,
-        noise_multiplier=sigma, max_grad_norm=plan.max_grad_norm, device=dev,
+        noise_multiplier=sigma, max_grad_norm=plan.max_grad_norm, device=dev, proximal_mu=plan.proximal_mu,
     ))
     session.load_global(global_state)
     if len(data.val):

@@ -19,6 +19,14 @@ twice", Opacus #608) and reused round after round: each round's global weights a
   ledger charges that same integer before training; Opacus's own loader runs int(1/q)
   steps, which float rounding makes one less for about 7% of sizes (N=744, B=8: 92).
 
+- FedProx (Li et al., MLSys 2020, "Federated Optimization in Heterogeneous Networks"): the
+  proximal term mu/2 ||w - w_global||^2 has gradient mu (w - w_global), which depends on no
+  record. It is added to the step's gradient *after* per-sample clipping, noise and scaling
+  (`SecretNoiseDPOptimizer.pre_step`), so it uses none of the clipping budget C and the
+  privacy analysis (and the ledger's charge) is exactly that of mu = 0: post-processing of
+  the noised gradient with a data-independent term. Putting it in the loss instead would
+  clip it together with each record's gradient.
+
 Accounting is *not* done here: the node's persisted `PrivacyLedger` is charged before each
 round (`client.node_training`). The session's own Opacus `RDPAccountant` only counts the
 noised steps it ran, as a cross-check that the ledger charged exactly what was run.
@@ -95,6 +103,14 @@ class SecretNoiseDPOptimizer(DPOptimizer):
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction="mean")
         self.randomness = randomness
+        self.proximal: Proximal | None = None
+
+    def pre_step(self, closure=None) -> bool:
+        """Opacus's clip, noise and scale, then the FedProx gradient (`proximal`), if any."""
+        ready = super().pre_step(closure)
+        if ready and self.proximal is not None:
+            self.proximal.add_gradient()
+        return ready
 
     def clip_and_accumulate(self) -> None:
         """Opacus's per-sample clipping, after zeroing every sample whose gradient is not finite.
@@ -123,6 +139,31 @@ class SecretNoiseDPOptimizer(DPOptimizer):
             _check_processed_flag(p.summed_grad)
             p.grad = (p.summed_grad + self.randomness.gaussian_like(p.summed_grad, std)).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+class Proximal:
+    """FedProx's proximal term mu/2 ||w - w_anchor||^2 over `params`, anchored at the round's
+    global weights (Li et al. 2020). `add_gradient` adds mu (w - w_anchor) to each p.grad:
+    the exact gradient of the term, in the units of the mean loss the optimizer steps on.
+    Raises ValueError for a negative or non-finite mu."""
+
+    def __init__(self, params: list[nn.Parameter], mu: float) -> None:
+        if not 0 <= mu < float("inf"):
+            raise ValueError(f"proximal mu must be finite and >= 0, got {mu}")
+        self.params, self.mu = params, mu
+        self.anchor = [p.detach().clone() for p in params]
+
+    def reset(self) -> None:
+        """Anchor at the parameters' current values (call after loading the global weights)."""
+        self.anchor = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        """p.grad += mu (p - anchor) for every parameter."""
+        for p, anchor in zip(self.params, self.anchor):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(p - anchor, alpha=self.mu)
 
 
 def _tensors(data: LabeledArrays) -> TensorDataset:
@@ -154,8 +195,9 @@ class LocalTrainingSession:
     model: built by `shared_models.build_model`; train: the node's training share (N records).
     With `noise_multiplier=None` training is plain minibatch SGD/Adam (shuffled batches of
     `batch_size`); otherwise DP-SGD as described in the module docstring, with every noise
-    and sampling draw from the `SecretRandom` given to `train_epochs`. Raises ValueError for
-    an empty training share, and Opacus's UnsupportedModuleError for a model DP-SGD cannot
+    and sampling draw from the `SecretRandom` given to `train_epochs`. proximal_mu > 0 adds
+    FedProx's term, anchored at each round's global weights (`Proximal`; under DP after
+    clipping and noise). Raises ValueError for an empty training share or a negative mu, and Opacus's UnsupportedModuleError for a model DP-SGD cannot
     train (e.g. BatchNorm).
     """
 
@@ -171,6 +213,7 @@ class LocalTrainingSession:
         noise_multiplier: float | None,
         max_grad_norm: float,
         device: torch.device,
+        proximal_mu: float = 0.0,
     ) -> None:
         if len(train) == 0:
             raise ValueError("training share is empty")
@@ -197,6 +240,10 @@ class LocalTrainingSession:
             self.sampler = PoissonBatchSampler(len(train), self.sample_rate, self.steps_per_epoch, randomness)
         else:
             self.model, self.optimizer = model, opt
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.proximal = Proximal(trainable, proximal_mu) if proximal_mu != 0 else None
+        if self.dp:
+            self.optimizer.proximal = self.proximal
         self.criterion = nn.CrossEntropyLoss()
 
     @property
@@ -209,6 +256,8 @@ class LocalTrainingSession:
         self.module.load_state_dict(state)
         inner = self.optimizer.original_optimizer if self.dp else self.optimizer
         inner.state = defaultdict(dict)
+        if self.proximal is not None:
+            self.proximal.reset()
 
     def opacus_steps(self) -> int:
         """Noised steps Opacus's own accountant saw in this process (cross-check for the ledger)."""
@@ -245,6 +294,8 @@ class LocalTrainingSession:
                     loss = self.criterion(self.model(x), y)
                     losses.append(float(loss.detach()))
                 loss.backward()
+                if self.proximal is not None and not self.dp:  # under DP: the optimizer's pre_step, after the noise
+                    self.proximal.add_gradient()
                 self.optimizer.step()
                 steps += 1
         state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}

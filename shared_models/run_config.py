@@ -60,6 +60,7 @@ class TrainingPlan:
     data_dir: str  # folder of the named datasets ("" = default)
     canaries: int = 0  # simulation audit aid: canaries built, half inserted (privacy.audit.canaries)
     reproducible_noise: bool = False  # simulation only: noise derived from the seed (deployed nodes refuse)
+    proximal_mu: float = 0.0  # FedProx's mu (0 = FedAvg's local objective); data-independent, costs no privacy
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> TrainingPlan:
@@ -97,6 +98,7 @@ class TrainingPlan:
             data_dir=str(cfg.get("data-dir", "")),
             canaries=get("canaries", int) if "canaries" in cfg else 0,
             reproducible_noise=get("reproducible-noise", bool) if "reproducible-noise" in cfg else False,
+            proximal_mu=get("proximal-mu", float) if "proximal-mu" in cfg else 0.0,
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -112,6 +114,7 @@ class TrainingPlan:
              "in [%g, %g]" % MAX_GRAD_NORM_RANGE),
             (0 <= plan.val_fraction < 0.5, "val-fraction", "in [0, 0.5)"),
             (plan.canaries >= 0, "canaries", "an integer >= 0"),
+            (0 <= plan.proximal_mu < math.inf, "proximal-mu", "a finite number >= 0"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -68,6 +68,10 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--momentum", type=float, default=0.0,
                         help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
+    parser.add_argument("--proximal-mu", type=float, default=0.0,
+                        help="FedProx (Li et al. 2020): each node's local objective gains mu/2 ||w - w_global||^2; "
+                             "under DP-SGD its gradient is added after clipping and noise, so epsilon is unchanged "
+                             "(0: FedAvg)")
     parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default="",
@@ -139,6 +143,8 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
         raise ValueError(f"--epsilon must be at most {MAX_EPSILON_PER_RUN:g} (nodes refuse more), got {args.epsilon}")
     if args.client_noise_multiplier > 0 and args.client_delta >= 1.0 / nodes:
         raise ValueError(f"--client-delta must be < 1/{nodes_label} = {1.0 / nodes:.3g}, got {args.client_delta:g}")
+    if not 0 <= args.proximal_mu < float("inf"):
+        raise ValueError(f"--proximal-mu must be a finite number >= 0, got {args.proximal_mu}")
     if args.colluding_nodes < -1:
         raise ValueError(f"--colluding-nodes must be -1 (threshold - 1) or >= 0, got {args.colluding_nodes}")
     if args.client_noise_multiplier > 0 and args.clip_norm is None:
@@ -167,6 +173,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "lr": lr,
         "optimizer": args.optimizer,
         "momentum": args.momentum,
+        "proximal-mu": args.proximal_mu,
         "activation": args.activation,
         "dp": not args.no_dp,
         "epsilon": args.epsilon,

@@ -122,3 +122,63 @@ def test_a_forked_process_draws_a_stream_of_its_own():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     draws = dict(line.split() for line in out.splitlines())
     assert draws["child"] != draws["parent"]
+
+
+@pytest.mark.parametrize("sigma", [1.0, None], ids=["dp-sgd", "no-dp"])
+def test_fedprox_adds_exactly_mu_times_the_distance_to_the_global_weights_after_clipping_and_noise(sigma):
+    """FedProx (Li et al. 2020) under DP-SGD: the proximal gradient mu (w - w_global) depends on
+    no record, so it is added after per-sample clipping and the secret noise. Expected value, by
+    hand: from the same weights w = w_global + delta, with the same key (same Poisson batch, same
+    noise), one SGD step with mu moves w by exactly -lr * mu * delta more than one without.
+
+    Mutation checked: the term in the loss (before clipping): under DP Opacus's per-sample
+    gradients never see it and the difference is 0; clipped with the records, it would be < mu * delta.
+    """
+    train = load_digits_embedded()["train"].subset(np.arange(40))
+    lr, mu = 0.5, 0.3
+    torch.manual_seed(7)
+    global_state = build_model("vision", None, train.input_shape, train.num_classes).state_dict()
+    delta = {k: torch.randn_like(v) * 0.05 for k, v in global_state.items()}
+    after = {}
+    for m in (0.0, mu):
+        torch.manual_seed(0)
+        model = build_model("vision", None, train.input_shape, train.num_classes)
+        session = LocalTrainingSession(model, train, batch_size=40, lr=lr, optimizer="sgd", noise_multiplier=sigma,
+                                       max_grad_norm=0.01, device=torch.device("cpu"), proximal_mu=m)
+        session.load_global(global_state)  # anchors the proximal term at the global weights
+        with torch.no_grad():  # a local model that has moved from the global one, as after some steps
+            for name, p in session.module.named_parameters():
+                p.add_(delta[name])
+        torch.manual_seed(1)  # the no-DP batch order
+        after[m] = session.train_epochs(1, SecretRandom(b"p" * 32) if sigma else None).state  # one step: N = B
+    for name in global_state:
+        expected = -lr * mu * delta[name]
+        assert torch.allclose(after[mu][name] - after[0.0][name], expected, atol=1e-6), name
+        assert expected.abs().max() > 1e-3  # large against the clipped (C = 0.01) gradient step
+
+
+def test_fedprox_refuses_a_negative_mu_and_leaves_the_accounting_alone(tmp_path):
+    train = load_digits_embedded()["train"].subset(np.arange(100))
+    model = build_model("vision", None, train.input_shape, train.num_classes)
+    with pytest.raises(ValueError, match="proximal mu must be finite and >= 0"):
+        LocalTrainingSession(model, train, batch_size=20, lr=0.1, optimizer="sgd", noise_multiplier=1.0,
+                             max_grad_norm=1.0, device=torch.device("cpu"), proximal_mu=-0.1)
+    # Same steps seen by Opacus's accountant (at the same sampling rate) with and without the term.
+    histories = []
+    for m in (0.0, 1.0):
+        model = build_model("vision", None, train.input_shape, train.num_classes)
+        session = LocalTrainingSession(model, train, batch_size=20, lr=0.1, optimizer="sgd", noise_multiplier=1.0,
+                                       max_grad_norm=1.0, device=torch.device("cpu"), proximal_mu=m)
+        session.train_epochs(2, SecretRandom(b"q" * 32))
+        histories.append(session.accountant.history)
+    assert histories[0] == histories[1] == [(1.0, 0.2, 10)]
+    # The run-config key, as a node reads it.
+    from shared_models.run_config import ConfigError, TrainingPlan
+
+    cfg = {"task": "vision", "dataset": "digits", "model": "", "num-server-rounds": 1, "local-epochs": 1,
+           "batch-size": 8, "lr": 0.1, "optimizer": "sgd", "dp": True, "epsilon": 2.0, "delta": 1e-5,
+           "max-grad-norm": 1.0, "val-fraction": 0.0, "partition": "iid", "alpha": 0.5, "seed": 0, "run-name": "t"}
+    assert TrainingPlan.from_run_config(cfg).proximal_mu == 0.0
+    assert TrainingPlan.from_run_config({**cfg, "proximal-mu": 0.01}).proximal_mu == 0.01
+    with pytest.raises(ConfigError, match="'proximal-mu' must be a finite number >= 0"):
+        TrainingPlan.from_run_config({**cfg, "proximal-mu": -1.0})
