@@ -3,7 +3,8 @@
 Each round: send the global model to the sampled nodes (`train` messages), collect replies
 within `round-timeout` seconds, sort them into trained / declined / failed, then aggregate:
 - plain: average the returned weights, weighted by number of examples (FedAvg, McMahan et
-  al. 2017, with Flower's `aggregate_arrayrecords`);
+  al. 2017, with Flower's `aggregate_arrayrecords`), or a robust rule (`aggregation`:
+  median, trimmed mean, Krum; `server.robust_aggregation`);
 - secure (`secagg`): the nodes kept their encoded updates; SecAgg+ stages
   (`server.secure_aggregation`) give the sum over the survivors, and the global model moves
   by its equal-weight mean; the client-level accountant is charged for the release.
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from privacy.accountants import ClientLevelAccountant
 from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort
@@ -39,6 +39,7 @@ from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT
                                        SecAggParameters, parameters_for)
 from privacy.secagg.protocol import encoding_from_config, encoding_to_config
 from server.ledger import CoordinatorLedger
+from server.robust_aggregation import AGGREGATIONS, aggregate_in_clear
 from server.messaging import exchange
 from server.secure_aggregation import secure_sum
 from server.run_folder import RunFolder
@@ -68,6 +69,19 @@ class FederationSettings:
     client_delta: float = 1e-5
     colluding_nodes: int = -1  # survivors that may collude with the server; -1 = t - 1 (the most SecAgg+ tolerates)
     dropout_rate: float = 0.0  # simulation: chance a node vanishes at one SecAgg+ stage
+    # Without SecAgg+: how the updates the server sees are combined (server.robust_aggregation).
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2  # trimmed-mean: share cut at each end, per coordinate
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"run-config 'aggregation' must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.secagg and self.aggregation != "fedavg":
+            raise ValueError(f"run-config 'aggregation' = {self.aggregation!r} needs each node's update in the clear, "
+                             "but with SecAgg+ the server holds only their sum: use fedavg (the update clip "
+                             "'clip-norm' bounds each node's influence) or turn secure aggregation off")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"run-config 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
 
 
 @dataclass
@@ -380,7 +394,9 @@ def run_federation(
             if new_arrays is not None:
                 report.client_epsilon = release_client_level(ledger, client_accountant, settings, len(sampled))
         elif train.trained:
-            new_arrays = aggregate_arrayrecords(list(train.trained.values()), "num-examples")
+            new_arrays = aggregate_in_clear(settings.aggregation, list(train.trained.values()),
+                                            trim_fraction=settings.trim_fraction,
+                                            byzantine_fraction=settings.corrupt_fraction)
         else:
             new_arrays = None
         if new_arrays is not None:

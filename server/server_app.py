@@ -107,4 +107,6 @@ def federation_settings(cfg: dict, plan: TrainingPlan, run_id: str) -> Federatio
         client_delta=float(cfg.get("client-delta", 1e-5)),
         colluding_nodes=int(cfg.get("colluding-nodes", -1)),
         dropout_rate=float(cfg.get("dropout-rate", 0.0)),
+        aggregation=str(cfg.get("aggregation", "fedavg")),
+        trim_fraction=float(cfg.get("trim-fraction", 0.2)),
     )

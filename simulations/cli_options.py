@@ -14,6 +14,7 @@ from rich.table import Table
 
 from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, SecAggParameterError,
                                        parameters_for)
+from server.robust_aggregation import AGGREGATIONS
 from shared_models import TASKS, default_lr, model_names
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.run_config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
@@ -86,6 +87,12 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                              "from RUN_DIR/config.json)")
     parser.add_argument("--round-timeout", type=positive_float, default=3600.0,
                         help="seconds the server waits for a round's replies (a node later than that counts as failed)")
+    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="fedavg",
+                        help="how the server combines updates it sees one by one (needs --no-secagg for all but "
+                             "fedavg): fedavg (weighted mean), median, trimmed-mean (--trim-fraction cut at each end), "
+                             "krum (f = --corrupt-fraction of the round's nodes assumed Byzantine)")
+    parser.add_argument("--trim-fraction", type=float, default=0.2,
+                        help="--aggregation trimmed-mean: share of the values cut at each end, per coordinate")
     sec = parser.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
     sec.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                      help="aggregate with SecAgg+: the server sees only the sum of the nodes' updates")
@@ -145,6 +152,12 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
         raise ValueError(f"--client-delta must be < 1/{nodes_label} = {1.0 / nodes:.3g}, got {args.client_delta:g}")
     if not 0 <= args.proximal_mu < float("inf"):
         raise ValueError(f"--proximal-mu must be a finite number >= 0, got {args.proximal_mu}")
+    if args.secagg and args.aggregation != "fedavg":
+        raise ValueError(f"--aggregation {args.aggregation} needs each node's update in the clear, but with SecAgg+ "
+                         "(on by default) the server sees only their sum: add --no-secagg, or keep fedavg, where "
+                         "--clip-norm bounds each node's influence on the sum")
+    if not 0.0 <= args.trim_fraction < 0.5:
+        raise ValueError(f"--trim-fraction must be in [0, 0.5), got {args.trim_fraction}")
     if args.colluding_nodes < -1:
         raise ValueError(f"--colluding-nodes must be -1 (threshold - 1) or >= 0, got {args.colluding_nodes}")
     if args.client_noise_multiplier > 0 and args.clip_norm is None:
@@ -194,6 +207,8 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "client-noise-multiplier": args.client_noise_multiplier,
         "client-delta": args.client_delta,
         "colluding-nodes": args.colluding_nodes,
+        "aggregation": args.aggregation,
+        "trim-fraction": args.trim_fraction,
     }
 
 
