@@ -15,6 +15,7 @@ from rich.table import Table
 from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, SecAggParameterError,
                                        parameters_for)
 from shared_models import TASKS, default_lr, model_names
+from shared_models.datasets.local import add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.run_config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
 
@@ -82,6 +83,8 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                              "from RUN_DIR/config.json)")
     parser.add_argument("--round-timeout", type=positive_float, default=3600.0,
                         help="seconds the server waits for a round's replies (a node later than that counts as failed)")
+    local = parser.add_argument_group("local data formats (when --dataset is a path)")
+    add_local_data_options(local)
     sec = parser.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
     sec.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                      help="aggregate with SecAgg+: the server sees only the sum of the nodes' updates")
@@ -187,6 +190,9 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "client-noise-multiplier": args.client_noise_multiplier,
         "client-delta": args.client_delta,
         "colluding-nodes": args.colluding_nodes,
+        "image-size": args.image_size or 0,
+        "max-text-bytes": args.max_text_bytes,
+        "csv-delimiter": args.csv_delimiter or "",
     }
 
 

@@ -1,13 +1,15 @@
 """How a site's local files are read: the options a data owner sets and the data summary.
 
 `LocalDataOptions` carries the format options of `fedpriv node` and `fedpriv simulate`
-(`--image-size`, `--max-text-bytes`, `--csv-delimiter`); every loader of local files records
+(`--image-size`, `--max-text-bytes`, `--csv-delimiter`, added to both parsers by
+`add_local_data_options`); every loader of local files records
 what it converted and skipped in a `DataSummary`, which travels in `LabeledArrays.meta["summary"]`
 and is printed by `fedpriv node` before it connects (`summary_lines`).
 """
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +40,9 @@ class LocalDataOptions:
             raise ValueError(f"image size must be >= 1 pixel, got {self.image_size}")
         if self.max_text_bytes < 1:
             raise ValueError(f"max text bytes must be >= 1, got {self.max_text_bytes}")
-        if self.csv_delimiter is not None and len(self.csv_delimiter) != 1:
-            raise ValueError(f"CSV delimiter must be one character, got {self.csv_delimiter!r}")
+        if self.csv_delimiter is not None and (len(self.csv_delimiter) != 1 or self.csv_delimiter in '"\r\n'):
+            raise ValueError(f"CSV delimiter must be one character other than a quote or line break, "
+                             f"got {self.csv_delimiter!r}")
 
 
 @dataclass
@@ -84,3 +87,40 @@ def summary_lines(data) -> list[str]:
     lines.append("converted: " + ("; ".join(f"{what}: {n}" for what, n in converted.items()) or "nothing"))
     lines.append("skipped: " + ("; ".join(f"{what}: {n}" for what, n in skipped.items()) or "nothing"))
     return lines
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_local_data_options(parser) -> None:
+    """--image-size, --max-text-bytes, --csv-delimiter: how local files are read (`LocalDataOptions`).
+
+    Shared by `fedpriv simulate`/`fedpriv run` (a --dataset path) and `fedpriv node` (its --data).
+    """
+    parser.add_argument("--image-size", type=_positive_int, default=None, metavar="N",
+                        help="resize every image of an image folder to NxN pixels (PIL, bilinear); without it images "
+                             "keep their size and a folder of mixed sizes is refused, naming the odd files")
+    parser.add_argument("--max-text-bytes", type=_positive_int, default=MAX_BYTES, metavar="L",
+                        help="text length in UTF-8 bytes the byte-level tokenizer keeps; longer texts are cut "
+                             "(the data summary counts them)")
+    parser.add_argument("--csv-delimiter", type=csv_delimiter, default=None, metavar="CHAR",
+                        help="field delimiter of a text .csv ('tab' or '\\t' for TAB); without it the delimiter is "
+                             "sniffed among , ; TAB |")
+
+
+def csv_delimiter(text: str) -> str:
+    """argparse type: one delimiter character; 'tab' and '\\t' mean TAB (ArgumentTypeError otherwise)."""
+    value = "\t" if text.lower() in ("tab", "\\t") else text
+    if len(value) != 1 or value in '"\r\n':
+        raise argparse.ArgumentTypeError(f"must be one character (or 'tab'), got {text!r}")
+    return value
+
+
+def local_data_options(args: argparse.Namespace) -> LocalDataOptions:
+    """The `LocalDataOptions` of parsed `add_local_data_options` flags."""
+    return LocalDataOptions(image_size=args.image_size, max_text_bytes=args.max_text_bytes,
+                            csv_delimiter=args.csv_delimiter)
