@@ -70,6 +70,14 @@ def test_16bit_png_is_scaled_by_its_range_not_clipped_to_white(tmp_path):
     assert data.record_ids[0] == _pixel_id(raws[("normal", 0)][None].astype(np.float32) / np.float32(65535))
 
 
+def test_16bit_npz_is_scaled_by_its_range(tmp_path):
+    raw = np.random.default_rng(3).integers(0, 65536, size=(4, 6, 6), dtype=np.uint16)
+    np.savez(tmp_path / "site.npz", train_images=raw, train_labels=np.array([0, 1, 0, 1]))
+    data = load_local(tmp_path / "site.npz", "vision")
+    # Before: divided by 255, values up to 257.
+    np.testing.assert_allclose(data.x[:, 0], raw / 65535.0, atol=1e-7)
+
+
 def test_mixed_sizes_name_the_odd_files_against_the_common_size_and_the_option(tmp_path):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()

@@ -45,13 +45,19 @@ def image_record_ids(images) -> list[str]:
 
 
 def _to_nchw(images: np.ndarray, where: str) -> np.ndarray:
-    """uint8/float (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W) in [0, 1]."""
+    """Integer or float (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W) in [0, 1].
+
+    Integer pixels are divided by their type's maximum (uint8 by 255, uint16 by 65535, as
+    their record ids are); floats above 1 are taken as 0-255 values.
+    """
     if images.ndim == 3:
         images = images[:, None, :, :]
     elif images.ndim == 4 and images.shape[-1] in (1, 3):
         images = images.transpose(0, 3, 1, 2)
     else:
         raise DataFormatError(f"{where}: expected images shaped (N,H,W) or (N,H,W,C), got {images.shape}")
+    if np.issubdtype(images.dtype, np.integer):
+        return images.astype(np.float32) / np.float32(np.iinfo(images.dtype).max)
     images = images.astype(np.float32)
     if images.max(initial=0.0) > 1.0:
         images /= 255.0
