@@ -322,3 +322,29 @@ def test_simulate_options_reach_the_run_config_and_plan(tmp_path):
                                       "--image-size", "32", "--max-text-bytes", "300", "--csv-delimiter", "tab"])
     cfg = {**training_run_config(args, "vision", tmp_path / "run"), "partition": "iid", "alpha": 0.5}
     assert TrainingPlan.from_run_config(cfg).data_options() == LocalDataOptions(32, 300, "\t")
+
+
+def test_fedpriv_simulate_reads_a_local_path_with_the_options_and_prints_its_summary(tmp_path, capsys, monkeypatch):
+    import simulations.cli as cli
+
+    folder = tmp_path / "scans"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((16 + 8 * (i == 0), 16), 20 * i, np.uint8)).save(folder / label / f"{i}.png")
+    (folder / ".ipynb_checkpoints").mkdir()
+
+    def no_flower(run_config, *args, **kwargs):
+        raise cli.SimulationError(f"stopped before Flower (image-size {run_config['image-size']})")
+
+    monkeypatch.setattr(cli, "run_simulation_job", no_flower)
+    argv = ["simulate", "--dataset", str(folder), "--task", "vision", "--clients", "2", "--no-secagg",
+            "--delta", "0.01", "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 2  # mixed sizes: refused, naming the odd files and the option
+    assert "image is 16x24, expected 16x16 like the other 8 images" in capsys.readouterr().out
+    assert cli.main([*argv, "--image-size", "16"]) == 1
+    out = capsys.readouterr().out
+    assert f"{folder}: train split records per class: a 4, b 4" in out
+    assert f"{folder}: converted: resized 16x24 to 16x16: 2" in out
+    assert f"{folder}: skipped: hidden (name starts with '.') folder: 1" in out
+    assert "stopped before Flower (image-size 16)" in out

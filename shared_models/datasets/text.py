@@ -130,12 +130,11 @@ def load_text_csv(path: str | Path, classes: list[str] | None = None, *, max_len
             if len(row) > len(header):
                 raise DataFormatError(f"{path}: line {reader.line_num} has {len(row)} fields, the header {header} has "
                                       f"{len(header)} (delimiter {delimiter!r}); quote fields that hold the delimiter")
-            value = dict(zip(("text", "label"), (row[columns[c]] if columns[c] < len(row) else "" for c in ("text", "label"))))
-            text_, label = value["text"].strip(), value["label"].strip()
-            if not text_ or not label:
+            cells = {name: row[i].strip() if i < len(row) else "" for name, i in columns.items()}
+            if not cells["text"] or not cells["label"]:
                 raise DataFormatError(f"{path}: line {reader.line_num} has an empty 'text' or 'label'")
-            texts.append(text_)
-            labels.append(label)
+            texts.append(cells["text"])
+            labels.append(cells["label"])
     except csv.Error as err:
         raise DataFormatError(f"{path}: line {reader.line_num}: not valid CSV with delimiter {delimiter!r} ({err})") from err
     if not texts:
