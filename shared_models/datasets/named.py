@@ -10,7 +10,8 @@
 `<data-dir>` is `$FEDPRIV_DATA_DIR`, else the `shared/data` folder beside this checkout.
 This build reads local copies only (its machines reach no dataset hosts); a missing folder
 gives a clear error saying where to put the files. Anything that is not a name is read as a
-path in one of the local formats (`shared_models.datasets.load_local`), split 80/20 with seed 0.
+path in one of the local formats (`shared_models.datasets.load_local`), split 80/20 with seed 0
+(stratified by class when every class has at least 2 records).
 """
 
 from __future__ import annotations
