@@ -20,6 +20,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from privacy.secagg.identity import IdentityError, SigningIdentity, load_identity
+from shared_models.datasets.local import LocalDataOptions
 from shared_models.run_config import ConfigError, TrainingPlan, as_bool
 
 
@@ -50,6 +51,7 @@ class NodeIdentity:
     require_dp: bool = True
     require_secagg: bool = True
     val_fraction: float = 0.0
+    data_options: LocalDataOptions = LocalDataOptions()  # how the local files are read (deployment)
 
 
 def default_state_dir() -> Path:
@@ -67,7 +69,8 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
 
     Deployment node-config keys: `data-path` (required), `node-name`, `task`, `max-epsilon`
     (default 8), `delta` (default 1e-5), `require-dp` and `require-secagg` (default true),
-    `val-fraction` (default 0), `state-dir`. Every one of them is the data owner's alone: a
+    `val-fraction` (default 0), `state-dir`, and how the local files are read: `image-size`
+    (0 = keep), `max-text-bytes` (default 200), `csv-delimiter` ("" = sniffed). Every one of them is the data owner's alone: a
     run-config value never stands in for a missing one, and the ledger folder is never the
     run-config's (a coordinator must not be able to point a node at a fresh ledger).
     Simulation: Flower sets `partition-id`/`num-partitions`; the run-config's `max-epsilon`,
@@ -106,6 +109,9 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         require_dp = as_bool(node_cfg.get("require-dp", True), "node-config 'require-dp'")
         require_secagg = as_bool(node_cfg.get("require-secagg", True), "node-config 'require-secagg'")
         state = node_cfg.get("state-dir") or ""
+        data_options = _data_options(node_cfg)
+    if data_path is None:
+        data_options = plan.data_options()
     if not max_eps > 0:
         raise ConfigError(f"'max-epsilon' must be > 0, got {max_eps}")
     if not 0 < delta < 1:
@@ -123,7 +129,20 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         require_dp=require_dp,
         require_secagg=require_secagg,
         val_fraction=val_fraction,
+        data_options=data_options,
     )
+
+
+def _data_options(node_cfg: dict) -> LocalDataOptions:
+    """node-config `image-size`, `max-text-bytes`, `csv-delimiter` (set by `fedpriv node`). Raises ConfigError."""
+    try:
+        image_size = int(node_cfg.get("image-size", 0))
+        max_text_bytes = int(node_cfg.get("max-text-bytes", LocalDataOptions.max_text_bytes))
+        delimiter = str(node_cfg.get("csv-delimiter", ""))
+        return LocalDataOptions(image_size=image_size or None, max_text_bytes=max_text_bytes,
+                                csv_delimiter=delimiter or None)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"node-config 'image-size', 'max-text-bytes' or 'csv-delimiter' is invalid ({err})") from err
 
 
 def signing_identity(context: Context, node: NodeIdentity) -> SigningIdentity:

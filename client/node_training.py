@@ -97,35 +97,37 @@ def load_node_data(node: NodeIdentity, plan: TrainingPlan) -> NodeData:
     The validation share is `node.val_fraction` (the owner's), never the run's.
     """
     if node.data_path is not None:
-        return _load_local_node_data(node.data_path, plan.task, node.val_fraction, plan.canaries)
+        return _load_local_node_data(node.data_path, plan.task, node.val_fraction, plan.canaries, node.data_options)
     return _load_simulated_node_data(node.partition_id, node.num_partitions, plan.task, plan.dataset, plan.partition,
-                                     plan.alpha, plan.seed, node.val_fraction, plan.data_dir, plan.canaries)
+                                     plan.alpha, plan.seed, node.val_fraction, plan.data_dir, plan.canaries,
+                                     plan.data_options())
 
 
 @functools.lru_cache(maxsize=4)
-def _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed) -> list[np.ndarray]:
+def _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed,
+                           options=None) -> list[np.ndarray]:
     """Every simulated node's row indices in the run's training set.
 
     Computed once per process and shared by all the nodes it hosts: partitioning is over
     the whole dataset, so doing it per node made 1,000 nodes cost 1,000 partitionings.
     """
-    train = load_dataset(dataset, task, data_dir)["train"]
+    train = load_dataset(dataset, task, data_dir, options)["train"]
     return partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_local_node_data(data_path, task, val_fraction, canaries) -> NodeData:
+def _load_local_node_data(data_path, task, val_fraction, canaries, options=None) -> NodeData:
     if canaries:
         raise ValueError("canaries (run-config 'canaries') are a simulation-only audit aid; a deployed node "
                          "never trains on them")
-    return NodeData(*split_validation(load_local(data_path, task), val_fraction))
+    return NodeData(*split_validation(load_local(data_path, task, options), val_fraction))
 
 
 @functools.lru_cache(maxsize=64)
 def _load_simulated_node_data(partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction,
-                              data_dir, canaries) -> NodeData:
-    train = load_dataset(dataset, task, data_dir)["train"]
-    parts = _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed)
+                              data_dir, canaries, options=None) -> NodeData:
+    train = load_dataset(dataset, task, data_dir, options)["train"]
+    parts = _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed, options)
     local_train, val = split_validation(train.subset(parts[partition_id]), val_fraction)
     if canaries:
         # Audit canaries (privacy.audit.canaries) join the training share only, never validation.

@@ -24,7 +24,8 @@ from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, default_state_dir
 from privacy.provisioning import ProvisioningError, load_kit
 from privacy.secagg.identity import IdentityError, load_identity
 from shared_models import TASKS
-from shared_models.datasets import load_local
+from shared_models.datasets import LabeledArrays, LocalDataOptions, load_local, summary_lines
+from shared_models.datasets.local import add_local_data_options, local_data_options
 from shared_models.flower_processes import console_script, free_port
 from shared_models.records import DataFormatError
 
@@ -34,37 +35,50 @@ class NodeConfigError(ValueError):
 
 
 def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t") + '"'
 
 
 def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: float, state_dir: Path,
                 require_dp: bool = True, require_secagg: bool = True, val_fraction: float = 0.0,
-                secagg_identity: Path | None = None) -> str:
+                secagg_identity: Path | None = None, data_options: LocalDataOptions | None = None) -> str:
     """Flower's `--node-config` text (space-separated TOML key=value pairs) for `client.config.node_identity`.
 
     secagg_identity: the kit folder holding `secagg.key` and `federation-keys.json`
-    (`client.config.signing_identity`).
+    (`client.config.signing_identity`). data_options: how the ClientApp reads the local files
+    (`image-size`, `max-text-bytes`, `csv-delimiter`; the defaults when None).
     """
+    options = data_options or LocalDataOptions()
     return " ".join([
         *([f"secagg-identity={_toml_string(str(secagg_identity))}"] if secagg_identity else []),
         f"node-name={_toml_string(node)}", f"data-path={_toml_string(str(data))}", f"task={_toml_string(task)}",
         f"max-epsilon={max_epsilon!r}", f"delta={delta!r}", f"state-dir={_toml_string(str(state_dir))}",
         f"require-dp={str(require_dp).lower()}", f"require-secagg={str(require_secagg).lower()}",
         f"val-fraction={val_fraction!r}",
+        f"image-size={options.image_size or 0}", f"max-text-bytes={options.max_text_bytes}",
+        f"csv-delimiter={_toml_string(options.csv_delimiter or '')}",
     ])
 
 
-def check_local_data(data: Path, task: str, delta: float) -> int:
+def check_local_data(data: Path, task: str, delta: float, options: LocalDataOptions | None = None) -> int:
     """Read the node's data as the ClientApp will; returns its record count.
 
     Raises DataFormatError naming the file, or NodeConfigError when `delta` >= 1/records
     (DP's delta must be well below the chance of picking one record).
     """
-    records = len(load_local(data, task))
+    return len(read_local_data(data, task, delta, options))
+
+
+def read_local_data(data: Path, task: str, delta: float, options: LocalDataOptions | None = None) -> LabeledArrays:
+    """The node's data read as the ClientApp will (same options), for its summary and checks.
+
+    Raises DataFormatError naming the file, or NodeConfigError when `delta` >= 1/records.
+    """
+    local = load_local(data, task, options)
+    records = len(local)
     if delta >= 1.0 / records:
         raise NodeConfigError(f"--delta {delta:g} must be < 1/records = {1.0 / records:.3g} for {data} "
                               f"({records} records)")
-    return records
+    return local
 
 
 def supernode_command(kit: dict, node_cfg: str, clientappio_port: int) -> list[str]:
@@ -95,6 +109,7 @@ def register(subparsers) -> None:
                         help="where the privacy ledger lives (default: a per-user folder on this machine)")
     parser.add_argument("--superlink", default=None, metavar="HOST:PORT",
                         help="the SuperLink's node-facing address (default: the one written in the kit)")
+    add_local_data_options(parser.add_argument_group("how the local data is read"))
     parser.add_argument("--port", type=int, default=0,
                         help="local port for Flower's ClientApp channel (0: a free one; each SuperNode on a host needs its own)")
     parser.set_defaults(handler=_run_node)
@@ -111,7 +126,9 @@ def _run_node(args, console) -> int:
         if not 0 <= args.val_fraction < 0.5:
             raise NodeConfigError(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
         data = args.data.expanduser().resolve()
-        records = check_local_data(data, args.task, args.delta)
+        options = local_data_options(args)
+        local = read_local_data(data, args.task, args.delta, options)
+        records = len(local)
         load_identity(kit["path"], kit["node"])  # SecAgg+ signing key and the federation's keyring
     except (ProvisioningError, DataFormatError, NodeConfigError, IdentityError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -120,13 +137,15 @@ def _run_node(args, console) -> int:
     state.mkdir(parents=True, exist_ok=True)
     cfg = node_config(node=kit["node"], data=data, task=args.task, max_epsilon=args.max_epsilon, delta=args.delta,
                       state_dir=state, require_dp=args.require_dp, require_secagg=args.require_secagg,
-                      val_fraction=args.val_fraction, secagg_identity=kit["path"])
+                      val_fraction=args.val_fraction, secagg_identity=kit["path"], data_options=options)
     command = supernode_command(kit, cfg, args.port or free_port())
     required = [name for name, on in (("DP-SGD", args.require_dp), ("SecAgg+", args.require_secagg)) if on]
     console.print(f"{kit['node']}: {records} {args.task} records in {data}; budget epsilon {args.max_epsilon:g} at "
                   f"delta {args.delta:g}; requires {' and '.join(required) or 'nothing'}; validation metrics "
                   f"{'on %g of the records' % args.val_fraction if args.val_fraction else 'not released'}; "
                   f"ledger in {state}; connecting to {kit['superlink']} (TLS)")
+    for line in summary_lines(local):
+        console.print(f"  data: {line}", markup=False)
     console.print(f"  {shlex.join(command)}", markup=False)
     process = subprocess.Popen(command)
     # Pass Ctrl-C / SIGTERM on to Flower so the SuperNode deregisters cleanly.

@@ -37,7 +37,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = RunFolder(Path(str(cfg["out-dir"])).expanduser())
     started = time.time()
 
-    test = load_dataset(plan.dataset, plan.task, plan.data_dir)["test"]
+    test = load_dataset(plan.dataset, plan.task, plan.data_dir, plan.data_options())["test"]
     torch.manual_seed(plan.seed)
     model = build_model(plan.task, plan.model or None, test.input_shape, test.num_classes, plan.activation)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

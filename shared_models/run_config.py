@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from shared_models.datasets.local import MAX_BYTES, LocalDataOptions
+
 
 # Ranges a node accepts from the coordinator's run-config. Outside them DP-SGD's arithmetic
 # breaks: a clipping norm near float32's denormals rounds clipped gradients above C (more
@@ -61,6 +63,15 @@ class TrainingPlan:
     canaries: int = 0  # simulation audit aid: canaries built, half inserted (privacy.audit.canaries)
     reproducible_noise: bool = False  # simulation only: noise derived from the seed (deployed nodes refuse)
     proximal_mu: float = 0.0  # FedProx's mu (0 = FedAvg's local objective); data-independent, costs no privacy
+    # Format options for a `dataset` that is a local path (`LocalDataOptions`); named datasets ignore them.
+    image_size: int = 0  # 0 = keep each image's size (a folder of mixed sizes is refused)
+    max_text_bytes: int = MAX_BYTES
+    csv_delimiter: str = ""  # "" = sniffed
+
+    def data_options(self) -> LocalDataOptions:
+        """The run's format options for a local-path dataset (the central test set, simulated nodes)."""
+        return LocalDataOptions(image_size=self.image_size or None, max_text_bytes=self.max_text_bytes,
+                                csv_delimiter=self.csv_delimiter or None)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> TrainingPlan:
@@ -99,6 +110,9 @@ class TrainingPlan:
             canaries=get("canaries", int) if "canaries" in cfg else 0,
             reproducible_noise=get("reproducible-noise", bool) if "reproducible-noise" in cfg else False,
             proximal_mu=get("proximal-mu", float) if "proximal-mu" in cfg else 0.0,
+            image_size=get("image-size", int) if "image-size" in cfg else 0,
+            max_text_bytes=get("max-text-bytes", int) if "max-text-bytes" in cfg else MAX_BYTES,
+            csv_delimiter=get("csv-delimiter", str) if "csv-delimiter" in cfg else "",
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -115,6 +129,9 @@ class TrainingPlan:
             (0 <= plan.val_fraction < 0.5, "val-fraction", "in [0, 0.5)"),
             (plan.canaries >= 0, "canaries", "an integer >= 0"),
             (0 <= plan.proximal_mu < math.inf, "proximal-mu", "a finite number >= 0"),
+            (plan.image_size >= 0, "image-size", "an integer >= 0 (0: keep each image's size)"),
+            (plan.max_text_bytes >= 1, "max-text-bytes", "an integer >= 1"),
+            (len(plan.csv_delimiter) <= 1, "csv-delimiter", "one character, or empty to sniff it"),
         ]
         for ok, key, expected in checks:
             if not ok:

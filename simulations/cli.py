@@ -24,7 +24,8 @@ from client.node_training import load_node_data, plan_noise
 from privacy import provisioning
 from privacy.accountants import PrivacyLedger
 from server import report, superlink
-from shared_models.datasets.named import DATASET_TASKS
+from shared_models.datasets import summary_lines
+from shared_models.datasets.named import DATASET_TASKS, load_dataset
 from shared_models.datasets.partitioning import PARTITIONS
 from shared_models.run_config import TrainingPlan
 from simulations.cli_options import (
@@ -178,6 +179,13 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
     except ValueError as err:  # DataFormatError and ConfigError are ValueErrors too
         console.print(f"[red]error:[/red] {err}")
         return 2
+    if args.dataset not in DATASET_TASKS:  # a local path: say how its files were read
+        plan = TrainingPlan.from_run_config(run_config)
+        splits = load_dataset(plan.dataset, plan.task, plan.data_dir, plan.data_options())
+        for split, data in splits.items():
+            console.print(f"{args.dataset}: {split} split {summary_lines(data)[0]}", markup=False)
+        for line in summary_lines(splits["train"])[1:]:  # conversions and skips cover the whole folder/file
+            console.print(f"{args.dataset}: {line}", markup=False)
     if exhausted:
         console.print(f"[yellow]these nodes have too little budget left and will decline: {', '.join(exhausted)}[/yellow]")
     console.print(f"node privacy ledgers: {run_config['state-dir']}")

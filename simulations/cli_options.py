@@ -16,6 +16,7 @@ from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT
                                        parameters_for)
 from server.robust_aggregation import AGGREGATIONS
 from shared_models import TASKS, default_lr, model_names
+from shared_models.datasets.local import add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.run_config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
 
@@ -93,6 +94,8 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                              "krum (f = --corrupt-fraction of the round's nodes assumed Byzantine)")
     parser.add_argument("--trim-fraction", type=float, default=0.2,
                         help="--aggregation trimmed-mean: share of the values cut at each end, per coordinate")
+    local = parser.add_argument_group("local data formats (when --dataset is a path)")
+    add_local_data_options(local)
     sec = parser.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
     sec.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                      help="aggregate with SecAgg+: the server sees only the sum of the nodes' updates")
@@ -209,6 +212,9 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "colluding-nodes": args.colluding_nodes,
         "aggregation": args.aggregation,
         "trim-fraction": args.trim_fraction,
+        "image-size": args.image_size or 0,
+        "max-text-bytes": args.max_text_bytes,
+        "csv-delimiter": args.csv_delimiter or "",
     }
 
 

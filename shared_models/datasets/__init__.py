@@ -4,12 +4,16 @@ A node reads its local data with these loaders; the coordinator reads its centra
 and a simulation its named datasets (`shared_models.datasets.named`) and simulated nodes'
 shares (`shared_models.datasets.partitioning`) with the same ones.
 
-`load_local(path, task)` reads a node's own data from its `data-path`:
+`load_local(path, task, options)` reads a node's own data from its `data-path`:
 - vision: a MedMNIST-style `.npz` (its `train` split) or a folder with one subfolder of
-  images per class;
-- speech: a folder with one subfolder of WAV files per class, or FSDD-named WAV files;
-- text: a `.csv` with `text,label` columns, or a `label<TAB>text` file (SMS Spam format).
-Every loader raises `DataFormatError` with the file/field at fault.
+  images per class (8- or 16-bit, any PIL format; one size, or resized with `--image-size`);
+- speech: a folder with one subfolder of WAV files per class, or FSDD-named WAV files (any
+  rate and channel count: resampled and downmixed to the model's 8 kHz mono);
+- text: a `.csv` with `text,label` columns (delimiter sniffed or `--csv-delimiter`), or a
+  `label<TAB>text` file (SMS Spam format); texts cut at `--max-text-bytes`.
+Extensions match in any case; hidden files and folders are skipped. What was converted and
+skipped is in the result's `meta["summary"]` (`summary_lines`). Every loader raises
+`DataFormatError` with the file/field at fault.
 """
 
 from __future__ import annotations
@@ -20,36 +24,41 @@ from shared_models.records import DataFormatError, LabeledArrays
 
 from .audio import LogMelConfig, load_audio_folder, load_fsdd
 from .images import load_digits_embedded, load_image_folder, load_npz
+from .local import LocalDataOptions, summary_lines
 from .text import encode_bytes, load_sms_spam, load_text_csv, read_tsv
 
 
-def load_local(path: str | Path, task: str) -> LabeledArrays:
+def load_local(path: str | Path, task: str, options: LocalDataOptions | None = None) -> LabeledArrays:
     """A node's local training data at `path` for `task` ("vision", "speech" or "text").
 
-    Raises DataFormatError when the path is missing or its format does not fit the task.
+    options: the owner's format options (`LocalDataOptions`: image size, text length, CSV
+    delimiter); None takes the defaults. Raises DataFormatError when the path is missing or
+    its format does not fit the task.
     """
+    options = options or LocalDataOptions()
     path = Path(path).expanduser()
     if not path.exists():
         raise DataFormatError(f"{path}: data-path does not exist")
     if task == "vision":
-        if path.suffix == ".npz":
+        if path.suffix.lower() == ".npz":
             splits = load_npz(path)
             if "train" not in splits:
                 raise DataFormatError(f"{path}: .npz has no 'train_images'/'train_labels' (found {sorted(splits)})")
             return splits["train"]
-        return load_image_folder(path)
+        return load_image_folder(path, options.image_size)
     if task == "speech":
         return load_audio_folder(path)
     if task == "text":
-        if path.suffix == ".csv":
-            return load_text_csv(path)
-        return read_tsv(path)
+        if path.suffix.lower() == ".csv":
+            return load_text_csv(path, max_len=options.max_text_bytes, delimiter=options.csv_delimiter)
+        return read_tsv(path, max_len=options.max_text_bytes)
     raise DataFormatError(f"task must be one of vision, speech, text; got {task!r}")
 
 
 __all__ = [
     "DataFormatError",
     "LabeledArrays",
+    "LocalDataOptions",
     "LogMelConfig",
     "encode_bytes",
     "load_audio_folder",
@@ -61,4 +70,5 @@ __all__ = [
     "load_sms_spam",
     "load_text_csv",
     "read_tsv",
+    "summary_lines",
 ]

@@ -1,6 +1,11 @@
 """Audio: WAV files -> per-utterance-normalised log-mel frames (N, T, n_mels).
 
 WAV decoding by `soundfile` (libsndfile), the mel filterbank and spectrogram by `librosa`.
+Clips at another rate are resampled to the model's rate (`librosa.resample` with soxr's
+high-quality filter), multi-channel clips downmixed to mono (the channels' mean); both
+happen before the record id is computed, so a file gives the same record every time, and
+both are counted in the data summary. A WAV whose header promises more samples than the
+file holds (a cut-off copy) is refused, never trained on as its first part.
 Defaults suit 8 kHz speech (FSDD): 32 ms windows (n_fft=256), 16 ms hop, 40 mel bands,
 64 frames (1.02 s; 99% of FSDD utterances are shorter). Longer clips are truncated, shorter
 ones zero-padded after normalisation (so padding is the utterance mean).
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +25,14 @@ import soundfile as sf
 
 from shared_models.records import DataFormatError, LabeledArrays, array_content, content_record_ids
 
-FSDD_NAME = re.compile(r"^(?P<label>\d)_(?P<speaker>[A-Za-z]+)_(?P<take>\d+)\.wav$")
+from .local import DataSummary, visible_entries
+
+FSDD_NAME = re.compile(r"^(?P<label>\d)_(?P<speaker>[A-Za-z]+)_(?P<take>\d+)\.wav$", re.IGNORECASE)
+
+
+def is_wav(path: Path) -> bool:
+    """A WAV file by its extension, in any case (`.wav`, `.WAV`)."""
+    return path.suffix.lower() == ".wav"
 
 
 @dataclass(frozen=True)
@@ -33,23 +46,70 @@ class LogMelConfig:
     frames: int = 64
 
 
-def read_wav(path: Path, expected_rate: int) -> np.ndarray:
-    """Mono float32 samples in [-1, 1] of one WAV file.
+def declared_frames(path: Path) -> int | None:
+    """The sample frames a RIFF/WAVE header promises (data chunk size / block align), or None.
 
-    Raises DataFormatError naming the file when it cannot be decoded, is empty, is not
-    mono, or is not at `expected_rate` Hz (resampling silently would hide a data mix-up).
+    None when the file is not plain RIFF/WAVE or its data size is left open (0 or 0xFFFFFFFF,
+    as streaming writers do): then there is no promise to check.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                chunk_id, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if chunk_id == b"fmt ":
+                    fmt = f.read(size)
+                    if len(fmt) < 16:
+                        return None
+                    block_align = struct.unpack("<H", fmt[12:14])[0]
+                    if size % 2:
+                        f.read(1)
+                elif chunk_id == b"data":
+                    if not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align
+                else:
+                    f.seek(size + size % 2, 1)
+    except (OSError, struct.error):
+        return None
+
+
+def read_wav(path: Path, expected_rate: int, summary: DataSummary | None = None) -> np.ndarray:
+    """Mono float32 samples in [-1, 1] of one WAV file, at `expected_rate` Hz.
+
+    Returns shape (samples,). Multi-channel audio is downmixed (mean of the channels) and
+    other rates are resampled to `expected_rate` (librosa with soxr, high quality); each
+    conversion is counted in `summary.converted` when a summary is given.
+    Raises DataFormatError naming the file when it cannot be decoded, holds no samples, or
+    is truncated (its header promises more samples than the file holds: expected vs found).
     """
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
         raise DataFormatError(f"{path}: not a readable WAV file ({err})") from err
-    if samples.shape[1] != 1:
-        raise DataFormatError(f"{path}: expected mono audio, got {samples.shape[1]} channels")
-    if rate != expected_rate:
-        raise DataFormatError(f"{path}: expected sample rate {expected_rate} Hz, got {rate} Hz")
+    promised = declared_frames(path)
+    if promised is not None and promised > samples.shape[0]:
+        raise DataFormatError(f"{path}: truncated WAV file: its header promises {promised} samples per channel, "
+                              f"the file holds {samples.shape[0]}")
     if samples.shape[0] == 0:
         raise DataFormatError(f"{path}: WAV file has no samples")
-    return samples[:, 0]
+    channels = samples.shape[1]
+    mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
+    if channels > 1 and summary is not None:
+        summary.converted[f"downmixed {channels} channels to mono"] += 1
+    if rate != expected_rate:
+        mono = librosa.resample(mono, orig_sr=rate, target_sr=expected_rate, res_type="soxr_hq").astype(np.float32)
+        if summary is not None:
+            summary.converted[f"resampled {rate} Hz to {expected_rate} Hz"] += 1
+        if len(mono) == 0:
+            raise DataFormatError(f"{path}: too short to resample from {rate} Hz to {expected_rate} Hz")
+    return np.ascontiguousarray(mono, dtype=np.float32)
 
 
 def _sample_digest(samples: np.ndarray) -> bytes:
@@ -69,17 +129,21 @@ def log_mel_frames(samples: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
     return out
 
 
-def load_fsdd(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) -> dict[str, LabeledArrays]:
+def load_fsdd(folder: str | Path, cfg: LogMelConfig = LogMelConfig(),
+              summary: DataSummary | None = None) -> dict[str, LabeledArrays]:
     """The Free Spoken Digit Dataset from its `recordings/` folder (or the folder above it).
 
     Returns {"train": takes 5-49, "test": takes 0-4} (FSDD's official split), with the
-    speaker as the natural partition id. Raises DataFormatError for a missing folder, a file
-    name not of the form `{digit}_{speaker}_{take}.wav`, or an unreadable WAV.
+    speaker as the natural partition id; x is (N, cfg.frames, cfg.n_mels) float32. WAV
+    extensions match in any case; hidden files are skipped (counted in `summary`). Raises
+    DataFormatError for a missing folder, a file name not of the form
+    `{digit}_{speaker}_{take}.wav`, or an unreadable or truncated WAV.
     """
     folder = Path(folder)
+    summary = summary if summary is not None else DataSummary()
     if (folder / "recordings").is_dir():
         folder = folder / "recordings"
-    files = sorted(folder.glob("*.wav")) if folder.is_dir() else []
+    files = [p for p in visible_entries(folder, summary) if is_wav(p)] if folder.is_dir() else []
     if not files:
         raise DataFormatError(f"{folder}: no FSDD recordings (*.wav) found")
     xs, ys, speakers, digests, is_test = [], [], [], [], []
@@ -87,7 +151,7 @@ def load_fsdd(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) -> dict[st
         match = FSDD_NAME.match(path.name)
         if not match:
             raise DataFormatError(f"{path}: FSDD file names must look like '7_george_12.wav'")
-        samples = read_wav(path, cfg.sample_rate)
+        samples = read_wav(path, cfg.sample_rate, summary)
         xs.append(log_mel_frames(samples, cfg))
         ys.append(int(match["label"]))
         speakers.append(match["speaker"])
@@ -101,24 +165,30 @@ def load_fsdd(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) -> dict[st
         record_ids=content_record_ids(digests, "audio"),
         groups=np.asarray(speakers),
         source=str(folder),
+        meta={"summary": summary.as_dict()},
     )
     test_mask = np.asarray(is_test)
     return {"train": full.subset(np.flatnonzero(~test_mask)), "test": full.subset(np.flatnonzero(test_mask))}
 
 
 def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) -> LabeledArrays:
-    """A hospital's audio folder: one subfolder per class holding WAV files.
+    """A hospital's audio folder: one subfolder per class holding WAV files (any rate, any channels).
 
     A flat folder of FSDD-named files (`{label}_{speaker}_{n}.wav`) is read the same way
-    with the speaker as natural partition id. Raises DataFormatError naming the folder or
-    file at fault.
+    with the speaker as natural partition id. Returns x (N, cfg.frames, cfg.n_mels) float32.
+    Extensions match in any case (`.wav`, `.WAV`); hidden files and folders (name starting
+    with '.') and files that are not WAV are skipped and counted in `meta["summary"]`, with
+    the clips resampled to cfg.sample_rate Hz or downmixed to mono (`read_wav`). Raises
+    DataFormatError naming the folder or file at fault.
     """
     folder = Path(folder)
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    summary = DataSummary()
+    entries = visible_entries(folder, summary) if folder.is_dir() else []
+    class_dirs = [p for p in entries if p.is_dir()]
     if not class_dirs:
-        wavs = sorted(folder.glob("*.wav")) if folder.is_dir() else []
+        wavs = [p for p in entries if is_wav(p)]
         if wavs and all(FSDD_NAME.match(p.name) for p in wavs):
-            split = load_fsdd(folder, cfg)
+            split = load_fsdd(folder, cfg)  # lists the folder again: its own summary
             train, test = split["train"], split["test"]
             both = np.concatenate([np.arange(len(train)), len(train) + np.arange(len(test))])
             merged = LabeledArrays(
@@ -129,16 +199,25 @@ def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) ->
                 record_ids=train.record_ids + test.record_ids,
                 groups=np.concatenate([train.groups, test.groups]),
                 source=str(folder),
+                meta=dict(train.meta),
             )
             return merged.subset(both)
         raise DataFormatError(f"{folder}: expected one subfolder of WAV files per class")
+    for entry in entries:
+        if not entry.is_dir():
+            summary.skipped["file beside the class folders"] += 1
     xs, ys, digests = [], [], []
     for label, class_dir in enumerate(class_dirs):
-        wavs = sorted(class_dir.glob("*.wav"))
+        wavs = []
+        for entry in visible_entries(class_dir, summary):
+            if is_wav(entry) and entry.is_file():
+                wavs.append(entry)
+            else:
+                summary.skipped["not a .wav file" if entry.is_file() else "folder inside a class folder"] += 1
         if not wavs:
             raise DataFormatError(f"{class_dir}: class folder holds no .wav files")
         for path in wavs:
-            samples = read_wav(path, cfg.sample_rate)
+            samples = read_wav(path, cfg.sample_rate, summary)
             xs.append(log_mel_frames(samples, cfg))
             ys.append(label)
             digests.append(_sample_digest(samples))
@@ -149,4 +228,5 @@ def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) ->
         classes=[d.name for d in class_dirs],
         record_ids=content_record_ids(digests, "audio"),
         source=str(folder),
+        meta={"summary": summary.as_dict()},
     )

@@ -6,9 +6,11 @@ All loaders return float32 (N, C, H, W) in [0, 1].
 from __future__ import annotations
 
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 # scikit-learn at module level, not inside the loaders: imported lazily from two threads of one
 # Flower process (a run's ServerApp and its nodes), its internal circular imports failed
 # once with "partially initialized module" (CI, test_simulation_e2e).
@@ -16,6 +18,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from shared_models.records import DataFormatError, LabeledArrays, array_content, content_record_ids
+
+from .local import DataSummary, visible_entries
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -41,13 +45,19 @@ def image_record_ids(images) -> list[str]:
 
 
 def _to_nchw(images: np.ndarray, where: str) -> np.ndarray:
-    """uint8/float (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W) in [0, 1]."""
+    """Integer or float (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W) in [0, 1].
+
+    Integer pixels are divided by their type's maximum (uint8 by 255, uint16 by 65535, as
+    their record ids are); floats above 1 are taken as 0-255 values.
+    """
     if images.ndim == 3:
         images = images[:, None, :, :]
     elif images.ndim == 4 and images.shape[-1] in (1, 3):
         images = images.transpose(0, 3, 1, 2)
     else:
         raise DataFormatError(f"{where}: expected images shaped (N,H,W) or (N,H,W,C), got {images.shape}")
+    if np.issubdtype(images.dtype, np.integer):
+        return images.astype(np.float32) / np.float32(np.iinfo(images.dtype).max)
     images = images.astype(np.float32)
     if images.max(initial=0.0) > 1.0:
         images /= 255.0
@@ -101,46 +111,114 @@ def load_npz(path: str | Path, task: str = "vision", classes: list[str] | None =
     }
 
 
-def load_image_folder(folder: str | Path, size: tuple[int, int] | None = None) -> LabeledArrays:
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One image file as float32 (H, W) greyscale in [0, 1], scaled by its pixel type's real range.
+
+    8-bit modes (L, P, RGB, RGBA, 1, ...) are converted to greyscale by PIL and divided by 255;
+    16-bit greyscale (I;16 and its byte orders, a usual medical export) is divided by 65535,
+    never clipped to 8 bits; 32-bit integer images (mode I, as some 16-bit files open) must
+    hold values in [0, 65535] and are divided by 65535; float images (mode F) must hold
+    values in [0, 1]. Raises DataFormatError naming the file when it is unreadable or its
+    values fall outside that range.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in _SIXTEEN_BIT_MODES:
+                raw = np.asarray(img).astype(np.uint16)
+            elif mode == "I":
+                raw = np.asarray(img)
+                if raw.size and (raw.min() < 0 or raw.max() > 65535):
+                    raise DataFormatError(f"{path}: 32-bit integer image with values in [{raw.min()}, {raw.max()}]; "
+                                          "expected 16-bit values in [0, 65535]")
+                raw = raw.astype(np.uint16)
+            elif mode == "F":
+                raw = np.asarray(img, dtype=np.float32)
+                if raw.size and not (np.isfinite(raw).all() and raw.min() >= 0.0 and raw.max() <= 1.0):
+                    raise DataFormatError(f"{path}: floating-point image with values in [{raw.min()}, {raw.max()}]; "
+                                          "expected values in [0, 1]")
+            else:
+                raw = np.asarray(img.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        if isinstance(err, DataFormatError):
+            raise
+        raise DataFormatError(f"{path}: not a readable image ({err})") from err
+    return _canonical_pixels(raw)[0]
+
+
+def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 (H, W) in [0, 1] -> (size[0], size[1]), PIL bilinear (antialiased) on 32-bit floats."""
+    resized = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32)).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def load_image_folder(folder: str | Path, size: int | tuple[int, int] | None = None) -> LabeledArrays:
     """A hospital's image folder: one subfolder per class. Images are read as greyscale.
 
-    size: (height, width) to resize to; by default every image must share the first one's
-    size. Raises DataFormatError naming the file that is unreadable or of the wrong size.
+    Returns x (N, 1, H, W) float32 in [0, 1] (`read_image`: 16-bit images keep their range).
+    size: N or (height, width) to resize every image to (PIL, bilinear; `--image-size` of
+    `fedpriv node` and `fedpriv simulate`); by default images keep their size and must all
+    share one. Extensions match in any case; hidden files and folders (name starting with
+    '.', e.g. `.ipynb_checkpoints`) and non-image files are skipped and counted in
+    `meta["summary"]`, as are resized images. Record ids come from the pixels after any
+    resize, so the same file and size give the same record every time. Raises
+    DataFormatError naming the file that is unreadable, or, for mixed sizes without
+    `size`, the common size and the files that differ from it.
     """
-    from PIL import Image, UnidentifiedImageError
-
     folder = Path(folder)
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if isinstance(size, int):
+        size = (size, size)
+    summary = DataSummary()
+    entries = visible_entries(folder, summary) if folder.is_dir() else []
+    class_dirs = [p for p in entries if p.is_dir()]
     if len(class_dirs) < 2:
         raise DataFormatError(f"{folder}: expected one subfolder of images per class (at least 2)")
-    xs, ys = [], []
+    for entry in entries:
+        if not entry.is_dir():
+            summary.skipped["file beside the class folders"] += 1
+    xs, ys, paths = [], [], []
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = []
+        for entry in visible_entries(class_dir, summary):
+            if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(entry)
+            else:
+                summary.skipped["not an image file" if entry.is_file() else "folder inside a class folder"] += 1
         if not files:
             raise DataFormatError(f"{class_dir}: class folder holds no images ({sorted(IMAGE_SUFFIXES)})")
         for path in files:
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("L")
-                    if size is not None:
-                        img = img.resize((size[1], size[0]))
-                    arr = np.asarray(img, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as err:
-                raise DataFormatError(f"{path}: not a readable image ({err})") from err
-            if xs and arr.shape != xs[0].shape:
-                raise DataFormatError(
-                    f"{path}: image is {arr.shape[1]}x{arr.shape[0]}, expected {xs[0].shape[1]}x{xs[0].shape[0]} "
-                    "like the others (pass a size to resize)"
-                )
-            xs.append(arr)
+            pixels = read_image(path)
+            if size is not None and pixels.shape != size:
+                summary.converted[f"resized {pixels.shape[1]}x{pixels.shape[0]} to {size[1]}x{size[0]}"] += 1
+                pixels = _resize(pixels, size)
+            xs.append(pixels)
             ys.append(label)
+            paths.append(path)
+    shapes = Counter(x.shape for x in xs)
+    if len(shapes) > 1:
+        # The common size is the one most images have (ties: the larger count first, then sort order).
+        common = max(shapes, key=lambda shape: (shapes[shape], -sorted(shapes).index(shape)))
+        odd = [(p, x.shape) for p, x in zip(paths, xs) if x.shape != common]
+        first, shape = odd[0]
+        listed = ", ".join(f"{p.relative_to(folder)} ({s[1]}x{s[0]})" for p, s in odd[:10])
+        more = f" and {len(odd) - 10} more" if len(odd) > 10 else ""
+        raise DataFormatError(
+            f"{first}: image is {shape[1]}x{shape[0]}, expected {common[1]}x{common[0]} like the other "
+            f"{shapes[common]} images; {len(odd)} of {len(xs)} differ: {listed}{more}. Pass --image-size N "
+            "(fedpriv node / fedpriv simulate) to resize every image to NxN"
+        )
     return LabeledArrays(
         task="vision",
-        x=_to_nchw(np.stack(xs), str(folder)),
+        x=np.stack(xs)[:, None, :, :],
         y=np.asarray(ys, dtype=np.int64),
         classes=[d.name for d in class_dirs],
         record_ids=image_record_ids(xs),
         source=str(folder),
+        meta={"summary": summary.as_dict()},
     )
 
 

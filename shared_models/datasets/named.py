@@ -10,7 +10,8 @@
 `<data-dir>` is `$FEDPRIV_DATA_DIR`, else the `shared/data` folder beside this checkout.
 This build reads local copies only (its machines reach no dataset hosts); a missing folder
 gives a clear error saying where to put the files. Anything that is not a name is read as a
-path in one of the local formats (`shared_models.datasets.load_local`), split 80/20 with seed 0.
+path in one of the local formats (`shared_models.datasets.load_local`), split 80/20 with seed 0
+(stratified by class when every class has at least 2 records).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sklearn.model_selection import train_test_split
 from shared_models.datasets import (
     DataFormatError,
     LabeledArrays,
+    LocalDataOptions,
     load_digits_embedded,
     load_fsdd,
     load_local,
@@ -63,11 +65,13 @@ def dataset_task(name_or_path: str, task: str | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def load_dataset(name_or_path: str, task: str | None = None, root: str = "") -> dict[str, LabeledArrays]:
+def load_dataset(name_or_path: str, task: str | None = None, root: str = "",
+                 options: LocalDataOptions | None = None) -> dict[str, LabeledArrays]:
     """{"train", "test"} splits of a named dataset or a local path (cached per process).
 
     root: folder of the named datasets (default `data_dir()`); Flower runs the apps from
     a copy of this project, so the simulation passes it explicitly in the run-config.
+    options: format options for a local path (`LocalDataOptions`); named datasets ignore them.
     Raises DataFormatError when a named dataset's files are missing or malformed.
     """
     task = dataset_task(name_or_path, task)
@@ -86,12 +90,19 @@ def load_dataset(name_or_path: str, task: str | None = None, root: str = "") -> 
             splits = load_npz(path, classes=["normal", "pneumonia"])
             return {"train": splits["train"], "test": splits["test"]}
         return load_sms_spam(path)
-    return _split_local(load_local(name_or_path, task))
+    return _split_local(load_local(name_or_path, task, options))
 
 
 def _split_local(data: LabeledArrays, test_fraction: float = 0.2) -> dict[str, LabeledArrays]:
+    """80/20 {"train", "test"} split of a local dataset, seed 0.
 
-    stratify = data.y if np.bincount(data.y).min(initial=0) >= 2 else None
+    Stratified by class when every class present has at least 2 records and both sides
+    can hold one record of each class; otherwise a plain random split.
+    """
+    counts = np.unique(data.y, return_counts=True)[1]
+    n_test = int(np.ceil(test_fraction * len(data)))  # what train_test_split puts in the test side
+    can_stratify = len(counts) > 0 and counts.min() >= 2 and len(counts) <= n_test <= len(data) - len(counts)
+    stratify = data.y if can_stratify else None
     train_idx, test_idx = train_test_split(
         np.arange(len(data)), test_size=test_fraction, stratify=stratify, random_state=0
     )

@@ -102,7 +102,7 @@ def held_out_records(plan, node_validation: list[LabeledArrays] = ()) -> Labeled
     """
     parts = [v for v in node_validation if len(v)]
     if (plan.dataset, "test") not in SHIFTED_SPLITS:
-        parts.append(load_dataset(plan.dataset, plan.task, plan.data_dir)["test"])
+        parts.append(load_dataset(plan.dataset, plan.task, plan.data_dir, plan.data_options())["test"])
     if plan.dataset == "pneumoniamnist":
         root = Path(plan.data_dir) if plan.data_dir else data_dir()
         splits = load_npz(root / _RELATIVE_PATHS["pneumoniamnist"], classes=parts[0].classes if parts else None)
@@ -205,7 +205,7 @@ def _audit_canaries(plan, template: LabeledArrays, model, shadows: list, bound: 
 
     The shadow models never saw a canary, so they give every canary's OUT distribution.
     """
-    train = load_dataset(plan.dataset, plan.task, plan.data_dir)["train"]  # the nodes' template
+    train = load_dataset(plan.dataset, plan.task, plan.data_dir, plan.data_options())["train"]  # the nodes' template
     canaries = make_canaries(train, plan.canaries, plan.seed)
     inserted = inserted_mask(plan.canaries, plan.seed)
     losses, phis = per_example_outputs(model, canaries)
