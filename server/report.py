@@ -3,13 +3,15 @@
     fedpriv report RUN_DIR      (re)writes RUN_DIR/report.html and RUN_DIR/plots/*.png
 
 Reads the run folder's summary.json, metrics.jsonl, ledger.json and config.json (written by
-`server.server_app`), draws three PNGs with matplotlib's Agg renderer (no display needed):
+`server.server_app`), draws four PNGs with matplotlib's Agg renderer (no display needed):
 
     plots/accuracy_loss.png   global test accuracy (and AUC) and loss by round; rounds that
                               did not change the model are shaded
     plots/epsilon.png         each node's sample-level epsilon by round against its budget
                               (max-epsilon); declined and failed rounds marked
     plots/participation.png   node x round: trained, declined, refused, failed, not sampled
+    plots/classes.png         the final model's confusion matrix on the test split, and its
+                              ROC curve with the threshold used for a binary task
 
 and writes report.html with the PNGs embedded as base64 data URIs, so the one file can be
 mailed (e.g. to a privacy officer) and opened anywhere without the folder. Every number
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -41,6 +44,7 @@ PLOT_FILES = {
     "accuracy": "accuracy_loss.png",
     "epsilon": "epsilon.png",
     "participation": "participation.png",
+    "classes": "classes.png",
 }
 
 # Colours of the participation grid and the epsilon markers (colour-blind-safe Okabe-Ito).
@@ -326,9 +330,55 @@ def _cell(x: float, y: float, color: str, label: str | None = None) -> Rectangle
     return Rectangle((x - 0.45, y - 0.4), 0.9, 0.8, facecolor=color, edgecolor="#777777", lw=0.6, label=label)
 
 
+def plot_classes(run: RunRecord) -> bytes:
+    """The final model's confusion matrix on the test split (colour: share of each true class,
+    text: counts) and, for a binary task, its ROC curve with the threshold used marked.
+    A run folder written before per-class results existed gets a figure that says so."""
+    final = run.summary["final"]
+    per_class, roc = final.get("per_class"), final.get("roc")
+    fig = Figure(figsize=(11 if roc else 6.5, 5), dpi=100)
+    if not per_class:
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no per-class results in this run folder (written before they were recorded)",
+                ha="center", va="center")
+        return _png(fig)
+    axes = fig.subplots(1, 2 if roc else 1)
+    ax = axes[0] if roc else axes
+    counts = np.array(per_class["confusion_matrix"], dtype=float)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    names = per_class["classes"]
+    ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix, final model (test split)")
+    if len(names) <= 20:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if shares[i, j] > 0.6 else "black")
+    if roc:
+        ax = axes[1]
+        ax.plot(roc["fpr"], roc["tpr"], color="#0072B2", label=f"ROC (AUC {roc['auc']:.3f})")
+        ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=0.8)
+        thresholds = np.array(roc["thresholds"])
+        at = int(np.argmin(np.abs(thresholds - roc["threshold_used"])))
+        ax.plot([roc["fpr"][at]], [roc["tpr"][at]], "o", color="#D55E00",
+                label=f"threshold used ({roc['threshold_used']:g} on p({names[1]}))")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title("ROC, final model (test split)")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def draw_plots(run: RunRecord) -> dict[str, bytes]:
-    """{"accuracy", "epsilon", "participation"} -> PNG bytes (file names in PLOT_FILES)."""
-    return {"accuracy": plot_accuracy_loss(run), "epsilon": plot_epsilon(run), "participation": plot_participation(run)}
+    """{"accuracy", "epsilon", "participation", "classes"} -> PNG bytes (file names in PLOT_FILES)."""
+    return {"accuracy": plot_accuracy_loss(run), "epsilon": plot_epsilon(run), "participation": plot_participation(run),
+            "classes": plot_classes(run)}
 
 
 # ---------------------------------------------------------------------------- page

@@ -122,6 +122,21 @@ TEMPLATE = """<!DOCTYPE html>
 
 <h2>Model quality</h2>
 <img class="plot" id="plot-accuracy" data-plot="{{ plot_files.accuracy }}" alt="global test accuracy and loss by round" src="{{ plots.accuracy }}">
+<img class="plot" id="plot-classes" data-plot="{{ plot_files.classes }}" alt="confusion matrix (and ROC curve) of the final model" src="{{ plots.classes }}">
+{% if final.get('per_class') %}
+<table id="per-class">
+  <thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test records</th></tr></thead>
+  <tbody>
+  {% for name in final.per_class.classes %}
+  <tr data-class="{{ name }}"><td>{{ name }}</td><td>{{ final.per_class.precision[loop.index0] | fmt('.3f') }}</td>
+    <td>{{ final.per_class.recall[loop.index0] | fmt('.3f') }}</td><td>{{ final.per_class.f1[loop.index0] | fmt('.3f') }}</td>
+    <td>{{ final.per_class.support[loop.index0] }}</td></tr>
+  {% endfor %}
+  </tbody>
+</table>
+{% if final.get('roc') %}<p class="sub">Binary task: the model answers {{ final.per_class.classes[1] }} when its probability is above
+  {{ final.roc.threshold_used }}; the ROC curve shows what other thresholds would trade.</p>{% endif %}
+{% endif %}
 
 <h2>Declined rounds and failures</h2>
 <img class="plot" id="plot-participation" data-plot="{{ plot_files.participation }}" alt="what each node did in each round" src="{{ plots.participation }}">

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from privacy.dp_sgd import evaluate
 from privacy.secagg.parameters import DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION
+from server.class_report import class_report, predict_proba
 from server.federation import FederationSettings, evaluate_on_nodes, run_federation
 from server.ledger import CoordinatorLedger
 from server.report import write_run_report
@@ -79,6 +80,8 @@ def main(grid: Grid, context: Context) -> None:
         majority_rate=float(np.bincount(test.y).max() / len(test)), seconds=time.time() - started,
     )
     summary["final"].update(final_validation)
+    model.load_state_dict(final.to_torch_state_dict())
+    summary["final"].update(class_report(test.y, predict_proba(model.to(dev), test, dev), test.classes))
     folder.write_json("summary.json", summary)
     write_report(folder, summary)
     try:  # the HTML report is a convenience: failing to draw it must never lose the run
