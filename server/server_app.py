@@ -24,6 +24,7 @@ from server.ledger import CoordinatorLedger
 from server.report import write_run_report
 from server.run_folder import RunFolder
 from server.summary import build_summary, write_report
+from server.tracking import make_tracker
 from shared_models import build_model
 from shared_models.datasets.named import load_dataset
 from shared_models.run_config import TrainingPlan
@@ -64,14 +65,25 @@ def main(grid: Grid, context: Context) -> None:
         initial_test = evaluate_global(arrays)
     folder.write_json("config.json", cfg)
 
+    tracker = make_tracker(str(cfg.get("track", "")), folder.path, cfg)
+
     def checkpoint(report, arrays: ArrayRecord, state: dict) -> None:
+        if tracker is not None:
+            tracker.log_round(report.round, report.test, {n: r.epsilon for n, r in ledger.nodes.items()},
+                              report.client_epsilon, {"trained": len(report.trained), "declined": len(report.declined),
+                                                      "refused": len(report.refused), "failed": len(report.failed)},
+                              report.seconds)
         folder.write_torch("checkpoint.pt", {
             "arrays": arrays.to_torch_state_dict(), "ledger": ledger.to_dict(), "client_level": ledger.client_level,
             "state": state, "initial_test": initial_test,
         })
         folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})
 
-    final, _ = run_federation(grid, arrays, settings, evaluate_global, folder, ledger, checkpoint, resume=resume)
+    try:
+        final, _ = run_federation(grid, arrays, settings, evaluate_global, folder, ledger, checkpoint, resume=resume)
+    finally:
+        if tracker is not None:
+            tracker.close()
     folder.write_torch("final_model.pt", final.to_torch_state_dict())
     final_validation = evaluate_on_nodes(grid, final, settings.round_timeout)
     folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})

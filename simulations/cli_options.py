@@ -15,6 +15,7 @@ from rich.table import Table
 from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, SecAggParameterError,
                                        parameters_for)
 from server.robust_aggregation import AGGREGATIONS
+from server.tracking import TRACKERS, TrackingUnavailable, check_tracker
 from shared_models import TASKS, default_lr, model_names
 from shared_models.datasets.local import add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
@@ -96,6 +97,9 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                         help="--aggregation trimmed-mean: share of the values cut at each end, per coordinate")
     local = parser.add_argument_group("local data formats (when --dataset is a path)")
     add_local_data_options(local)
+    parser.add_argument("--track", choices=TRACKERS, default=None,
+                        help="also log the config, per-round metrics and every node's epsilon to TensorBoard event "
+                             "files in RUN_DIR/tensorboard (needs the tensorboard package: pip install 'fedpriv[track]')")
     sec = parser.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
     sec.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                      help="aggregate with SecAgg+: the server sees only the sum of the nodes' updates")
@@ -159,6 +163,11 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
         raise ValueError(f"--aggregation {args.aggregation} needs each node's update in the clear, but with SecAgg+ "
                          "(on by default) the server sees only their sum: add --no-secagg, or keep fedavg, where "
                          "--clip-norm bounds each node's influence on the sum")
+    if args.track:
+        try:
+            check_tracker(args.track)
+        except TrackingUnavailable as err:
+            raise ValueError(str(err)) from err
     if not 0.0 <= args.trim_fraction < 0.5:
         raise ValueError(f"--trim-fraction must be in [0, 0.5), got {args.trim_fraction}")
     if args.colluding_nodes < -1:
@@ -212,6 +221,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "colluding-nodes": args.colluding_nodes,
         "aggregation": args.aggregation,
         "trim-fraction": args.trim_fraction,
+        "track": args.track or "",
         "image-size": args.image_size or 0,
         "max-text-bytes": args.max_text_bytes,
         "csv-delimiter": args.csv_delimiter or "",

@@ -82,7 +82,8 @@ def test_secure_and_plain_aggregation_reach_the_same_accuracy(tmp_path):
     # quantisation (error < clients / scale per coordinate).
     common = ["--dataset", "digits", "--clients", "3", "--rounds", "2", "--clip-norm", "100", "--reproducible-noise"]
     _simulate(*common, "--secagg", "--out", str(tmp_path / "secure"), "--state-dir", str(tmp_path / "s1"), cwd=tmp_path)
-    _simulate(*common, "--no-secagg", "--out", str(tmp_path / "plain"), "--state-dir", str(tmp_path / "s2"), cwd=tmp_path)
+    _simulate(*common, "--no-secagg", "--track", "tensorboard", "--out", str(tmp_path / "plain"),
+              "--state-dir", str(tmp_path / "s2"), cwd=tmp_path)
     secure, plain = _summary(tmp_path / "secure"), _summary(tmp_path / "plain")
     assert secure["secure_aggregation"] is True and plain["secure_aggregation"] is False
     assert secure["final"]["test_accuracy"] > 3 * secure["majority_class_rate"]
@@ -90,6 +91,17 @@ def test_secure_and_plain_aggregation_reach_the_same_accuracy(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["secure_aggregation"]["survivors"]) == 3 for r in rows)
     assert secure["client_level"]["rounds"] == 2
+    # The tracked run, read back by TensorBoard's own reader: the same figures as metrics.jsonl and the ledger.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "plain" / "tensorboard")).Reload()
+    plain_rows = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [(e.step, e.value) for e in events.Scalars("test/accuracy")]
+    assert accuracy == [(r["round"], pytest.approx(r["test"]["accuracy"], abs=1e-6)) for r in plain_rows]
+    for node, rec in plain["clients"].items():
+        assert events.Scalars(f"epsilon/{node}")[-1].value == pytest.approx(rec["epsilon"], rel=1e-6)
+    assert [e.value for e in events.Scalars("nodes/trained")] == [3.0, 3.0]
+    assert "config/text_summary" in events.Tags()["tensors"]
 
 
 def test_dropouts_mid_protocol_never_stop_the_run_and_are_all_recorded(tmp_path):
