@@ -121,6 +121,13 @@ TEMPLATE = """<!DOCTYPE html>
 </table>
 
 <h2>Model quality</h2>
+<p id="released-model">The released model (<code>final_model.pt</code>; <code>final_model.pt2</code> loads with torch alone,
+  <code>fedpriv predict</code> applies it to local data)
+  {% if s.dp %}carries each node's sample-level epsilon above: at most
+  <span data-key="max_client_epsilon" data-value="{{ s.max_client_epsilon | exact }}">{{ s.max_client_epsilon | fmt('.3f') }}</span>
+  at delta {{ s.delta }} for any node's records{% if client_level_on %}, and client-level epsilon
+  {{ client_level.epsilon | fmt('.3f') }} for a whole node's data{% endif %}.
+  {% else %}was trained without differential privacy: nothing bounds what it reveals about a record.{% endif %}</p>
 <img class="plot" id="plot-accuracy" data-plot="{{ plot_files.accuracy }}" alt="global test accuracy and loss by round" src="{{ plots.accuracy }}">
 <img class="plot" id="plot-classes" data-plot="{{ plot_files.classes }}" alt="confusion matrix (and ROC curve) of the final model" src="{{ plots.classes }}">
 {% if final.get('per_class') %}

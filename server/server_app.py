@@ -21,6 +21,7 @@ from privacy.secagg.parameters import DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_
 from server.class_report import class_report, predict_proba
 from server.federation import FederationSettings, evaluate_on_nodes, run_federation
 from server.ledger import CoordinatorLedger
+from server.model_export import EXPORT_FILE, export_model
 from server.report import write_run_report
 from server.run_folder import RunFolder
 from server.summary import build_summary, write_report
@@ -94,6 +95,10 @@ def main(grid: Grid, context: Context) -> None:
     summary["final"].update(final_validation)
     model.load_state_dict(final.to_torch_state_dict())
     summary["final"].update(class_report(test.y, predict_proba(model.to(dev), test, dev), test.classes))
+    try:  # a copy that loads with torch alone; the run's results never depend on it
+        export_model(model.cpu(), test.x[:2], folder.path / EXPORT_FILE)
+    except Exception as err:
+        logging.getLogger("fedpriv.server").warning("%s not written (%s: %s)", EXPORT_FILE, type(err).__name__, err)
     folder.write_json("summary.json", summary)
     write_report(folder, summary)
     try:  # the HTML report is a convenience: failing to draw it must never lose the run

@@ -38,12 +38,12 @@ from simulations.cli_options import (
     run_folder_for,
     training_run_config,
 )
-from simulations import deployed_run
+from simulations import deployed_run, predict
 from simulations.audit import command as audit_command
 from simulations.runner import SimulationError, run_simulation_job
 
 # Modules that add a `fedpriv` command: each has `register(subparsers)`.
-COMMAND_MODULES = (provisioning, superlink, supernode, deployed_run, report, audit_command)
+COMMAND_MODULES = (provisioning, superlink, supernode, deployed_run, report, audit_command, predict)
 
 
 class FedprivParser(argparse.ArgumentParser):

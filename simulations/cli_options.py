@@ -259,5 +259,5 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
             "to simulate new data owners, or raise --max-epsilon.[/yellow]"
         )
     written = [name for name in ("summary.json", "metrics.jsonl", "ledger.json", "report.md", "report.html",
-                                 "final_model.pt") if (Path(out) / name).exists()]
+                                 "final_model.pt", "final_model.pt2") if (Path(out) / name).exists()]
     console.print(f"run folder: {out} ({', '.join(written)})")
