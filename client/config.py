@@ -70,8 +70,8 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
     Deployment node-config keys: `data-path` (required), `node-name`, `task`, `max-epsilon`
     (default 8), `delta` (default 1e-5), `require-dp` and `require-secagg` (default true),
     `val-fraction` (default 0), `state-dir`, and how the local files are read: `image-size`
-    (0 = keep), `max-text-bytes` (default 200), `csv-delimiter` ("" = sniffed). Every one of them is the data owner's alone: a
-    run-config value never stands in for a missing one, and the ledger folder is never the
+    (0 = keep), `max-text-bytes` (default 200), `csv-delimiter` ("" = sniffed). Every one of
+    them is the data owner's alone: a run-config value never stands in for a missing one, and the ledger folder is never the
     run-config's (a coordinator must not be able to point a node at a fresh ledger).
     Simulation: Flower sets `partition-id`/`num-partitions`; the run-config's `max-epsilon`,
     `delta`, `dp`, `secagg`, `val-fraction` and `state-dir` stand in for the data owner's.
