@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from shared_models.flower_processes import start_flower
+
 FLEET_PREFIX = "/v1/fleet/"
 
 
@@ -98,10 +100,15 @@ def start_gateway(config_text: str, workdir: Path, log_file: Path) -> subprocess
     check = subprocess.run([nginx, "-t", "-q", "-c", str(config), "-p", str(workdir)], capture_output=True, text=True)
     if check.returncode != 0:
         raise GatewayError(f"nginx refused {config}: {check.stderr.strip()}")
-    process = subprocess.Popen([nginx, "-c", str(config), "-p", str(workdir), "-g", "daemon off;"],
-                               stdout=subprocess.DEVNULL, stderr=open(log_file, "ab"), start_new_session=True)
+    with open(log_file, "ab") as log:
+        start = log.tell()
+        process = start_flower([nginx, "-c", str(config), "-p", str(workdir), "-g", "daemon off;"],
+                               stdout=subprocess.DEVNULL, stderr=log)
     time.sleep(0.5)
     if process.poll() is not None:
-        raise GatewayError(f"nginx exited with code {process.returncode}; see {log_file} and "
+        lines = [line.strip() for line in log_file.read_bytes()[start:].decode(errors="replace").splitlines()
+                 if line.strip()]
+        cause = f": {lines[-1]}" if lines else ""
+        raise GatewayError(f"nginx exited with code {process.returncode}{cause}; see {log_file} and "
                            f"{workdir / 'gateway-error.log'}")
     return process

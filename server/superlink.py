@@ -14,10 +14,12 @@ The `flwr` CLI on this machine reaches the SuperLink through a Flower config fol
 
 from __future__ import annotations
 
+import fcntl
 import json
 import ssl
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +29,11 @@ import tomli_w
 
 from privacy.provisioning import FLWR_CONNECTION, flwr_connection, load_kit
 from server.fleet_gateway import GatewayError, nginx_config, start_gateway
-from shared_models.flower_processes import console_script, flwr_env, stop_process_tree
+from shared_models.flower_processes import console_script, flwr_env, last_error, start_flower, stop_process_tree
 
 COORDINATOR_FILE = "coordinator.json"  # in the state folder: where the running SuperLink listens
+LOCK_FILE = "server.lock"  # in the state folder: held (fcntl.lockf) by the `fedpriv server` that runs on it
+_held_locks: dict[Path, object] = {}  # lock file -> open handle, per process (POSIX locks are per process)
 START_TIMEOUT_S = 60.0
 
 
@@ -61,14 +65,54 @@ def running_control_port(kit: dict, state: Path) -> int:
     return int(kit["internal_port"])
 
 
+def lock_state(state: Path) -> None:
+    """Hold STATE/server.lock for this process (released when it ends, however it ends).
+
+    Raises CoordinatorError naming the process that holds it: a second `fedpriv server` on a
+    state folder in use is refused before it starts anything or touches coordinator.json.
+    """
+    lock_file = (state / LOCK_FILE).resolve()
+    if lock_file in _held_locks:
+        return
+    handle = open(lock_file, "a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        text = handle.read()
+        handle.close()
+        try:
+            holder = json.loads(text)
+            who = f"process {holder['pid']} ({holder.get('command', '?')}, since {holder.get('since', '?')})"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            who = "another process"
+        raise CoordinatorError(f"{state} is in use: {lock_file} is held by {who}; a SuperLink is already running on "
+                               f"this kit's state. Stop it first, or give this one its own --state-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "command": " ".join(["fedpriv", *sys.argv[1:]])[:300],
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    handle.flush()
+    _held_locks[lock_file] = handle
+
+
+def release_state(state: Path) -> None:
+    """Release STATE/server.lock if this process holds it."""
+    handle = _held_locks.pop((state / LOCK_FILE).resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
 def wait_for_superlink(port: int, ca: Path, process: subprocess.Popen, log_file: Path,
-                       timeout: float = START_TIMEOUT_S) -> None:
-    """Block until the SuperLink answers /health over TLS on 127.0.0.1:`port`; raises CoordinatorError."""
+                       timeout: float = START_TIMEOUT_S, output_file: Path | None = None) -> None:
+    """Block until the SuperLink answers /health over TLS on 127.0.0.1:`port`; raises CoordinatorError
+    quoting the exception line of Flower's log (`log_file`, `output_file`) when it exits first."""
     deadline = time.monotonic() + timeout
     tls = ssl.create_default_context(cafile=str(ca))
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise CoordinatorError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+            raise CoordinatorError(f"flower-superlink exited with code {process.returncode}"
+                                   f"{last_error(log_file, output_file)}; see {output_file or log_file}")
         try:
             if httpx.get(f"https://127.0.0.1:{port}/health", verify=tls, timeout=1.0).is_success:
                 return
@@ -118,9 +162,11 @@ class Coordinator:
     registered: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
+        """Stop every process (front door first) and release the state folder's lock."""
         for process in reversed(self.processes):
             stop_process_tree(process)
         self.processes.clear()
+        release_state(self.state)
 
 
 def start_coordinator(kit_dir: Path, *, port: int | None = None, host: str = "0.0.0.0",
@@ -137,21 +183,23 @@ def start_coordinator(kit_dir: Path, *, port: int | None = None, host: str = "0.
     port = int(port or kit["fleet_port"])
     control_port = int(control_port or kit["internal_port"])
     state = state_folder(kit, state_dir)
-    home = write_flwr_home(kit, state, control_port)
-    env = flwr_env(home)
-    log_file = state / "superlink.log"
+    lock_state(state)  # before anything starts or is written
     coordinator = Coordinator(kit=kit, state=state, fleet_port=port, control_port=control_port, host=host,
-                              flwr_home=home)
+                              flwr_home=state / "flwr")
     try:
-        superlink = subprocess.Popen(
-            [console_script("flower-superlink"), "--ssl-ca-certfile", str(kit["ca"]), "--ssl-certfile", str(kit["certificate"]),
-             "--ssl-keyfile", str(kit["private_key"]), "--enable-supernode-auth",
-             "--database", str(state / "superlink.db"), "--host", "127.0.0.1", "--port", str(control_port),
-             "--isolation", "subprocess", "--disable-runtime-dependency-installation", "--log-file", str(log_file)],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(state / "superlink.stderr", "ab"), start_new_session=True,
-        )
+        home = write_flwr_home(kit, state, control_port)
+        env = flwr_env(home)
+        log_file, output_file = state / "superlink.log", state / "superlink.stderr"
+        with open(output_file, "ab") as output:  # stdout too: uvicorn's startup errors land there
+            superlink = start_flower(
+                [console_script("flower-superlink"), "--ssl-ca-certfile", str(kit["ca"]), "--ssl-certfile",
+                 str(kit["certificate"]), "--ssl-keyfile", str(kit["private_key"]), "--enable-supernode-auth",
+                 "--database", str(state / "superlink.db"), "--host", "127.0.0.1", "--port", str(control_port),
+                 "--isolation", "subprocess", "--disable-runtime-dependency-installation", "--log-file", str(log_file)],
+                env=env, stdout=output, stderr=subprocess.STDOUT,
+            )
         coordinator.processes.append(superlink)
-        wait_for_superlink(control_port, kit["ca"], superlink, log_file)
+        wait_for_superlink(control_port, kit["ca"], superlink, log_file, output_file=output_file)
         gateway_dir = state / "gateway"
         coordinator.processes.append(start_gateway(
             nginx_config(listen_host=host, listen_port=port, upstream_port=control_port,
