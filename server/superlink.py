@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import socket
 import ssl
 import os
 import subprocess
@@ -103,6 +104,31 @@ def release_state(state: Path) -> None:
         handle.close()
 
 
+def node_facing_address(kit: dict, port: int) -> str:
+    """HOST:PORT that SuperNodes should use: the kit's first server host (written into the node kits)."""
+    host = kit["server_hosts"][0] if kit.get("server_hosts") else "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def default_bind_host(kit: dict) -> str:
+    """The address the node-facing port binds when `--host` is not given: what the kit's first
+    server host resolves to, if that address belongs to this machine; else 0.0.0.0 (every
+    interface, e.g. behind NAT, where the name resolves to an address of the router)."""
+    host = kit["server_hosts"][0] if kit.get("server_hosts") else "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return "0.0.0.0"
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((sockaddr[0], 0))
+            return sockaddr[0]
+        except OSError:
+            continue
+    return "0.0.0.0"
+
+
 def wait_for_superlink(port: int, ca: Path, process: subprocess.Popen, log_file: Path,
                        timeout: float = START_TIMEOUT_S, output_file: Path | None = None) -> None:
     """Block until the SuperLink answers /health over TLS on 127.0.0.1:`port`; raises CoordinatorError
@@ -169,18 +195,19 @@ class Coordinator:
         release_state(self.state)
 
 
-def start_coordinator(kit_dir: Path, *, port: int | None = None, host: str = "0.0.0.0",
+def start_coordinator(kit_dir: Path, *, port: int | None = None, host: str | None = None,
                       state_dir: Path | None = None, control_port: int | None = None) -> Coordinator:
     """Start the SuperLink (loopback, TLS, node auth, persistent DB) and its Fleet-only front door.
 
     port: the node-facing TLS port (default: the kit's `fleet_port`); host: the address it
-    binds (0.0.0.0 = every interface); control_port: the SuperLink's own port on 127.0.0.1
+    binds (0.0.0.0 = every interface; default: `default_bind_host`); control_port: the SuperLink's own port on 127.0.0.1
     (Control, Runtime and Fleet APIs; default: the kit's `internal_port`), recorded in
     STATE/coordinator.json for `fedpriv run`. Raises ProvisioningError for a bad kit, GatewayError
     when nginx is missing, CoordinatorError when Flower fails to start or register keys.
     """
     kit = load_kit(kit_dir, "server")
     port = int(port or kit["fleet_port"])
+    host = host or default_bind_host(kit)
     control_port = int(control_port or kit["internal_port"])
     state = state_folder(kit, state_dir)
     lock_state(state)  # before anything starts or is written
@@ -221,7 +248,9 @@ def register(subparsers) -> None:
         "server", help="coordinator: start the SuperLink (TLS, node authentication) for a provisioned federation")
     parser.add_argument("--kit", type=Path, required=True, help="the coordinator's kit (DIR/server from `fedpriv provision`)")
     parser.add_argument("--port", type=int, default=None, help="node-facing TLS port (default: the kit's, 9092)")
-    parser.add_argument("--host", default="0.0.0.0", help="address the node-facing port binds")
+    parser.add_argument("--host", default=None,
+                        help="address the node-facing port binds (default: what the kit's first --server-host resolves "
+                             "to, if it is an address of this machine, else 0.0.0.0 = every interface)")
     parser.add_argument("--control-port", type=int, default=None,
                         help="the SuperLink's own port, on 127.0.0.1 only (Control API for `fedpriv run`; default: "
                              "the kit's, 9093)")
@@ -242,8 +271,8 @@ def _serve(args, console) -> int:
     try:
         for node, outcome in coordinator.registered.items():
             console.print(f"node key {node}: {outcome}")
-        console.print(f"SuperLink ready: SuperNodes connect to {coordinator.host}:{coordinator.fleet_port} (TLS, "
-                      f"Fleet API only); Control API on 127.0.0.1:{coordinator.control_port}. "
+        console.print(f"SuperLink ready: SuperNodes connect to {node_facing_address(coordinator.kit, coordinator.fleet_port)} "
+                      f"(TLS, Fleet API only; listening on {coordinator.host}:{coordinator.fleet_port}); Control API on 127.0.0.1:{coordinator.control_port}. "
                       f"State and logs: {coordinator.state}. Ctrl-C stops.")
         while all(p.poll() is None for p in coordinator.processes):
             time.sleep(1.0)

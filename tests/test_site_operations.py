@@ -81,7 +81,7 @@ def test_simulate_by_absolute_path_without_an_activated_venv(tmp_path):
                            str(tmp_path / "run"), "--state-dir", str(tmp_path / "state")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds_aggregated"] == 1
 
 
 @pytest.mark.e2e
@@ -312,3 +312,22 @@ def test_a_second_server_on_a_running_kits_state_is_refused_naming_the_holder(tm
         holder.wait()
     superlink.lock_state(state)  # free again once its holder is gone
     superlink.release_state(state)
+
+
+# --- 6. smaller items ---------------------------------------------------------------------------------
+
+def test_the_node_facing_port_binds_the_kits_host_and_the_banner_names_the_kits_address():
+    assert superlink.default_bind_host({"server_hosts": ["127.0.0.1", "localhost"]}) == "127.0.0.1"
+    assert superlink.default_bind_host({"server_hosts": ["localhost"]}) in ("127.0.0.1", "::1")
+    assert superlink.default_bind_host({"server_hosts": ["fl.hospital.invalid"]}) == "0.0.0.0"  # not resolvable
+    assert superlink.default_bind_host({"server_hosts": ["192.0.2.7"]}) == "0.0.0.0"  # not this machine's
+    assert superlink.node_facing_address({"server_hosts": ["fl.hospital.org", "localhost"]}, 9092) == "fl.hospital.org:9092"
+
+
+def test_kit_readmes_name_their_folder(tmp_path):
+    fed = provision(tmp_path / "fed", ["127.0.0.1"], ["site-a"])
+    server_readme = (fed.server_kit / "README.md").read_text()
+    node_readme = (fed.node_kits["site-a"] / "README.md").read_text()
+    assert "{this folder}" not in server_readme + node_readme
+    assert f"fedpriv server --kit {fed.server_kit.resolve()}" in server_readme
+    assert "fedpriv node --kit . " in node_readme and str(fed.node_kits["site-a"].resolve()) in node_readme
