@@ -331,3 +331,56 @@ def test_kit_readmes_name_their_folder(tmp_path):
     assert "{this folder}" not in server_readme + node_readme
     assert f"fedpriv server --kit {fed.server_kit.resolve()}" in server_readme
     assert "fedpriv node --kit . " in node_readme and str(fed.node_kits["site-a"].resolve()) in node_readme
+
+
+@pytest.mark.e2e
+def test_server_and_node_by_absolute_path_without_a_venv_second_server_refused_sigterm_stops_them(tmp_path, nginx):
+    fed = provision(tmp_path / "fed", ["127.0.0.1"], ["site-a"], port=free_port())
+    env = {"HOME": os.environ.get("HOME", str(tmp_path)), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    command = [str(VENV_BIN / "fedpriv"), "server", "--kit", str(fed.server_kit), "--control-port", str(free_port())]
+    log = tmp_path / "server.log"
+    with open(log, "wb") as handle:
+        first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "SuperLink ready" not in log.read_text() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "SuperLink ready: SuperNodes connect to 127.0.0.1:" in log.read_text(), log.read_text()[-2000:]
+        record = (fed.server_kit / "state" / superlink.COORDINATOR_FILE).read_text()
+        second = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and f"is held by process {first.pid} (fedpriv server --kit" in \
+            " ".join(second.stdout.split()), second.stdout
+        assert (fed.server_kit / "state" / superlink.COORDINATOR_FILE).read_text() == record
+        # A site's `fedpriv node`, by absolute path too, joins (its SuperExec spawned from the venv).
+        node_log = tmp_path / "node.log"
+        with open(node_log, "wb") as handle:
+            node = subprocess.Popen([str(VENV_BIN / "fedpriv"), *_node(fed.node_kits["site-a"], _text_data(tmp_path))],
+                                    env=env, cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while "SuperNode ID" not in node_log.read_text() and node.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert "SuperNode ID" in node_log.read_text(), node_log.read_text()[-2000:]
+            node_children = _tree(node.pid)
+            assert any("flower-superexec" in line for line in _alive(node_children))
+            node.send_signal(signal.SIGTERM)
+            node.wait(timeout=60)
+            deadline = time.monotonic() + 10
+            while _alive(node_children) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not _alive(node_children), _alive(node_children)
+        finally:
+            if node.poll() is None:
+                node.kill()
+        children = _tree(first.pid)
+        assert any("flower-superexec" in line for line in _alive(children))
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 128 + signal.SIGTERM  # stopped its processes, then exited
+        deadline = time.monotonic() + 10  # the reaper too, once it has checked nothing of the server is left
+        while _alive(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(children), _alive(children)
+    finally:
+        if first.poll() is None:
+            first.kill()
