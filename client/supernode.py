@@ -28,9 +28,9 @@ from privacy.secagg.identity import IdentityError, load_identity
 from shared_models import TASKS
 from shared_models.datasets import load_local
 from shared_models.flower_processes import console_script, free_port, start_flower
-
-DEFAULT_CONNECT_TIMEOUT_S = 300.0
 from shared_models.records import DataFormatError
+
+DEFAULT_CONNECT_TIMEOUT_S = 300.0  # `--connect-timeout`: how long a starting node retries reaching the SuperLink
 
 
 class NodeConfigError(ValueError):

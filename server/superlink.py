@@ -30,7 +30,14 @@ import tomli_w
 
 from privacy.provisioning import FLWR_CONNECTION, flwr_connection, load_kit
 from server.fleet_gateway import GatewayError, nginx_config, start_gateway
-from shared_models.flower_processes import console_script, flwr_env, last_error, start_flower, stop_process_tree
+from shared_models.flower_processes import (
+    attempt_header,
+    console_script,
+    flwr_env,
+    last_error,
+    start_flower,
+    stop_process_tree,
+)
 
 COORDINATOR_FILE = "coordinator.json"  # in the state folder: where the running SuperLink listens
 LOCK_FILE = "server.lock"  # in the state folder: held (fcntl.lockf) by the `fedpriv server` that runs on it
@@ -218,6 +225,8 @@ def start_coordinator(kit_dir: Path, *, port: int | None = None, host: str | Non
         env = flwr_env(home)
         log_file, output_file = state / "superlink.log", state / "superlink.stderr"
         with open(output_file, "ab") as output:  # stdout too: uvicorn's startup errors land there
+            output.write(attempt_header())
+            output.flush()
             superlink = start_flower(
                 [console_script("flower-superlink"), "--ssl-ca-certfile", str(kit["ca"]), "--ssl-certfile",
                  str(kit["certificate"]), "--ssl-keyfile", str(kit["private_key"]), "--enable-supernode-auth",
@@ -232,7 +241,7 @@ def start_coordinator(kit_dir: Path, *, port: int | None = None, host: str | Non
             nginx_config(listen_host=host, listen_port=port, upstream_port=control_port,
                          certificate=kit["certificate"], private_key=kit["private_key"], ca_certificate=kit["ca"],
                          workdir=gateway_dir),
-            gateway_dir, state / "gateway.stderr"))
+            gateway_dir, state / "gateway.stderr", listen_port=port))
         coordinator.registered = register_node_keys(kit, env)
     except BaseException:
         coordinator.stop()

@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
@@ -172,6 +173,12 @@ def ensure_reaper() -> None:
 
 
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt): .+")
+ATTEMPT_MARK = "===== fedpriv attempt started"
+
+
+def attempt_header() -> bytes:
+    """The line fedpriv writes into an appended log before each attempt (`last_error` reads only the last one)."""
+    return f"\n{ATTEMPT_MARK} {datetime.now(timezone.utc).isoformat(timespec='seconds')} =====\n".encode()
 
 
 def last_error(*log_files: Path) -> str:
@@ -190,7 +197,9 @@ def last_error(*log_files: Path) -> str:
 
 
 def exception_line(text: str) -> str:
-    """The last `SomeError: message` line of a log's `text`, stripped, or ''."""
+    """The last `SomeError: message` line of a log's `text` (of its last attempt, see `attempt_header`),
+    stripped, or ''."""
+    text = text[text.rfind(ATTEMPT_MARK):] if ATTEMPT_MARK in text else text
     hits = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line.strip())]
     return hits[-1] if hits else ""
 

@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import time
 import tomllib
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -27,8 +26,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from privacy.secagg.identity import write_identities
 from shared_models.flower_processes import (
     APP_DIR,
+    attempt_header,
     console_script,
-    exception_line,
     flwr_env,
     free_port,
     last_error,
@@ -142,7 +141,7 @@ def run_simulation_job(
     superlink = None
     try:
         with open(superlink_output, "ab") as output:  # appended: an interrupted attempt's output is kept
-            output.write(_attempt_header())
+            output.write(attempt_header())
             output.flush()
             superlink = start_flower(
                 [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -176,9 +175,8 @@ def submit_and_follow(run_config: dict, out_dir: Path, connection: str, env: dic
     app = stage_app(Path(tempfile.mkdtemp(prefix="fedpriv-app-")) / "app")
     try:
         with open(flwr_log, "ab") as log_handle:  # appended: each attempt (e.g. before --resume) is kept
-            log_handle.write(_attempt_header())
+            log_handle.write(attempt_header())
             log_handle.flush()
-            start = len(flwr_log.read_bytes())
             runner = start_flower(
                 [console_script("flwr"), "run", str(app), connection, "--run-config", str(run_toml), *extra_args,
                  "--stream"],
@@ -193,25 +191,13 @@ def submit_and_follow(run_config: dict, out_dir: Path, connection: str, env: dic
     finally:
         shutil.rmtree(app.parent, ignore_errors=True)
     if runner.returncode != 0:
-        raise SimulationError(f"`flwr run` exited with code {runner.returncode}{_last_error(flwr_log, start)}; "
+        raise SimulationError(f"`flwr run` exited with code {runner.returncode}{last_error(flwr_log)}; "
                               f"see {flwr_log}")
     summary_file = out_dir / "summary.json"
     if not summary_file.exists():
-        raise SimulationError(f"the run ended without writing {summary_file}{_last_error(flwr_log, start)}; "
+        raise SimulationError(f"the run ended without writing {summary_file}{last_error(flwr_log)}; "
                               f"see {flwr_log}")
     return json.loads(summary_file.read_text())
-
-
-def _attempt_header() -> bytes:
-    return f"\n===== fedpriv attempt started {datetime.now(timezone.utc).isoformat(timespec='seconds')} =====\n".encode()
-
-
-def _last_error(log_file: Path, start: int = 0) -> str:
-    """': <last exception line>' of this attempt's part of Flower's log (from byte `start`), or ''."""
-    if not log_file.exists():
-        return ""
-    line = exception_line(log_file.read_bytes()[start:].decode(errors="replace"))
-    return f": {line}" if line else ""
 
 
 def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Console, starting: str) -> None:

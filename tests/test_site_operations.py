@@ -57,19 +57,26 @@ def test_flower_processes_get_this_environments_bin_folder_first_on_path(monkeyp
 
 
 def test_a_failed_flwr_run_quotes_flowers_exception_and_every_attempts_log_is_kept(monkeypatch, tmp_path):
-    fake = tmp_path / "flwr"
-    fake.write_text("#!/bin/sh\necho \"attempt $$ of flwr run\"\necho 'RuntimeError: the SuperLink said no'\nexit 1\n")
+    fake, count = tmp_path / "flwr", tmp_path / "count"
+    fake.write_text(f"#!/bin/sh\nn=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}\n"
+                    "echo \"attempt $n of flwr run\"\n"
+                    "[ $n = 1 ] && echo 'RuntimeError: the SuperLink said no'\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setattr(runner, "console_script", lambda name: str(fake))
     out = tmp_path / "run"
     out.mkdir()
     config = {"num-server-rounds": 1, "out-dir": str(out)}
+    errors = []
     for _ in range(2):
-        with pytest.raises(runner.SimulationError, match=r"exited with code 1: RuntimeError: the SuperLink said no"):
+        with pytest.raises(runner.SimulationError) as caught:
             runner.submit_and_follow(config, out, "x", dict(os.environ), runner.Console(file=io.StringIO()),
                                      starting="")
+        errors.append(str(caught.value))
+    assert errors[0].startswith("`flwr run` exited with code 1: RuntimeError: the SuperLink said no; see ")
+    assert "RuntimeError" not in errors[1]  # the second attempt's own cause (none), not the first one's
     log = (out / "flower.log").read_text()
-    assert log.count("of flwr run") == 2 and log.count("fedpriv attempt started") == 2
+    assert "attempt 1 of flwr run" in log and "attempt 2 of flwr run" in log
+    assert log.count("fedpriv attempt started") == 2
 
 
 @pytest.mark.e2e
@@ -384,3 +391,21 @@ def test_server_and_node_by_absolute_path_without_a_venv_second_server_refused_s
     finally:
         if first.poll() is None:
             first.kill()
+
+
+def test_a_gateway_that_cannot_bind_quotes_nginx(tmp_path, nginx):
+    from server.fleet_gateway import GatewayError, nginx_config, start_gateway
+
+    fed = provision(tmp_path / "fed", ["127.0.0.1"], ["site-a"])
+    kit = fed.server_kit
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    try:
+        config = nginx_config(listen_host="127.0.0.1", listen_port=port, upstream_port=free_port(),
+                              certificate=kit / "server.crt", private_key=kit / "server.key", ca_certificate=kit / "ca.crt",
+                              workdir=tmp_path / "gateway")
+        with pytest.raises(GatewayError, match=rf"nginx exited with code 1: .*bind\(\) to 127.0.0.1:{port} failed "
+                                               r"\(98: Address already in use\)"):
+            start_gateway(config, tmp_path / "gateway", tmp_path / "gateway.stderr", listen_port=port)
+    finally:
+        busy.close()
