@@ -409,3 +409,15 @@ def test_a_gateway_that_cannot_bind_quotes_nginx(tmp_path, nginx):
             start_gateway(config, tmp_path / "gateway", tmp_path / "gateway.stderr", listen_port=port)
     finally:
         busy.close()
+
+
+@pytest.mark.e2e
+def test_two_simulations_started_together_both_finish(tmp_path):
+    runs = [subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "1", "--clients", "2",
+                              "--out", str(tmp_path / f"run{k}"), "--state-dir", str(tmp_path / f"state{k}")],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for k in range(2)]
+    outputs = [run.communicate(timeout=900)[0] for run in runs]
+    for k, (run, output) in enumerate(zip(runs, outputs)):
+        assert run.returncode == 0, output[-2000:]
+        assert json.loads((tmp_path / f"run{k}" / "summary.json").read_text())["rounds_aggregated"] == 1
