@@ -154,9 +154,9 @@ def test_sigkill_of_simulate_leaves_no_flower_or_ray_process_within_30_s(tmp_pat
         assert not _alive(flower), f"still running {gone_after:.0f} s after SIGKILL: {_alive(flower)}"
         print(f"every Flower and Ray process gone {gone_after:.1f} s after SIGKILL of fedpriv simulate")
     finally:
-        for pid in seen:
+        for line in _alive(seen):  # only the processes seen, never a reused pid
             try:
-                psutil.Process(pid).kill()
+                psutil.Process(int(line.split()[0])).kill()
             except psutil.Error:
                 pass
 
