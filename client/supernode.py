@@ -17,7 +17,9 @@ import argparse
 import math
 import shlex
 import signal
-import subprocess
+import socket
+import ssl
+import time
 from pathlib import Path
 
 from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, default_state_dir
@@ -26,8 +28,10 @@ from privacy.secagg.identity import IdentityError, load_identity
 from shared_models import TASKS
 from shared_models.datasets import LabeledArrays, LocalDataOptions, load_local, summary_lines
 from shared_models.datasets.local import add_local_data_options, local_data_options
-from shared_models.flower_processes import console_script, free_port
+from shared_models.flower_processes import console_script, free_port, start_flower
 from shared_models.records import DataFormatError
+
+DEFAULT_CONNECT_TIMEOUT_S = 300.0  # `--connect-timeout`: how long a starting node retries reaching the SuperLink
 
 
 class NodeConfigError(ValueError):
@@ -81,6 +85,76 @@ def read_local_data(data: Path, task: str, delta: float, options: LocalDataOptio
     return local
 
 
+class SuperLinkUnreachable(ConnectionError):
+    """The SuperLink could not be reached within the connect timeout (message: address and cause)."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of "HOST:PORT" or "[IPv6]:PORT"; raises ProvisioningError naming the address."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ProvisioningError(f"SuperLink address {address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def connection_cause(err: BaseException, host: str, port: int) -> tuple[str, bool]:
+    """(what went wrong, in words; whether retrying may help) for an error of `probe_once`."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return (f"TLS: the SuperLink's certificate does not verify against the kit's ca.crt "
+                f"({err.verify_message}); is this the federation's SuperLink, and the kit the current one?", False)
+    if isinstance(err, ssl.SSLError):
+        return f"TLS handshake failed ({err.reason or err})", True
+    if isinstance(err, socket.gaierror):
+        return f"name resolution failed for {host!r} ({err.strerror})", True
+    if isinstance(err, ConnectionRefusedError):
+        return f"connection refused: nothing listens on port {port} of {host} (is `fedpriv server` running?)", True
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return f"no answer from {host}:{port} (timed out: a firewall, or the wrong address?)", True
+    if isinstance(err, ConnectionError):
+        return f"connection failed ({err.strerror or err})", True
+    return f"{type(err).__name__}: {err}", True
+
+
+def probe_once(address: str, ca: Path, timeout: float = 10.0) -> None:
+    """Open a TCP connection to the SuperLink's node-facing `address` and complete a TLS handshake,
+    verified against the kit's CA (`ca`) for that host name; raises OSError / ssl.SSLError."""
+    host, port = split_address(address)
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        with context.wrap_socket(raw, server_hostname=host):
+            pass
+
+
+def wait_for_superlink(address: str, ca: Path, timeout: float, report=print, sleep=time.sleep) -> int:
+    """Probe the SuperLink until it answers or `timeout` seconds pass (backoff 1, 2, 4 ... 30 s).
+
+    Returns the number of attempts. Raises SuperLinkUnreachable naming the address and the
+    last cause (refused, TLS, name resolution, timeout) when the time is up, or at once for
+    a certificate that does not verify (retrying cannot fix it). `report(text)` hears about
+    each failed attempt.
+    """
+    host, port = split_address(address)
+    deadline = time.monotonic() + max(timeout, 0.0)
+    delay, attempts = 1.0, 0
+    while True:
+        attempts += 1
+        try:
+            probe_once(address, ca, timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            return attempts
+        except (OSError, ssl.SSLError) as err:
+            cause, transient = connection_cause(err, host, port)
+        left = deadline - time.monotonic()
+        if not transient or left <= 0:
+            raise SuperLinkUnreachable(
+                f"cannot reach the SuperLink at {address}: {cause} ({attempts} attempt{'s' * (attempts > 1)} "
+                f"in {timeout:g} s; --connect-timeout sets how long to retry)")
+        wait = min(delay, left)
+        report(f"SuperLink at {address}: {cause}; retrying in {wait:.0f} s")
+        sleep(wait)
+        delay = min(delay * 2, 30.0)
+
+
 def supernode_command(kit: dict, node_cfg: str, clientappio_port: int) -> list[str]:
     """The `flower-supernode` command line for a node kit (see the module docstring)."""
     return [console_script("flower-supernode"), "--superlink", kit["superlink"], "--root-certificates", str(kit["ca"]),
@@ -110,6 +184,10 @@ def register(subparsers) -> None:
     parser.add_argument("--superlink", default=None, metavar="HOST:PORT",
                         help="the SuperLink's node-facing address (default: the one written in the kit)")
     add_local_data_options(parser.add_argument_group("how the local data is read"))
+    parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="SECONDS",
+                        help="how long to retry (with backoff) reaching the SuperLink before starting; past it the "
+                             "node exits with code 3, naming the address and the cause (refused, TLS, name "
+                             "resolution). Once connected, Flower itself reconnects after a SuperLink restart")
     parser.add_argument("--port", type=int, default=0,
                         help="local port for Flower's ClientApp channel (0: a free one; each SuperNode on a host needs its own)")
     parser.set_defaults(handler=_run_node)
@@ -119,6 +197,7 @@ def _run_node(args, console) -> int:
     try:
         kit = load_kit(args.kit, "node")
         kit["superlink"] = args.superlink or kit["superlink"]
+        split_address(kit["superlink"])
         if not args.max_epsilon > 0 or not math.isfinite(args.max_epsilon):
             raise NodeConfigError(f"--max-epsilon must be a positive number, got {args.max_epsilon}")
         if not 0 < args.delta < 1:
@@ -147,7 +226,15 @@ def _run_node(args, console) -> int:
     for line in summary_lines(local):
         console.print(f"  data: {line}", markup=False)
     console.print(f"  {shlex.join(command)}", markup=False)
-    process = subprocess.Popen(command)
+    try:
+        wait_for_superlink(kit["superlink"], kit["ca"], args.connect_timeout,
+                           report=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+    except SuperLinkUnreachable as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    process = start_flower(command, new_session=False)
     # Pass Ctrl-C / SIGTERM on to Flower so the SuperNode deregisters cleanly.
     signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
     try:

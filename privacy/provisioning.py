@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy.secagg.identity import KEY_FILE as SECAGG_KEY_FILE, KEYRING_FILE, write_keyring, write_private_key
+from shared_models.flower_processes import APP_DIR
 
 CURVE = ec.SECP384R1()
 SIGNATURE_HASH = hashes.SHA384()
@@ -63,6 +64,16 @@ DEFAULT_INTERNAL_PORT = 9093  # the SuperLink itself, on loopback only (Fleet + 
 FLWR_CONNECTION = "fedpriv"  # the connection name in the Flower CLI's config
 _LOCAL_NAMES = ("localhost", "127.0.0.1")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+# The keys each role's kit.json must hold, and what each one is (for the error that names a missing one).
+KIT_KEYS = {
+    "node": {"node": "this node's name", "superlink": "the SuperLink's node-facing address, HOST:PORT",
+             "ca": "the CA certificate's file name", "private_key": "the node key's file name"},
+    "server": {"fleet_port": "the node-facing TLS port", "internal_port": "the SuperLink's loopback port",
+               "ca": "the CA certificate's file name", "certificate": "the server certificate's file name",
+               "private_key": "the server key's file name", "nodes": "the list of node names"},
+}
 
 
 class ProvisioningError(ValueError):
@@ -195,17 +206,38 @@ def check_names(server_hosts: list[str], nodes: list[str]) -> None:
         raise ProvisioningError(f"--nodes has duplicates: {sorted({n for n in nodes if nodes.count(n) > 1})}")
 
 
-def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = DEFAULT_FLEET_PORT) -> Federation:
+def check_out_folder(out: Path, app_dir: Path | None = None, force: bool = False) -> None:
+    """Raise ProvisioningError when `out` lies inside the fedpriv app folder (a source checkout:
+    `app_dir` holds pyproject.toml) and `force` is not set: keys there sit one `git add -A`
+    away from a commit, next to the app code."""
+    app_dir = Path(app_dir or APP_DIR)
+    if force or not (app_dir / "pyproject.toml").exists():
+        return
+    resolved, app = Path(out).expanduser().resolve(), Path(app_dir).resolve()
+    if resolved == app or app in resolved.parents:
+        raise ProvisioningError(
+            f"--out {out} is inside the fedpriv app folder {app}: kits hold private keys and do not belong next to "
+            f"the app's code. Write them elsewhere (e.g. --out ~/fedpriv-kits), or pass --force")
+
+
+def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = DEFAULT_FLEET_PORT, *,
+              force: bool = False) -> Federation:
     """Write (or complete) the kits of a federation under `out`; see the module docstring.
 
     server_hosts: names/IPs SuperNodes use to reach the coordinator; the first is written into
     the node kits' SuperLink address. port: the TLS Fleet port SuperNodes connect to.
+    force: allow `out` inside the fedpriv app folder (`check_out_folder`). `out` gets a
+    `.gitignore` of `*`, so no key in it is ever listed by `git status`, wherever it lies.
     Raises ProvisioningError on bad names, or when an existing kit disagrees with the request.
     """
     check_names(server_hosts, nodes)
     if not 1 <= port <= 65535:
         raise ProvisioningError(f"--port must be in [1, 65535], got {port}")
+    check_out_folder(out, force=force)
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / ".gitignore").exists():
+        (out / ".gitignore").write_text("# fedpriv kits hold private keys: never commit them\n*\n")
     hosts = list(dict.fromkeys([*server_hosts, *_LOCAL_NAMES]))
     now = dt.datetime.now(dt.timezone.utc)
     ca_dir, server_dir, nodes_dir = out / "ca", out / "server", out / "nodes"
@@ -247,7 +279,7 @@ def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = 
         _write_public(kit / "ca.crt", ca_pem)
         _write_json(kit / "kit.json", {"role": "node", "node": node, "superlink": superlink,
                                        "ca": "ca.crt", "private_key": f"{node}.key", "public_key": f"{node}.pub"})
-        (kit / "README.md").write_text(_node_readme(node, superlink))
+        (kit / "README.md").write_text(_node_readme(node, superlink, kit.resolve()))
         node_kits[node] = kit
 
     all_nodes = sorted(p.stem for p in (server_dir / "node-keys").glob("*.pub"))
@@ -263,7 +295,7 @@ def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = 
     (server_dir / "flwr").mkdir(exist_ok=True)
     (server_dir / "flwr" / "config.toml").write_text(
         tomli_w.dumps(flwr_connection(server_dir / "ca.crt", DEFAULT_INTERNAL_PORT)))
-    (server_dir / "README.md").write_text(_server_readme(superlink, all_nodes))
+    (server_dir / "README.md").write_text(_server_readme(superlink, all_nodes, server_dir.resolve()))
     return Federation(out=out, server_kit=server_dir, node_kits=node_kits)
 
 
@@ -285,10 +317,17 @@ def load_kit(kit: Path, role: str) -> dict:
         raise ProvisioningError(f"{meta_file} not found: --kit must be a folder written by `fedpriv provision`")
     try:
         meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ProvisioningError(f"{meta_file}: not valid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProvisioningError(f"{meta_file}: not valid JSON ({err}); re-run `fedpriv provision` with the same "
+                                "--out to rewrite it") from err
+    if not isinstance(meta, dict):
+        raise ProvisioningError(f"{meta_file}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("role") != role:
         raise ProvisioningError(f"{kit} is a {meta.get('role')!r} kit, this command needs the {role!r} kit")
+    for key, expected in KIT_KEYS[role].items():
+        if key not in meta:
+            raise ProvisioningError(f"{meta_file}: missing key {key!r} (expected {expected}); re-run `fedpriv "
+                                    "provision` with the same --out to rewrite the kit")
     for key in ("ca", "private_key", "certificate", "public_key"):
         if key in meta:
             path = kit / meta[key]
@@ -301,30 +340,32 @@ def load_kit(kit: Path, role: str) -> dict:
     return meta
 
 
-def _server_readme(superlink: str, nodes: list[str]) -> str:
+def _server_readme(superlink: str, nodes: list[str], folder: Path) -> str:
     return f"""# Coordinator kit
 
 Start the SuperLink (TLS, SuperNode authentication, persistent state) behind its Fleet-only
 TLS front door, and register the node keys in `node-keys/`:
 
-    fedpriv server --kit {'{this folder}'}
+    fedpriv server --kit {folder}
 
 SuperNodes connect to `{superlink}`. Only `/v1/fleet/*` is served there; the Control API (starting
 runs, registering nodes) listens on 127.0.0.1 only. Then, on this machine:
 
-    fedpriv run --kit {'{this folder}'} --dataset ... --rounds ...
+    fedpriv run --kit {folder} --dataset ... --rounds ...
 
 Nodes: {', '.join(nodes)}. `server.key` is secret (mode 0600). Keep `../ca/ca.key` offline.
-Flower's own CLI works too: `FLWR_HOME={'{this folder}'}/flwr flwr ls` (uses `flwr/config.toml`).
+Flower's own CLI works too: `FLWR_HOME={folder}/flwr flwr ls` (uses `flwr/config.toml`).
 """
 
 
-def _node_readme(node: str, superlink: str) -> str:
+def _node_readme(node: str, superlink: str, folder: Path) -> str:
     return f"""# SuperNode kit for `{node}`
 
 Your data never leaves this machine; only model updates (masked, with secure aggregation) do.
+Start the node from inside this folder (or give `--kit` this folder's path wherever it lies;
+it was written as {folder}):
 
-    fedpriv node --kit {'{this folder}'} --data /path/to/your/data --task vision|speech|text \\
+    fedpriv node --kit . --data /path/to/your/data --task vision|speech|text \\
         --max-epsilon 8 --delta 1e-5
 
 - `{node}.key` is this node's secret identity (mode 0600): never send it anywhere.
@@ -343,13 +384,16 @@ def register(subparsers) -> None:
                         help="comma-separated host names / IPs SuperNodes use to reach the coordinator")
     parser.add_argument("--nodes", required=True, help="comma-separated node names, e.g. hospital-a,hospital-b")
     parser.add_argument("--port", type=int, default=DEFAULT_FLEET_PORT, help="node-facing TLS port of the SuperLink")
+    parser.add_argument("--force", action="store_true",
+                        help="write the kits even inside the fedpriv app folder (refused by default: keys next to code)")
     parser.set_defaults(handler=_provision_command)
 
 
 def _provision_command(args, console) -> int:
     split = lambda text: [part.strip() for part in text.split(",") if part.strip()]  # noqa: E731
     try:
-        federation = provision(args.out, split(args.server_host), split(args.nodes), port=args.port)
+        federation = provision(args.out, split(args.server_host), split(args.nodes), port=args.port,
+                               force=args.force)
     except ProvisioningError as err:
         console.print(f"[red]error:[/red] {err}")
         return 2

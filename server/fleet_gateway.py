@@ -17,6 +17,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
+from shared_models.flower_processes import start_flower
+
 FLEET_PREFIX = "/v1/fleet/"
 
 
@@ -32,6 +36,15 @@ def nginx_binary() -> str:
         raise GatewayError("nginx is required to keep the Control API off the node-facing port: "
                            "install it (Debian/Ubuntu: `apt-get install nginx`), then start again")
     return found
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a listening TCP socket on `port`."""
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in psutil.Process(pid).net_connections(kind="tcp"))
+    except psutil.Error:
+        return False
 
 
 def nginx_config(*, listen_host: str, listen_port: int, upstream_port: int, certificate: Path, private_key: Path,
@@ -85,11 +98,14 @@ http {{
 """
 
 
-def start_gateway(config_text: str, workdir: Path, log_file: Path) -> subprocess.Popen:
+def start_gateway(config_text: str, workdir: Path, log_file: Path, listen_port: int | None = None,
+                  timeout: float = 10.0) -> subprocess.Popen:
     """Check and start nginx in the foreground with `config_text`; returns its process.
 
-    Raises GatewayError when nginx is missing or refuses the configuration (its message
-    is quoted).
+    listen_port: the port the configuration listens on; when given, return only once nginx
+    itself holds it (nginx retries a busy port for a few seconds before it gives up).
+    Raises GatewayError when nginx is missing, refuses the configuration or exits (its
+    message is quoted, e.g. `bind() ... failed (98: Address already in use)`).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "nginx.conf"
@@ -98,10 +114,24 @@ def start_gateway(config_text: str, workdir: Path, log_file: Path) -> subprocess
     check = subprocess.run([nginx, "-t", "-q", "-c", str(config), "-p", str(workdir)], capture_output=True, text=True)
     if check.returncode != 0:
         raise GatewayError(f"nginx refused {config}: {check.stderr.strip()}")
-    process = subprocess.Popen([nginx, "-c", str(config), "-p", str(workdir), "-g", "daemon off;"],
-                               stdout=subprocess.DEVNULL, stderr=open(log_file, "ab"), start_new_session=True)
-    time.sleep(0.5)
+    with open(log_file, "ab") as log:
+        start = log.tell()
+        process = start_flower([nginx, "-c", str(config), "-p", str(workdir), "-g", "daemon off;"],
+                               stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + (timeout if listen_port else 0.5)
+    while time.monotonic() < deadline and process.poll() is None:
+        if listen_port and _listens(process.pid, listen_port):
+            return process
+        time.sleep(0.1)
     if process.poll() is not None:
-        raise GatewayError(f"nginx exited with code {process.returncode}; see {log_file} and "
+        lines = [line.strip() for line in log_file.read_bytes()[start:].decode(errors="replace").splitlines()
+                 if line.strip()]
+        reasons = [line for line in lines if "failed (" in line] or lines  # "bind() ... failed (98: ...)", not "still ..."
+        cause = f": {reasons[-1]}" if reasons else ""
+        raise GatewayError(f"nginx exited with code {process.returncode}{cause}; see {log_file} and "
                            f"{workdir / 'gateway-error.log'}")
+    if listen_port:
+        process.kill()
+        process.wait()
+        raise GatewayError(f"nginx did not listen on port {listen_port} within {timeout:.0f} s; see {log_file}")
     return process

@@ -5,24 +5,76 @@
 (`simulations.runner`) starts a SuperLink in simulation mode and `flwr run`. They find
 Flower's console scripts, pick ports, set Flower's environment and stop process trees the
 same way, here.
+
+Service-friendly: Flower's processes spawn others by name from PATH (`flower-superexec`,
+then `flwr-serverapp`, `flwr-clientapp`, `flwr-simulation`), so `flower_env` puts the bin
+folder of the interpreter running fedpriv first on PATH: a `fedpriv` called by its absolute
+path from a venv that is not activated (systemd, cron, a container's entry point) starts
+Flower from that same venv.
+
+No orphans: every process started with `start_flower` gets SIGTERM when the fedpriv process
+that started it dies, however it dies (Linux `prctl(PR_SET_PDEATHSIG)`), and carries an
+environment marker (`OWNER_VARIABLE`) that everything Flower and Ray start beneath it
+inherits. A small reaper process, started once per fedpriv process, waits for fedpriv to
+end and then stops every process still carrying its marker (SIGTERM, SIGKILL 5 s later):
+a SIGKILL of `fedpriv simulate` leaves no SuperLink, `flwr run`, simulation or Ray process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
 
+APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml (the Flower App)
+OWNER_VARIABLE = "FEDPRIV_OWNER"  # marks every process a fedpriv process started, and their descendants
+_PR_SET_PDEATHSIG = 1
+try:  # loaded here, not in the forked child (preexec_fn must not load libraries)
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+_owner_token: str | None = None
+_reaper: subprocess.Popen | None = None
+
+
+def bin_dir() -> Path:
+    """The bin folder of the environment running fedpriv (`sys.executable`'s folder, symlinks kept)."""
+    return Path(sys.executable).parent
+
+
+def owner_token() -> str:
+    """This fedpriv process's marker: `OWNER_VARIABLE` in the environment of each Flower process it starts."""
+    global _owner_token
+    if _owner_token is None:
+        _owner_token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    return _owner_token
+
+
+def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ for a Flower process: this environment's bin folder first on PATH, unbuffered
+    output, this process's owner marker, plus `extra`."""
+    path = os.environ.get("PATH", "")
+    first = str(bin_dir())
+    if path.split(os.pathsep)[0] != first:
+        path = first + (os.pathsep + path if path else "")
+    return {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1", OWNER_VARIABLE: owner_token(), **(extra or {})}
+
 
 def flwr_env(home: Path) -> dict[str, str]:
     """Environment for `flwr` and Flower's processes: config folder `home`, no update check, no
-    runtime dependency installation (offline), unbuffered logs."""
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+    runtime dependency installation (offline), unbuffered logs, this environment's bin folder first
+    on PATH (see the module docstring)."""
+    return process_env({"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+                        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
 
 
 def free_port() -> int:
@@ -34,8 +86,122 @@ def free_port() -> int:
 
 def console_script(name: str) -> str:
     """A console script of the running interpreter's environment (works without an activated venv)."""
-    candidate = Path(sys.executable).parent / name
+    candidate = bin_dir() / name
     return str(candidate) if candidate.exists() else name
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn: SIGTERM this child when the process that started it dies (Linux), even by SIGKILL."""
+    def setup() -> None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took hold
+            os.kill(os.getpid(), signal.SIGTERM)
+    return setup
+
+
+def start_flower(command: list[str], *, env: dict[str, str] | None = None, new_session: bool = True,
+                 **popen) -> subprocess.Popen:
+    """Popen a Flower process (or nginx) that cannot outlive this fedpriv process.
+
+    env: defaults to `process_env()`; it always carries this process's owner marker. The
+    child gets its own process group (`new_session`), a parent-death signal (Linux), and the
+    reaper (`ensure_reaper`) stops it and its descendants once this process is gone.
+    """
+    env = {**(env if env is not None else process_env()), OWNER_VARIABLE: owner_token()}
+    ensure_reaper()
+    preexec = _die_with_parent(os.getpid()) if _PRCTL is not None else None
+    return subprocess.Popen(command, env=env, start_new_session=new_session, preexec_fn=preexec, **popen)
+
+
+_REAPER_SOURCE = r"""
+import sys, time, psutil
+parent, created, token, variable = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+def alive():
+    try:
+        proc = psutil.Process(parent)
+        return abs(proc.create_time() - created) < 1 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+def marked():
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == psutil.Process().pid:
+            continue
+        try:
+            if proc.environ().get(variable) == token:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            pass
+    return found
+while alive():
+    time.sleep(0.5)
+quiet = 0
+deadline = time.monotonic() + 60
+while quiet < 2 and time.monotonic() < deadline:
+    procs = marked()
+    if not procs:
+        quiet += 1
+        time.sleep(0.5)
+        continue
+    quiet = 0
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(procs, timeout=5)
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5)
+"""
+
+
+def ensure_reaper() -> None:
+    """Start (once per process) the reaper that stops this process's Flower processes after it dies."""
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None:
+        return
+    env = {k: v for k, v in os.environ.items() if k != OWNER_VARIABLE}
+    _reaper = subprocess.Popen(
+        [sys.executable, "-c", _REAPER_SOURCE, str(os.getpid()), repr(psutil.Process().create_time()),
+         owner_token(), OWNER_VARIABLE],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True)
+
+
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt): .+")
+ATTEMPT_MARK = "===== fedpriv attempt started"
+
+
+def attempt_header() -> bytes:
+    """The line fedpriv writes into an appended log before each attempt (`last_error` reads only the last one)."""
+    return f"\n{ATTEMPT_MARK} {datetime.now(timezone.utc).isoformat(timespec='seconds')} =====\n".encode()
+
+
+def last_error(*log_files: Path) -> str:
+    """': <exception line>' from the last of `log_files` that has one, or '' (the cause, before "see LOG").
+
+    Reads Flower's logs (`--log-file`, and the captured stdout/stderr where uvicorn and
+    tracebacks land) for lines such as `FileNotFoundError: [Errno 2] No such file or
+    directory: 'flower-superexec'`.
+    """
+    for log_file in reversed(log_files):
+        if log_file is not None and Path(log_file).exists():
+            line = exception_line(Path(log_file).read_text(errors="replace"))
+            if line:
+                return f": {line}"
+    return ""
+
+
+def exception_line(text: str) -> str:
+    """The last `SomeError: message` line of a log's `text` (of its last attempt, see `attempt_header`),
+    stripped, or ''."""
+    text = text[text.rfind(ATTEMPT_MARK):] if ATTEMPT_MARK in text else text
+    hits = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line.strip())]
+    return hits[-1] if hits else ""
 
 
 def stop_process_tree(process: subprocess.Popen | None) -> None:

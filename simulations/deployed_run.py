@@ -56,7 +56,8 @@ def register(subparsers) -> None:
                         help="nodes that must be connected before a round starts (0: every node in the kit)")
     parser.add_argument("--fraction-train", type=float, default=1.0, help="share of connected nodes sampled per round")
     parser.add_argument("--node-wait-timeout", type=float, default=300.0,
-                        help="seconds to wait for --min-nodes to connect before a round fails")
+                        help="seconds the first round waits for --min-nodes to connect (later rounds: for at least one "
+                             "node); past it the whole run ends with an error")
     add_training_options(parser, dataset_help="named dataset whose test split the coordinator evaluates on "
                                               "(the nodes train on their own --data)")
     parser.set_defaults(handler=_run)

@@ -11,11 +11,11 @@ ClientApps do, inside Flower.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -24,9 +24,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privacy.secagg.identity import write_identities
-from shared_models.flower_processes import console_script, flwr_env, free_port, stop_process_tree
+from shared_models.flower_processes import (
+    APP_DIR,
+    attempt_header,
+    console_script,
+    flwr_env,
+    free_port,
+    last_error,
+    start_flower,
+    stop_process_tree,
+)
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml
 SUPERLINK_START_TIMEOUT_S = 60.0
 
 
@@ -34,11 +42,40 @@ class SimulationError(RuntimeError):
     """The simulation could not be started or did not finish; the message says where to look."""
 
 
-def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path) -> None:
+def app_packages(app_dir: Path = APP_DIR) -> list[str]:
+    """The app's top-level packages, as pyproject.toml's [tool.setuptools.packages.find] include lists them."""
+    config = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    return sorted({pattern.rstrip("*").rstrip(".") for pattern in patterns})
+
+
+def stage_app(dest: Path, app_dir: Path = APP_DIR) -> Path:
+    """Copy the Flower App's own files into `dest` (created): pyproject.toml and the `*.py` files of
+    its packages (`app_packages`), nothing else; returns `dest`.
+
+    `flwr run` builds the app bundle (FAB) from this folder, never from the checkout or the
+    working directory, so kits, keys, run folders and earlier bundles lying there can never
+    enter a bundle.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(app_dir / "pyproject.toml", dest / "pyproject.toml")
+    for package in app_packages(app_dir):
+        for source in sorted((app_dir / package).rglob("*.py")):
+            relative = source.relative_to(app_dir)
+            if any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
+                continue
+            target = dest / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return dest
+
+
+def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path, output_file: Path | None = None) -> None:
     deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+            raise SimulationError(f"flower-superlink exited with code {process.returncode}"
+                                  f"{last_error(log_file, output_file)}; see {output_file or log_file}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
                 return
@@ -100,16 +137,19 @@ def run_simulation_job(
         "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
     }
     superlink_log = out_dir / "superlink.log"
+    superlink_output = out_dir / "superlink.stderr"  # its stdout and stderr: uvicorn and tracebacks land here
     superlink = None
     try:
-        superlink = subprocess.Popen(
-            [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
-             "--log-file", str(superlink_log)],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(out_dir / "superlink.stderr", "wb"),
-            start_new_session=True,
-        )
-        _wait_healthy(port, superlink, superlink_log)
+        with open(superlink_output, "ab") as output:  # appended: an interrupted attempt's output is kept
+            output.write(attempt_header())
+            output.flush()
+            superlink = start_flower(
+                [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                 "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
+                 "--log-file", str(superlink_log)],
+                env=env, stdout=output, stderr=subprocess.STDOUT,
+            )
+        _wait_healthy(port, superlink, superlink_log, superlink_output)
         # Flower wants whole CPUs (an integer); GPUs may be a fraction.
         federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
                       f"client-resources-num-gpus={gpus_per_client}")
@@ -132,33 +172,32 @@ def submit_and_follow(run_config: dict, out_dir: Path, connection: str, env: dic
     run_toml = out_dir / "run-config.toml"
     run_toml.write_text(tomli_w.dumps(run_config))
     flwr_log = out_dir / "flower.log"
-    with open(flwr_log, "wb") as log_handle:
-        runner = subprocess.Popen(
-            [console_script("flwr"), "run", str(APP_DIR), connection, "--run-config", str(run_toml), *extra_args,
-             "--stream"],
-            env=env, stdout=log_handle, stderr=subprocess.STDOUT, cwd=str(APP_DIR),
-        )
-        try:
-            _follow(runner, out_dir, int(run_config["num-server-rounds"]), console, starting)
-        finally:
-            if runner.poll() is None:  # interrupted: stop `flwr run` too
-                runner.terminate()
-                runner.wait(timeout=10)
+    app = stage_app(Path(tempfile.mkdtemp(prefix="fedpriv-app-")) / "app")
+    try:
+        with open(flwr_log, "ab") as log_handle:  # appended: each attempt (e.g. before --resume) is kept
+            log_handle.write(attempt_header())
+            log_handle.flush()
+            runner = start_flower(
+                [console_script("flwr"), "run", str(app), connection, "--run-config", str(run_toml), *extra_args,
+                 "--stream"],
+                env=env, stdout=log_handle, stderr=subprocess.STDOUT, cwd=str(app), new_session=False,
+            )
+            try:
+                _follow(runner, out_dir, int(run_config["num-server-rounds"]), console, starting)
+            finally:
+                if runner.poll() is None:  # interrupted: stop `flwr run` too
+                    runner.terminate()
+                    runner.wait(timeout=10)
+    finally:
+        shutil.rmtree(app.parent, ignore_errors=True)
     if runner.returncode != 0:
-        raise SimulationError(f"`flwr run` exited with code {runner.returncode}{_last_error(flwr_log)}; see {flwr_log}")
+        raise SimulationError(f"`flwr run` exited with code {runner.returncode}{last_error(flwr_log)}; "
+                              f"see {flwr_log}")
     summary_file = out_dir / "summary.json"
     if not summary_file.exists():
-        raise SimulationError(f"the run ended without writing {summary_file}{_last_error(flwr_log)}; see {flwr_log}")
+        raise SimulationError(f"the run ended without writing {summary_file}{last_error(flwr_log)}; "
+                              f"see {flwr_log}")
     return json.loads(summary_file.read_text())
-
-
-def _last_error(log_file: Path) -> str:
-    """': <last exception line>' from Flower's log, or '' (so the user sees the cause first)."""
-    if not log_file.exists():
-        return ""
-    pattern = re.compile(r"^[\w.]*(Error|Exception): .+")
-    hits = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if pattern.match(line.strip())]
-    return f": {hits[-1]}" if hits else ""
 
 
 def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Console, starting: str) -> None:
