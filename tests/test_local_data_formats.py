@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import subprocess
 import unicodedata
 import wave
 
@@ -291,7 +290,8 @@ def test_fedpriv_node_prints_a_data_summary_and_passes_the_options_to_the_node(t
         def wait(self):
             return 0
 
-    monkeypatch.setattr(subprocess, "Popen", FakeSuperNode)
+    monkeypatch.setattr("client.supernode.wait_for_superlink", lambda *args, **kwargs: 1)  # no SuperLink here
+    monkeypatch.setattr("client.supernode.start_flower", lambda command, **kwargs: FakeSuperNode(command))
     monkeypatch.setattr("signal.signal", lambda *args: None)
     assert main(["node", "--kit", str(kit), "--data", str(data), "--task", "text", "--delta", "0.01",
                  "--max-text-bytes", "32", "--csv-delimiter", ";"]) == 0
