@@ -128,7 +128,7 @@ def test_report_command_rewrites_the_page_and_prints_its_path(run_dir, capsys):
 
 def test_chromium_decodes_every_plot(rendered):
     images = {img["id"]: img for img in rendered["images"]}
-    assert set(images) == {"plot-accuracy", "plot-epsilon", "plot-participation"}
+    assert set(images) == {"plot-accuracy", "plot-epsilon", "plot-participation", "plot-classes"}
     for img in images.values():
         assert img["complete"] and img["naturalWidth"] > 300 and img["naturalHeight"] > 100, img
         assert img["shownWidth"] > 300, img
