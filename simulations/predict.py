@@ -21,9 +21,9 @@ import torch
 from server.class_report import predict_proba
 from shared_models import build_model
 from shared_models.datasets import load_local
-from shared_models.datasets.local import LocalDataOptions
 from shared_models.datasets.named import load_dataset
 from shared_models.records import DataFormatError
+from shared_models.run_config import ConfigError, TrainingPlan
 
 
 class PredictError(ValueError):
@@ -39,14 +39,14 @@ def _read_json(path: Path) -> dict:
         raise PredictError(f"{path}: not valid JSON ({err})") from err
 
 
-def model_classes(run_dir: Path, summary: dict, config: dict) -> list[str]:
+def model_classes(run_dir: Path, summary: dict, plan: TrainingPlan) -> list[str]:
     """The class names the run's model predicts, in output order (summary.json, else the run's dataset)."""
     per_class = summary.get("final", {}).get("per_class")
     if per_class:
         return list(per_class["classes"])
     try:
-        return load_dataset(str(config["dataset"]), str(config["task"]), str(config.get("data-dir", "")))["test"].classes
-    except (KeyError, OSError, DataFormatError) as err:
+        return load_dataset(plan.dataset, plan.task, plan.data_dir)["test"].classes
+    except (OSError, DataFormatError) as err:
         raise PredictError(f"{run_dir}: summary.json has no final.per_class and the run's dataset cannot be read "
                            f"for its class names ({err})") from err
 
@@ -56,21 +56,21 @@ def predict(run_dir: str | Path, data_path: str | Path, out: str | Path) -> dict
 
     Returns {"records", "classes", "accuracy" (None when the data's labels are not the
     model's class names), "out"}. Raises PredictError naming the file when the run folder
-    is incomplete, DataFormatError when the data cannot be read as the run's task.
+    is incomplete or its config.json is not a run-config, DataFormatError when the data
+    cannot be read as the run's task.
     """
     run_dir, out = Path(run_dir), Path(out)
     config, summary = _read_json(run_dir / "config.json"), _read_json(run_dir / "summary.json")
+    try:
+        plan = TrainingPlan.from_run_config(config)  # the run's task, model and format options, as its nodes read them
+    except ConfigError as err:
+        raise PredictError(f"{run_dir / 'config.json'}: {err}") from err
     weights = run_dir / "final_model.pt"
     if not weights.exists():
         raise PredictError(f"{weights}: missing (the run did not finish)")
-    task = str(config["task"])
-    options = LocalDataOptions(image_size=int(config.get("image-size", 0)) or None,
-                               max_text_bytes=int(config.get("max-text-bytes", LocalDataOptions().max_text_bytes)),
-                               csv_delimiter=str(config.get("csv-delimiter", "")) or None)
-    data = load_local(data_path, task, options)
-    classes = model_classes(run_dir, summary, config)
-    model = build_model(task, str(config.get("model", "")) or None, data.input_shape, len(classes),
-                        str(config.get("activation", "tanh")))
+    data = load_local(data_path, plan.task, plan.data_options())
+    classes = model_classes(run_dir, summary, plan)
+    model = build_model(plan.task, plan.model or None, data.input_shape, len(classes), plan.activation)
     try:
         model.load_state_dict(torch.load(weights, weights_only=True))
     except RuntimeError as err:

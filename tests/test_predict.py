@@ -21,7 +21,10 @@ def _run_folder(tmp_path, dp=True):
     torch.manual_seed(3)
     model = build_model("vision", None, (1, 6, 6), 3)
     torch.save(model.state_dict(), run / "final_model.pt")
-    (run / "config.json").write_text(json.dumps({"task": "vision", "dataset": "digits", "model": "", "activation": "tanh"}))
+    (run / "config.json").write_text(json.dumps({  # a run's resolved run-config, as the ServerApp writes it
+        "task": "vision", "dataset": "digits", "model": "", "activation": "tanh", "num-server-rounds": 1,
+        "local-epochs": 1, "batch-size": 8, "lr": 0.1, "optimizer": "sgd", "dp": dp, "epsilon": 2.5, "delta": 1e-5,
+        "max-grad-norm": 1.0, "val-fraction": 0.1, "partition": "iid", "alpha": 0.5, "seed": 0, "run-name": "run"}))
     (run / "summary.json").write_text(json.dumps({
         "dp": dp, "delta": 1e-5, "max_client_epsilon": 2.5,
         "final": {"test_accuracy": 0.5, "per_class": {"classes": ["cat", "dog", "eel"]}}}))
@@ -85,3 +88,8 @@ def test_an_incomplete_run_folder_or_other_inputs_are_named(tmp_path):
         predict(run, folder, tmp_path / "p.csv")
     with pytest.raises(PredictError, match="config.json: missing"):
         predict(tmp_path / "nowhere", folder, tmp_path / "p.csv")
+    config = json.loads((run / "config.json").read_text())
+    del config["lr"]
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PredictError, match="config.json: run-config is missing 'lr'"):
+        predict(run, folder, tmp_path / "p.csv")

@@ -125,6 +125,13 @@ def _alive(procs: dict[int, float]) -> list[str]:
     return left
 
 
+def _wait_gone(procs: dict[int, float], seconds: float) -> None:
+    """Wait up to `seconds` for every process of `procs` (`_tree`) to be gone."""
+    deadline = time.monotonic() + seconds
+    while _alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 @pytest.mark.e2e
 def test_sigkill_of_simulate_leaves_no_flower_or_ray_process_within_30_s(tmp_path):
     out = tmp_path / "run"
@@ -373,9 +380,7 @@ def test_server_and_node_by_absolute_path_without_a_venv_second_server_refused_s
             assert any("flower-superexec" in line for line in _alive(node_children))
             node.send_signal(signal.SIGTERM)
             node.wait(timeout=60)
-            deadline = time.monotonic() + 10
-            while _alive(node_children) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            _wait_gone(node_children, 10)
             assert not _alive(node_children), _alive(node_children)
         finally:
             if node.poll() is None:
@@ -384,9 +389,7 @@ def test_server_and_node_by_absolute_path_without_a_venv_second_server_refused_s
         assert any("flower-superexec" in line for line in _alive(children))
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 128 + signal.SIGTERM  # stopped its processes, then exited
-        deadline = time.monotonic() + 10  # the reaper too, once it has checked nothing of the server is left
-        while _alive(children) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_gone(children, 10)  # the reaper too, once it has checked nothing of the server is left
         assert not _alive(children), _alive(children)
     finally:
         if first.poll() is None:
