@@ -5,7 +5,8 @@ SecAgg+ required: `client.config.policy_refusal`), decline one that would pass i
 privacy budget, else train one round with DP-SGD on local data. Without secure
 aggregation the reply carries the new weights; with it the node keeps its encoded update
 and the reply carries only metrics. Every field a reply may carry, and what protects it,
-is listed in `privacy.releases`. `query.secagg_*`: the SecAgg+ stages. `evaluate`: the global
+is listed in `privacy.releases`; on a deployed node each reply is written to the node's
+audit log before it leaves (`client.audit_log.audit_mod`). `query.secagg_*`: the SecAgg+ stages. `evaluate`: the global
 model on the node's validation share (empty unless its owner keeps one).
 The work is in `client.node_training` and `client.secure_aggregation`.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import faults
+from client import audit_log, faults
 from client import secure_aggregation as secagg
 from client.config import node_identity, policy_refusal, signing_identity
 from client.node_training import device, load_node_data, node_randomness, train_round
@@ -26,7 +27,7 @@ from privacy.dp_sgd import evaluate as evaluate_model
 from shared_models import build_model
 from shared_models.run_config import ConfigError, TrainingPlan, as_bool
 
-app = ClientApp()
+app = ClientApp(mods=[audit_log.audit_mod])  # a deployed node records every reply before it leaves
 log = logging.getLogger("fedpriv.client")
 
 

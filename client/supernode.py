@@ -8,7 +8,10 @@ node-config that points the ClientApp at the local data and carries the owner's 
 the privacy budget, whether DP-SGD and secure aggregation are required (by default both
 are; a run that breaks the policy is refused, whatever its run-config says), and the
 validation share whose metrics may be released (none by default). The ledger of epsilon
-spent on this data stays in `--state-dir` on this machine.
+spent on this data stays in `--state-dir` on this machine, beside the audit log of every
+reply the node sent (`client.audit_log`, `fedpriv log`). The SuperNode runs only the app
+bundle its owner approved: the unchanged app of the fedpriv installed here, or a hash given
+with `--approve` (`client.app_approval`).
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ import shlex
 import signal
 import socket
 import ssl
+import sys
 import time
 from pathlib import Path
 
+from client import audit_log
+from client.app_approval import APPROVED_ENV, ApprovalError, approved_hashes
 from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, default_state_dir
 from privacy.provisioning import ProvisioningError, load_kit
 from privacy.secagg.identity import IdentityError, load_identity
 from shared_models import TASKS
 from shared_models.datasets import LabeledArrays, LocalDataOptions, load_local, summary_lines
 from shared_models.datasets.local import add_local_data_options, local_data_options
-from shared_models.flower_processes import console_script, free_port, start_flower
+from shared_models.flower_processes import console_script, free_port, process_env, start_flower, stop_process_tree
 from shared_models.records import DataFormatError
 
 DEFAULT_CONNECT_TIMEOUT_S = 300.0  # `--connect-timeout`: how long a starting node retries reaching the SuperLink
@@ -156,10 +162,21 @@ def wait_for_superlink(address: str, ca: Path, timeout: float, report=print, sle
 
 
 def supernode_command(kit: dict, node_cfg: str, clientappio_port: int) -> list[str]:
-    """The `flower-supernode` command line for a node kit (see the module docstring)."""
+    """The `flower-supernode` command line for a node kit (see the module docstring).
+
+    `--isolation process`: the SuperNode starts no ClientApp itself; `superexec_command`'s
+    process does, behind the app approval gate (`client.app_approval`).
+    """
     return [console_script("flower-supernode"), "--superlink", kit["superlink"], "--root-certificates", str(kit["ca"]),
             "--auth-supernode-private-key", str(kit["private_key"]), "--node-config", node_cfg,
-            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(clientappio_port)]
+            "--isolation", "process", "--host", "127.0.0.1", "--port", str(clientappio_port)]
+
+
+def superexec_command(clientappio_port: int, supernode_pid: int) -> list[str]:
+    """Flower's SuperExec for this node, started from fedpriv's own code (`client.app_approval`):
+    it runs each ClientApp task as `fedpriv-clientapp`, which runs only approved app bundles."""
+    return [sys.executable, "-m", "client.app_approval", "--runtime-api-address", f"127.0.0.1:{clientappio_port}",
+            "--insecure", "--parent-pid", str(supernode_pid)]
 
 
 def register(subparsers) -> None:
@@ -188,6 +205,9 @@ def register(subparsers) -> None:
                         help="how long to retry (with backoff) reaching the SuperLink before starting; past it the "
                              "node exits with code 3, naming the address and the cause (refused, TLS, name "
                              "resolution). Once connected, Flower itself reconnects after a SuperLink restart")
+    parser.add_argument("--approve", action="append", default=[], metavar="SHA256",
+                        help="also run the app bundle (FAB) with this SHA-256 hash (repeatable); by default the node "
+                             "runs only the unchanged app of the fedpriv installed here, whose hash it prints")
     parser.add_argument("--port", type=int, default=0,
                         help="local port for Flower's ClientApp channel (0: a free one; each SuperNode on a host needs its own)")
     parser.set_defaults(handler=_run_node)
@@ -209,7 +229,8 @@ def _run_node(args, console) -> int:
         local = read_local_data(data, args.task, args.delta, options)
         records = len(local)
         load_identity(kit["path"], kit["node"])  # SecAgg+ signing key and the federation's keyring
-    except (ProvisioningError, DataFormatError, NodeConfigError, IdentityError) as err:
+        approved = approved_hashes(args.approve)
+    except (ProvisioningError, DataFormatError, NodeConfigError, IdentityError, ApprovalError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
     state = (args.state_dir or default_state_dir()).expanduser().resolve()
@@ -217,7 +238,8 @@ def _run_node(args, console) -> int:
     cfg = node_config(node=kit["node"], data=data, task=args.task, max_epsilon=args.max_epsilon, delta=args.delta,
                       state_dir=state, require_dp=args.require_dp, require_secagg=args.require_secagg,
                       val_fraction=args.val_fraction, secagg_identity=kit["path"], data_options=options)
-    command = supernode_command(kit, cfg, args.port or free_port())
+    clientappio_port = args.port or free_port()
+    command = supernode_command(kit, cfg, clientappio_port)
     required = [name for name, on in (("DP-SGD", args.require_dp), ("SecAgg+", args.require_secagg)) if on]
     console.print(f"{kit['node']}: {records} {args.task} records in {data}; budget epsilon {args.max_epsilon:g} at "
                   f"delta {args.delta:g}; requires {' and '.join(required) or 'nothing'}; validation metrics "
@@ -225,6 +247,9 @@ def _run_node(args, console) -> int:
                   f"ledger in {state}; connecting to {kit['superlink']} (TLS)")
     for line in summary_lines(local):
         console.print(f"  data: {line}", markup=False)
+    console.print(f"  runs only the app bundle with SHA-256 {approved[0]} (this fedpriv)"
+                  + "".join(f" or {h}" for h in approved[1:]) + f"; audit log in {audit_log.log_path(state)}",
+                  markup=False)
     console.print(f"  {shlex.join(command)}", markup=False)
     try:
         wait_for_superlink(kit["superlink"], kit["ca"], args.connect_timeout,
@@ -235,6 +260,8 @@ def _run_node(args, console) -> int:
     except KeyboardInterrupt:
         return 130
     process = start_flower(command, new_session=False)
+    executor = start_flower(superexec_command(clientappio_port, process.pid), new_session=False,
+                            env=process_env({APPROVED_ENV: ",".join(approved)}))
     # Pass Ctrl-C / SIGTERM on to Flower so the SuperNode deregisters cleanly.
     signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
     try:
@@ -242,3 +269,5 @@ def _run_node(args, console) -> int:
     except KeyboardInterrupt:
         process.terminate()
         return process.wait()
+    finally:
+        stop_process_tree(executor)

@@ -7,8 +7,8 @@ recurrent layers) and holds no integer buffers (they break update clipping in Fl
 
 Also owns the record type (`shared_models.records`), the run-config schema
 (`shared_models.run_config`), the data both roles read (`shared_models.datasets`: local
-formats, named datasets, partitions) and starting/stopping Flower's processes
-(`shared_models.flower_processes`).
+formats, named datasets, partitions), starting/stopping Flower's processes
+(`shared_models.flower_processes`) and the app bundle both roles hash (`shared_models.app_bundle`).
 May import: nothing of fedpriv's; it is the bottom layer.
 """
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from client import supernode
+from client import audit_log, ledger_view, supernode
 from client.config import NodeIdentity, default_state_dir
 from client.node_training import load_node_data, plan_noise
 from privacy import provisioning
@@ -43,7 +43,7 @@ from simulations.audit import command as audit_command
 from simulations.runner import SimulationError, run_simulation_job
 
 # Modules that add a `fedpriv` command: each has `register(subparsers)`.
-COMMAND_MODULES = (provisioning, superlink, supernode, deployed_run, report, audit_command, predict)
+COMMAND_MODULES = (provisioning, superlink, supernode, audit_log, ledger_view, deployed_run, report, audit_command, predict)
 
 
 class FedprivParser(argparse.ArgumentParser):

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import httpx
@@ -24,8 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privacy.secagg.identity import write_identities
+from shared_models.app_bundle import stage_app
 from shared_models.flower_processes import (
-    APP_DIR,
     attempt_header,
     console_script,
     flwr_env,
@@ -40,34 +39,6 @@ SUPERLINK_START_TIMEOUT_S = 60.0
 
 class SimulationError(RuntimeError):
     """The simulation could not be started or did not finish; the message says where to look."""
-
-
-def app_packages(app_dir: Path = APP_DIR) -> list[str]:
-    """The app's top-level packages, as pyproject.toml's [tool.setuptools.packages.find] include lists them."""
-    config = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["packages"]["find"]["include"]
-    return sorted({pattern.rstrip("*").rstrip(".") for pattern in patterns})
-
-
-def stage_app(dest: Path, app_dir: Path = APP_DIR) -> Path:
-    """Copy the Flower App's own files into `dest` (created): pyproject.toml and the `*.py` files of
-    its packages (`app_packages`), nothing else; returns `dest`.
-
-    `flwr run` builds the app bundle (FAB) from this folder, never from the checkout or the
-    working directory, so kits, keys, run folders and earlier bundles lying there can never
-    enter a bundle.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(app_dir / "pyproject.toml", dest / "pyproject.toml")
-    for package in app_packages(app_dir):
-        for source in sorted((app_dir / package).rglob("*.py")):
-            relative = source.relative_to(app_dir)
-            if any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
-                continue
-            target = dest / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    return dest
 
 
 def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path, output_file: Path | None = None) -> None:

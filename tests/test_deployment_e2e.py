@@ -10,12 +10,14 @@ Needs nginx (the Fleet-only gateway; `.ci/run` installs it) and ../shared/data.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import ssl
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +30,16 @@ from sklearn.model_selection import train_test_split
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from client.audit_log import log_path as audit_log_path
+from client.audit_log import read_entries
+from flwr.cli.build import build_fab_from_disk
 from privacy.accountants.sample_level import RDP_ORDERS
 from privacy.provisioning import provision
 from server.superlink import start_coordinator
+from shared_models.app_bundle import fab_sha256, stage_app
 from shared_models.flower_processes import console_script, free_port, stop_process_tree
+from simulations import runner
+from simulations.cli import main as cli_main
 
 pytestmark = pytest.mark.e2e
 
@@ -374,3 +382,48 @@ def test_two_sites_keep_their_budget_and_policy_against_the_coordinators_runs(tw
     assert restarted["clients"]["site-x"]["num_examples"] == first["clients"]["site-x"]["num_examples"] + 1
     for site in sites:  # recomputed from every charge: never past the budget of 2
         assert _expected_epsilon(fed, site) <= 2.0
+
+
+def _tampered_stage_app(dest: Path, *args, **kwargs) -> Path:
+    """fedpriv's app bundle with the ledger charge removed from the ClientApp's training code."""
+    staged = stage_app(dest, *args, **kwargs)
+    training = staged / "client" / "node_training.py"
+    source = training.read_text()
+    assert "entry = ledger.charge(" in source
+    training.write_text(source.replace(
+        "entry = ledger.charge(", "entry = (lambda *a, **k: type('Uncharged', (), {'declined': False, 'reason': ''}))("))
+    return staged
+
+
+def test_every_site_refuses_an_app_with_the_ledger_charge_removed_and_logs_what_it_sent(
+        two_sites, tmp_path, monkeypatch, capsys):
+    """The lying coordinator submits a changed ClientApp: no node installs or runs it, each says
+    why (the hash it got and the one it expects), nothing is charged, and each node's audit log
+    lists every message it answered, the refusal included."""
+    fed, sites = two_sites, ("site-x", "site-y")
+    charged_before = {site: fed.charged_rounds(site) for site in sites}
+    monkeypatch.setattr(runner, "stage_app", _tampered_stage_app)
+    out = tmp_path / "tampered"
+    code = cli_main(["run", "--kit", str(fed.kits.server_kit), "--state-dir", str(fed.root / "server-state"),
+                     "--dataset", "sms_spam", "--min-nodes", "2", "--node-wait-timeout", "300",
+                     "--round-timeout", "240", "--rounds", "1", "--epsilon", "1", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    summary = _summary(out)
+    assert summary["rounds_aggregated"] == 0 and code != 0, stdout[-3000:]
+    expected = fab_sha256()
+    with tempfile.TemporaryDirectory() as tmp:  # the tampered bundle's hash, built by Flower's own builder
+        tampered = hashlib.sha256(build_fab_from_disk(_tampered_stage_app(Path(tmp) / "app"))).hexdigest()
+    assert tampered != expected
+    for site in sites:
+        assert summary["clients"][site]["refused_rounds"] == [1]
+        reason = next(r["reason"] for r in summary["refusals"] if r["node"] == site)
+        assert tampered in reason and expected in reason and "not approved" in reason
+        assert fed.charged_rounds(site) == charged_before[site]  # nothing trained, nothing charged
+        entries = read_entries(fed.ledger_dir(site))
+        assert oct(audit_log_path(fed.ledger_dir(site)).stat().st_mode & 0o777) == "0o600"
+        refused = [e for e in entries if e["refused"] and e["message_type"] == "train"]
+        assert refused[-1]["round"] == 1 and refused[-1]["run"].startswith("tampered-") and tampered in refused[-1]["reason"]
+        # every charge in the ledger has its train reply in the audit log, with the epsilon sent
+        answered = {(str(e["run"]), e["round"]) for e in entries if e["message_type"] == "train" and not e["refused"]}
+        assert {(str(run), rnd) for run, rnd in fed.charged_rounds(site)} <= answered
+        assert all(e["epsilon"] is not None for e in entries if e["message_type"] == "train" and not e["refused"])

@@ -26,6 +26,7 @@ import pytest
 
 from privacy.provisioning import provision
 from server import superlink
+from shared_models import app_bundle
 from shared_models.flower_processes import APP_DIR, OWNER_VARIABLE, bin_dir, flwr_env, free_port, process_env
 from simulations import runner
 from simulations.cli import main
@@ -261,7 +262,7 @@ def test_no_key_kit_or_run_folder_can_enter_an_app_bundle(tmp_path):
     (app / "runs" / "r1").mkdir(parents=True)
     (app / "runs" / "r1" / "summary.json").write_text("{}")
     (app / "server" / "notes.md").write_text("a coordinator's notes")
-    for bundle_source in (runner.stage_app(tmp_path / "staged", app), app):  # fedpriv's bundle; `flwr run .` by hand
+    for bundle_source in (app_bundle.stage_app(tmp_path / "staged", app), app):  # fedpriv's bundle; `flwr run .` by hand
         names = _fab_names(bundle_source)
         assert "server/server_app.py" in names and "client/client_app.py" in names
         leaked = [n for n in names if not (n.endswith(".py") or n in ("pyproject.toml",) or n.startswith(".info/"))]

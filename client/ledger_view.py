@@ -1,0 +1,88 @@
+"""`fedpriv ledger --state-dir DIR`: a site's privacy spend, read from its own ledger (issue 15).
+
+The ledger (`privacy.accountants.ledger`, files under `STATE_DIR/ledgers/`: `records.json`
+and `events.jsonl`) is charged before each round trains; this command only reads it. One
+row per node name (a kit's node, i.e. one dataset) and run: rounds charged, rounds declined,
+and the largest per-record epsilon after the run's last charge (at the node's delta). The
+node's current spend is the largest over its rows, since a record's epsilon only grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from privacy.accountants import PrivacyLedger
+from privacy.accountants.sample_level import PrivacyBudgetError
+
+
+def spend_by_run(state_dir: Path) -> list[dict]:
+    """Rows {"node", "run", "rounds_charged", "rounds_declined", "epsilon", "last"} from the ledger's
+    events, oldest run first; `epsilon` is the largest `epsilon_after` of the run (None when it
+    only declined), `last` the time (Unix seconds) of its last event.
+
+    Raises PrivacyBudgetError (or TypeError/ValueError) for a damaged events file.
+    """
+    rows: dict[tuple[str, str], dict] = {}
+    for event in PrivacyLedger(state_dir).events():
+        row = rows.setdefault((event.node, event.run), {"node": event.node, "run": event.run, "rounds_charged": 0,
+                                                         "rounds_declined": 0, "epsilon": None, "last": event.time})
+        row["last"] = max(row["last"], event.time)
+        if event.declined:
+            row["rounds_declined"] += 1
+        else:
+            row["rounds_charged"] += 1
+            row["epsilon"] = max(row["epsilon"] or 0.0, event.epsilon_after)
+    return sorted(rows.values(), key=lambda r: r["last"])
+
+
+def spend_by_node(rows: list[dict]) -> dict[str, float]:
+    """Node name -> the largest per-record epsilon it has spent so far (over its runs' rows)."""
+    spent: dict[str, float] = defaultdict(float)
+    for row in rows:
+        spent[row["node"]] = max(spent[row["node"]], row["epsilon"] or 0.0)
+    return dict(spent)
+
+
+def register(subparsers) -> None:
+    """Add `fedpriv ledger` to the CLI."""
+    parser = subparsers.add_parser("ledger", help="data owner: this node's privacy spend per dataset and run")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="the node's state folder (the `fedpriv node --state-dir`; default: the per-user one)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of a table")
+    parser.set_defaults(handler=_show)
+
+
+def _show(args: argparse.Namespace, console) -> int:
+    from datetime import datetime, timezone
+
+    from rich.table import Table
+
+    from client.config import default_state_dir
+
+    state = (args.state_dir or default_state_dir()).expanduser().resolve()
+    if not (state / "ledgers").is_dir():
+        console.print(f"no ledger in {state / 'ledgers'} (this node has trained nothing yet)")
+        return 0
+    try:
+        rows = spend_by_run(state)
+    except (PrivacyBudgetError, TypeError, ValueError) as err:
+        console.print(f"[red]error:[/red] ledger in {state / 'ledgers'} is damaged: {err}")
+        return 2
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return 0
+    table = Table(title=f"privacy ledger {state / 'ledgers'}")
+    for column in ("node (dataset)", "run", "rounds charged", "declined", "epsilon after", "last"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["node"], row["run"], str(row["rounds_charged"]), str(row["rounds_declined"]),
+                      "" if row["epsilon"] is None else f"{row['epsilon']:.3f}",
+                      datetime.fromtimestamp(row["last"], timezone.utc).isoformat(timespec="seconds"))
+    console.print(table)
+    for node, epsilon in spend_by_node(rows).items():
+        console.print(f"{node}: epsilon spent so far {epsilon:.3f} (largest over its records)")
+    return 0
