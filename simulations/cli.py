@@ -35,6 +35,7 @@ from simulations.cli_options import (
     positive_float,
     positive_int,
     print_summary,
+    ray_address,
     run_folder_for,
     training_run_config,
 )
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "compared draw for draw (no privacy against whoever knows the seed; deployed nodes refuse it)")
     sim.add_argument("--cpus-per-client", type=positive_int, default=1, help="CPU cores reserved per simulated node")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
+    sim.add_argument("--ray-address", type=ray_address, default=None,
+                     help="run the simulated nodes on an existing Ray cluster: HOST:PORT of its head node (as `ray "
+                          "start --head` prints it), ray://HOST:PORT (Ray Client) or auto (the cluster started on "
+                          "this machine); every Ray node needs fedpriv installed and the data, --state-dir and run "
+                          "folder at the same paths (default: a Ray instance of the run's own on this machine)")
     sim.set_defaults(handler=lambda args, console: resume(args, console) if args.resume else simulate(args, console))
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -95,7 +101,7 @@ def resume(args: argparse.Namespace, console: Console) -> int:
     import json
 
     run_config = {k: v for k, v in json.loads(config_file.read_text()).items()
-                  if k not in ("out-dir", "resume", "resumed-after-round")}
+                  if k not in ("out-dir", "resume", "resumed-after-round", "ray-address")}
     clients = int(run_config.get("num-supernodes", 0))
     if clients < 1:
         console.print(f"[red]error:[/red] {config_file} does not record 'num-supernodes'")
@@ -103,7 +109,8 @@ def resume(args: argparse.Namespace, console: Console) -> int:
     console.print(f"fedpriv: resuming {run_dir} ({clients} nodes, {run_config['num-server-rounds']} rounds)")
     try:
         summary = run_simulation_job(run_config, clients, run_dir, cpus_per_client=args.cpus_per_client,
-                                     gpus_per_client=args.gpus_per_client, console=console, resume=True)
+                                     gpus_per_client=args.gpus_per_client, console=console, resume=True,
+                                     ray_address=args.ray_address)
     except SimulationError as err:
         console.print(f"[red]error:[/red] {err}")
         return 1
@@ -193,7 +200,8 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
                   f"({'DP-SGD epsilon %g, delta %g per node' % (args.epsilon, args.delta) if not args.no_dp else 'no DP'}) -> {out}")
     try:
         summary = run_simulation_job(run_config, args.clients, out, cpus_per_client=args.cpus_per_client,
-                                     gpus_per_client=args.gpus_per_client, console=console)
+                                     gpus_per_client=args.gpus_per_client, console=console,
+                                     ray_address=args.ray_address)
     except SimulationError as err:
         console.print(f"[red]error:[/red] {err}")
         return 1

@@ -20,6 +20,7 @@ from shared_models import TASKS, default_lr, model_names
 from shared_models.datasets.local import add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.run_config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
+from simulations.ray_cluster import parse_ray_address
 
 # Without client-level DP, clipping the update serves only to bound SecAgg+'s encoding range:
 # a bound far above the update norms seen here (8-50) keeps the update intact; the SecAgg+
@@ -48,6 +49,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
+
+
+def ray_address(text: str) -> str:
+    """argparse type: a Ray cluster address, `HOST:PORT`, `ray://HOST:PORT` or `auto` (ArgumentTypeError
+    saying what was expected otherwise; `simulations.ray_cluster.parse_ray_address`)."""
+    try:
+        return parse_ray_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> None:

@@ -5,7 +5,8 @@ loopback port, submits this project as a Flower App with `flwr run` (run-config 
 file, federation-config with the number of SuperNodes and their resources), shows a
 per-round progress bar by following the run folder's `metrics.jsonl`, and stops the
 SuperLink when the run ends. Nothing here trains or aggregates: the ServerApp and
-ClientApps do, inside Flower.
+ClientApps do, inside Flower. With `ray_address` the ClientApps run on an existing Ray cluster
+instead of a Ray instance of the simulation's own (`simulations.ray_cluster`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from shared_models.flower_processes import (
     start_flower,
     stop_process_tree,
 )
+from simulations.ray_cluster import RayClusterError, probe_ray_cluster
 
 SUPERLINK_START_TIMEOUT_S = 60.0
 
@@ -77,19 +79,35 @@ def run_simulation_job(
     gpus_per_client: float = 0.0,
     console: Console | None = None,
     resume: bool = False,
+    ray_address: str | None = None,
 ) -> dict:
     """Run the federation described by `run_config`; returns the parsed summary.json.
 
     run_config: the app's run-config keys (see pyproject's [tool.flwr.app.config]); its
-    `out-dir` is set to `out_dir`. resume: continue from `out_dir/checkpoint.pt`. Raises SimulationError when Flower fails or the run ends
-    without writing summary.json (the message names the log to read).
+    `out-dir` is set to `out_dir`, its `ray-address` to where the ClientApps run. resume:
+    continue from `out_dir/checkpoint.pt`. cpus_per_client, gpus_per_client: Ray resources each
+    simulated node's actor reserves (whole CPUs; a GPU share). ray_address: an existing Ray
+    cluster (`HOST:PORT`, `ray://HOST:PORT` or `auto`) to run them on, probed before Flower
+    starts; None: a Ray instance of the simulation's own on this machine, as before. Raises
+    SimulationError when the cluster is unreachable or too small, when Flower fails, or when
+    the run ends without writing summary.json (the message names the log to read).
     """
     console = console or Console(stderr=True)
+    cluster = None
+    if ray_address:
+        try:
+            cluster = probe_ray_cluster(ray_address, cpus_per_client, gpus_per_client)
+        except (ValueError, RayClusterError) as err:
+            raise SimulationError(str(err) if isinstance(err, RayClusterError) else f"--ray-address: {err}") from err
+        console.print(f"Ray cluster at {cluster.address}: {len(cluster.nodes)} nodes, {cluster.cpus:g} CPUs, "
+                      f"{cluster.gpus:g} GPUs; each simulated node reserves {cpus_per_client} CPU(s) and "
+                      f"{gpus_per_client:g} GPU(s): {cluster.actors} run at a time")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").unlink(missing_ok=True)
     if not resume:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    run_config = {**run_config, "out-dir": str(out_dir), "resume": resume}
+    run_config = {**run_config, "out-dir": str(out_dir), "resume": resume,
+                  "ray-address": cluster.address if cluster else ""}
     if run_config.get("secagg"):
         # Simulated nodes sign their SecAgg+ keys like deployed ones: one key each, one keyring
         # (kept across a resume: keys are never overwritten).
@@ -107,6 +125,10 @@ def run_simulation_job(
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
     }
+    if cluster is not None:
+        # Flower's RayBackend calls ray.init() without an address: Ray then joins RAY_ADDRESS's
+        # cluster. The simulation process inherits it from the SuperLink.
+        env["RAY_ADDRESS"] = cluster.address
     superlink_log = out_dir / "superlink.log"
     superlink_output = out_dir / "superlink.stderr"  # its stdout and stderr: uvicorn and tracebacks land here
     superlink = None
