@@ -129,6 +129,10 @@ def run_simulation_job(
         # Flower's RayBackend calls ray.init() without an address: Ray then joins RAY_ADDRESS's
         # cluster. The simulation process inherits it from the SuperLink.
         env["RAY_ADDRESS"] = cluster.address
+    else:
+        # A Ray instance of this run's own: without it, ray.init() would join a cluster that
+        # `ray start` left on this machine (or an inherited RAY_ADDRESS), sharing its workers.
+        env["RAY_ADDRESS"] = "local"
     superlink_log = out_dir / "superlink.log"
     superlink_output = out_dir / "superlink.stderr"  # its stdout and stderr: uvicorn and tracebacks land here
     superlink = None
