@@ -34,6 +34,7 @@ noised steps it ran, as a cross-check that the ledger charged exactly what was r
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -49,6 +50,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shared_models.records import LabeledArrays
 from privacy.secret_randomness import SecretRandom
+
+# The first layer's input never requires a gradient, so torch notes that Opacus's per-sample
+# gradient hooks fire on module outputs only: expected for DP-SGD, nothing a site can act on.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
+                        "module outputs", category=UserWarning)
 
 
 def steps_per_epoch(num_records: int, batch_size: int) -> int:
