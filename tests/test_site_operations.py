@@ -367,7 +367,7 @@ def test_server_and_node_by_absolute_path_without_a_venv_second_server_refused_s
         assert second.returncode == 2 and f"is held by process {first.pid} (fedpriv server --kit" in \
             " ".join(second.stdout.split()), second.stdout
         assert (fed.server_kit / "state" / superlink.COORDINATOR_FILE).read_text() == record
-        # A site's `fedpriv node`, by absolute path too, joins (its SuperExec spawned from the venv).
+        # A site's `fedpriv node`, by absolute path too, joins (its SuperExec started from the venv's python).
         node_log = tmp_path / "node.log"
         with open(node_log, "wb") as handle:
             node = subprocess.Popen([str(VENV_BIN / "fedpriv"), *_node(fed.node_kits["site-a"], _text_data(tmp_path))],
@@ -377,8 +377,9 @@ def test_server_and_node_by_absolute_path_without_a_venv_second_server_refused_s
             while "SuperNode ID" not in node_log.read_text() and node.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert "SuperNode ID" in node_log.read_text(), node_log.read_text()[-2000:]
-            node_children = _tree(node.pid)
-            assert any("flower-superexec" in line for line in _alive(node_children))
+            node_children = _tree(node.pid)  # the SuperNode and its SuperExec behind the app approval gate
+            assert any("flower-supernode" in line for line in _alive(node_children))
+            assert any("-m client.app_approval" in line for line in _alive(node_children))
             node.send_signal(signal.SIGTERM)
             node.wait(timeout=60)
             _wait_gone(node_children, 10)
