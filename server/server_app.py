@@ -80,11 +80,13 @@ def main(grid: Grid, context: Context) -> None:
         })
         folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})
 
+    finished = False
     try:
         final, _ = run_federation(grid, arrays, settings, evaluate_global, folder, ledger, checkpoint, resume=resume)
+        finished = True
     finally:
         if tracker is not None:
-            tracker.close()
+            tracker.close(failed=not finished)
     folder.write_torch("final_model.pt", final.to_torch_state_dict())
     final_validation = evaluate_on_nodes(grid, final, settings.round_timeout)
     folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})

@@ -109,7 +109,9 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     add_local_data_options(local)
     parser.add_argument("--track", choices=TRACKERS, default=None,
                         help="also log the config, per-round metrics and every node's epsilon to TensorBoard event "
-                             "files in RUN_DIR/tensorboard (needs the tensorboard package: pip install 'fedpriv[track]')")
+                             "files in RUN_DIR/tensorboard, or to a local MLflow store RUN_DIR/mlflow.db (experiment "
+                             "fedpriv, run named after RUN_DIR); needs tensorboard or mlflow-skinny: "
+                             "pip install 'fedpriv[track]'")
     sec = parser.add_argument_group("secure aggregation (SecAgg+) and client-level DP")
     sec.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                      help="aggregate with SecAgg+: the server sees only the sum of the nodes' updates")
