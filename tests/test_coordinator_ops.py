@@ -1,0 +1,172 @@
+"""Coordinator operations (issue 15): a run that trained nothing exits non-zero naming each
+site's reason with advice for its reader; progress in any output; the Fleet gateway's raw-URI
+checks and route list; provisioning's loopback SANs and folder modes; the report's config table.
+
+Unit tier: no Flower process starts here; the gateway tests start a real nginx (skipped,
+naming the package, without it) against a fake upstream that records what reaches it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from simulations import cli, deployed_run
+from simulations.run_outcome import EXIT_NOTHING_TRAINED, nothing_trained, site_reasons, untrained_run_message
+
+
+# --- 1. a run that trained nothing exits non-zero ----------------------------------------------------
+
+def _client(**fields) -> dict:
+    base = {"epsilon": None, "delta": None, "max_epsilon": None, "declined_rounds": [], "declines": [],
+            "refused_rounds": [], "refusals": [], "failed_rounds": [], "failures": [], "rounds_trained": [],
+            "steps": 0, "noise_multiplier": None, "sample_rate": None, "num_examples": 0}
+    return {**base, **fields}
+
+
+DECLINE = "training would reach epsilon=8.412 > max-epsilon=8 (spent so far 7.950, delta=1e-05)"
+
+
+def _summary(clients: dict, aggregated: int = 0) -> dict:
+    return {"final": {"test_accuracy": 0.327}, "majority_class_rate": 0.327, "rounds_completed": 2,
+            "rounds_planned": 2, "rounds_aggregated": aggregated, "secure_rounds_failed": [], "refusals": [],
+            "clients": clients}
+
+
+def _untrained() -> dict:
+    return _summary({
+        "st-mary": _client(epsilon=7.95, delta=1e-5, max_epsilon=8.0, declined_rounds=[1, 2],
+                           declines=[{"round": 1, "reason": DECLINE}, {"round": 2, "reason": DECLINE}]),
+        "city-clinic": _client(refused_rounds=[1, 2], refusals=[{"round": 1, "reason": "DP is required by the site"},
+                                                                 {"round": 2, "reason": "DP is required by the site"}]),
+        "old-run": _client(epsilon=4.0, max_epsilon=4.0, declined_rounds=[1]),  # summary.json before `declines`
+        "lab": _client(failed_rounds=[2], failures=[{"round": 2, "error": "ValueError (the message stays in the "
+                                                                           "node's log)"}]),
+    })
+
+
+def test_a_run_is_untrained_when_no_node_trained_or_no_round_changed_the_model():
+    assert nothing_trained(_untrained())
+    trained = _summary({"a": _client(rounds_trained=[1]), "b": _client(declined_rounds=[1])}, aggregated=1)
+    assert not nothing_trained(trained) and untrained_run_message(trained, "coordinator") == ""
+    # Nodes trained, but SecAgg+ failed every round: the model never changed.
+    failed_sum = {**_summary({"a": _client(rounds_trained=[1])}), "secure_rounds_failed": [1]}
+    assert nothing_trained(failed_sum)
+    assert "SecAgg+ failed in round 1" in untrained_run_message(failed_sum, "simulation", out_dir="/r")
+    with pytest.raises(ValueError, match="role must be one of"):
+        untrained_run_message(_untrained(), "researcher")
+
+
+def test_each_sites_reason_comes_from_summary_json_and_absent_kit_nodes_are_named():
+    reasons = site_reasons(_untrained(), expected_nodes=["st-mary", "city-clinic", "old-run", "lab", "far-away"])
+    assert reasons == {
+        "city-clinic": ["refused rounds 1,2: DP is required by the site"],
+        "lab": ["failed round 2: ValueError (the message stays in the node's log)"],
+        "old-run": ["declined round 1: a round would pass its lifetime budget max-epsilon=4.0 "
+                    "(spent so far: epsilon 4.000)"],
+        "st-mary": [f"declined rounds 1,2: {DECLINE}"],
+        "far-away": ["never answered (not connected, or never sampled)"],
+    }
+
+
+def test_the_coordinators_advice_never_tells_it_to_do_what_only_a_site_can():
+    message = untrained_run_message(_untrained(), "coordinator", expected_nodes=["st-mary", "far-away"],
+                                    out_dir="/runs/r1")
+    assert message.startswith("no node trained in this run: the result is the untrained model (test accuracy 0.327)")
+    assert f"  st-mary: declined rounds 1,2: {DECLINE}" in message
+    assert "  city-clinic: refused rounds 1,2: DP is required by the site" in message
+    assert "  far-away: never answered" in message
+    assert "you cannot raise or reset them" in message
+    assert "max-epsilon minus spent: old-run 0.00, st-mary 0.05" in message
+    assert "ask the site for it, and see /runs/r1/flower.log" in message
+    assert "--state-dir" not in message and "raise --max-epsilon" not in message
+    simulation = untrained_run_message(_untrained(), "simulation", out_dir="/runs/r1")
+    assert "use a fresh --state-dir" in simulation and "raise --max-epsilon" in simulation
+    assert "far-away" not in simulation and "you cannot raise" not in simulation
+
+
+def _declined_everywhere_summary(out: Path) -> dict:
+    summary = _summary({"node-0": _client(epsilon=7.9, delta=1e-5, max_epsilon=8.0, declined_rounds=[1],
+                                          declines=[{"round": 1, "reason": DECLINE}]),
+                        "node-1": _client(epsilon=7.9, delta=1e-5, max_epsilon=8.0, declined_rounds=[1],
+                                          declines=[{"round": 1, "reason": DECLINE}])})
+    (out / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_fedpriv_simulate_exits_non_zero_when_every_node_declined(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "preflight", lambda run_config, clients: [])
+    outcome = {}
+
+    def fake_job(run_config, clients, out, **kwargs):
+        out.mkdir(parents=True, exist_ok=True)
+        return outcome["summary"](out)
+
+    monkeypatch.setattr(cli, "run_simulation_job", fake_job)
+    argv = ["simulate", "--clients", "2", "--rounds", "1", "--out", str(tmp_path / "run"),
+            "--state-dir", str(tmp_path / "state")]
+    outcome["summary"] = _declined_everywhere_summary
+    assert cli.main(argv) == EXIT_NOTHING_TRAINED == 3
+    out = capsys.readouterr().out
+    assert "error: no node trained in this run" in out
+    assert f"node-0: declined round 1: {DECLINE}" in out and "use a fresh --state-dir" in out
+
+    def trained(out: Path) -> dict:
+        return _summary({"node-0": _client(epsilon=1.0, delta=1e-5, max_epsilon=8.0, rounds_trained=[1])},
+                        aggregated=1)
+
+    outcome["summary"] = trained
+    assert cli.main(argv) == 0
+    assert "no node trained" not in capsys.readouterr().out
+
+
+def test_fedpriv_run_exits_non_zero_naming_each_kit_site_and_coordinator_advice(monkeypatch, tmp_path):
+    kit = {"nodes": ["node-0", "node-1", "site-z"], "ca": tmp_path / "ca.crt", "path": tmp_path / "server"}
+    monkeypatch.setattr(deployed_run, "load_kit", lambda path, role: kit)
+    monkeypatch.setattr(deployed_run, "state_folder", lambda kit, state: tmp_path / "state")
+    monkeypatch.setattr(deployed_run, "running_control_port", lambda kit, state: 9093)
+    monkeypatch.setattr(deployed_run.ssl, "create_default_context", lambda **kwargs: None)
+    monkeypatch.setattr(deployed_run.httpx, "get", lambda *a, **k: None)  # the SuperLink's /health answers
+    monkeypatch.setattr(deployed_run, "write_flwr_home", lambda *a: tmp_path / "flwr")
+    monkeypatch.setattr(deployed_run, "submit_and_follow",
+                        lambda run_config, out, *a, **k: _declined_everywhere_summary(out))
+    args = cli.build_parser().parse_args(["run", "--kit", str(tmp_path / "server"), "--rounds", "1",
+                                          "--out", str(tmp_path / "run")])
+    buffer = io.StringIO()
+    assert deployed_run._run(args, Console(file=buffer, soft_wrap=True)) == EXIT_NOTHING_TRAINED
+    out = buffer.getvalue()
+    assert f"node-1: declined round 1: {DECLINE}" in out
+    assert "site-z: never answered (not connected, or never sampled)" in out
+    assert "you cannot raise or reset them" in out and "an --epsilon below what each site has left" in out
+    assert "--state-dir" not in out  # neither in the summary's advice nor in the error
+    assert "Only a site's owner can raise it" in out
+
+
+def test_a_declined_reply_keeps_the_nodes_reason_in_the_ledger_and_summary(monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server import federation
+
+    for key, value in (("_run_id", 42), ("_node_id", 1), ("_task_id", 3)):  # as in a ServerApp process
+        monkeypatch.setattr(TaskIdentity, key, value)
+    from server.ledger import CoordinatorLedger
+
+    metrics = {"epsilon": 7.95, "delta": 1e-5, "max-epsilon": 8.0, "noise-multiplier": 1.1, "sample-rate": 0.1,
+               "steps-total": 20, "num-examples": 200, "declined": 1}
+
+    def reply(name: str, reason: str) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord(metrics), "node": ConfigRecord({"name": name, "reason": reason})}),
+                       dst_node_id=1, message_type="train")
+
+    monkeypatch.setattr(federation, "exchange", lambda grid, messages, timeout: {5: reply("st-mary", DECLINE)})
+    ledger, report = CoordinatorLedger(), federation.RoundReport(round=3)
+    federation._train_stage(None, ArrayRecord(), ConfigRecord({}), [5], federation.FederationSettings(rounds=3),
+                            ledger, report, {})
+    assert report.declined == ["st-mary"] and report.trained == []
+    record = ledger.to_dict()["st-mary"]
+    assert record["declined_rounds"] == [3] and record["declines"] == [{"round": 3, "reason": DECLINE}]
