@@ -170,3 +170,84 @@ def test_a_declined_reply_keeps_the_nodes_reason_in_the_ledger_and_summary(monke
     assert report.declined == ["st-mary"] and report.trained == []
     record = ledger.to_dict()["st-mary"]
     assert record["declined_rounds"] == [3] and record["declines"] == [{"round": 3, "reason": DECLINE}]
+
+
+# --- 2. progress in any output ------------------------------------------------------------------------
+
+def _row(k: int, trained=(), declined=(), refused=None, failed=(), acc=0.5, eps=None) -> dict:
+    return {"round": k, "test": {"accuracy": acc}, "trained": list(trained), "declined": list(declined),
+            "refused": refused or {}, "failed": list(failed), "aggregated": bool(trained), "epsilon": eps or {}}
+
+
+ROWS = [
+    _row(1, trained=["site-a", "site-b"], refused={"site-c": "DP is required by the site"}, acc=0.61,
+         eps={"site-a": 1.234, "site-b": 1.5}),
+    _row(2, trained=["site-a"], refused={"site-c": "DP is required by the site"}, failed=["site-b"], acc=0.7,
+         eps={"site-a": 2.0, "site-b": 1.5}),
+    _row(3, trained=["site-a", "site-b"], refused={"site-c": "DP is required by the site"}, acc=0.8125,
+         eps={"site-a": 2.5, "site-b": 2.25}),
+]
+
+
+class _FakeFlwrRun:
+    """`flwr run --stream` as `_follow` sees it: running while the ServerApp appends one row per poll."""
+
+    def __init__(self, metrics: Path, rows: list[dict]) -> None:
+        self.metrics, self.rows, self.returncode = metrics, list(rows), None
+
+    def poll(self):
+        if self.rows:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(self.rows.pop(0)) + "\n")
+            return None
+        self.returncode = 0
+        return 0
+
+
+def test_without_a_terminal_each_round_is_one_plain_line_and_sites_are_named_as_they_join_and_leave(
+        monkeypatch, tmp_path):
+    from simulations import runner
+
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    buffer = io.StringIO()
+    console = Console(file=buffer, soft_wrap=True)
+    assert not console.is_terminal
+    runner._follow(_FakeFlwrRun(tmp_path / "metrics.jsonl", ROWS), tmp_path, 3, console, "waiting for 3 SuperNode(s)")
+    assert buffer.getvalue().splitlines() == [
+        "waiting for 3 SuperNode(s) (3 rounds)",
+        "site-a joined (first reply in round 1)",
+        "site-b joined (first reply in round 1)",
+        "site-c joined (first reply in round 1)",
+        "site-c refused: DP is required by the site",  # once, though every round repeats it
+        "round 1/3: test accuracy 0.6100, max node epsilon 1.50 (trained 2, declined 0, refused 1, failed 0)",
+        "site-b left or failed (no usable reply in round 2)",
+        "round 2/3: test accuracy 0.7000, max node epsilon 2.00 (trained 1, declined 0, refused 1, failed 1)",
+        "site-b is back (replied in round 3)",
+        "round 3/3: test accuracy 0.8125, max node epsilon 2.50 (trained 2, declined 0, refused 1, failed 0)",
+    ]
+
+
+def test_a_node_not_sampled_is_not_said_to_have_left_and_a_resumed_file_is_followed_again():
+    from simulations.runner import RoundEvents
+
+    events = RoundEvents(4, every_node_sampled=False)  # fraction-train < 1: absent may be just not sampled
+    assert events.new_lines([_row(1, trained=["a", "b"])], plain=False) == ["a joined (first reply in round 1)",
+                                                                             "b joined (first reply in round 1)"]
+    assert events.new_lines([_row(1, trained=["a", "b"]), _row(2, trained=["a"])], plain=False) == []
+    # A resume rewrites metrics.jsonl up to its checkpoint: the rounds after it are shown again.
+    assert events.new_lines([_row(1, trained=["a", "b"])], plain=False) == []
+    assert events.new_lines([_row(1, trained=["a", "b"]), _row(2, trained=["b"], failed=["a"])], plain=True) == [
+        "a left or failed (no usable reply in round 2)",
+        "round 2/4: test accuracy 0.5000, max node epsilon - (trained 1, declined 0, refused 0, failed 1)"]
+
+
+def test_on_a_terminal_the_bar_is_kept_and_no_plain_round_lines_are_printed(monkeypatch, tmp_path):
+    from simulations import runner
+
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=200)
+    runner._follow(_FakeFlwrRun(tmp_path / "metrics.jsonl", ROWS), tmp_path, 3, console, "starting")
+    out = buffer.getvalue()
+    assert "round 1/3: test accuracy" not in out and "round 3/3" in out  # the bar's own label
+    assert out.count("site-c refused: DP is required by the site") == 1 and "site-b is back" in out
