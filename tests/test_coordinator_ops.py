@@ -251,3 +251,129 @@ def test_on_a_terminal_the_bar_is_kept_and_no_plain_round_lines_are_printed(monk
     out = buffer.getvalue()
     assert "round 1/3: test accuracy" not in out and "round 3/3" in out  # the bar's own label
     assert out.count("site-c refused: DP is required by the site") == 1 and "site-b is back" in out
+
+
+# --- 3. the Fleet gateway: raw URIs, exact routes ------------------------------------------------------
+
+def test_the_gateway_lists_exactly_the_fleet_routes_of_flower_1_42():
+    import flwr
+    from flwr.superlink.routers.fleet.router import router
+
+    from server.fleet_gateway import FLEET_ROUTES
+
+    assert flwr.__version__ == "1.42.0"  # the list below is pinned to this release
+    declared = {(method, route.path) for route in router.routes for method in route.methods}
+    assert declared == {("POST", path) for path in FLEET_ROUTES}
+
+
+class _RecordingUpstream:
+    """A TLS HTTP server on 127.0.0.1 standing in for the SuperLink: it records each request line it gets."""
+
+    def __init__(self, certificate: Path, key: Path) -> None:
+        import http.server
+        import ssl
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self):
+                length = int(self.headers.get("content-length") or 0)
+                self.rfile.read(length)
+                seen.append((self.command, self.path))
+                body = b"upstream"
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _raw_request(port: int, ca: Path, method: str, target: str) -> tuple[int, str]:
+    """Send `METHOD target` exactly as written (no client-side normalisation) over TLS; (status, body)."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+                    f"Connection: close\r\n\r\nx".encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+RAW_FORMS = [
+    "/v1/control/../fleet/pull-messages",          # normalises to a Fleet route, raw form is a Control path
+    "/v1/fleet/../control/start-run",
+    "/v1/fleet/%2e%2e/control/start-run",
+    "/v1/fleet/%2E%2E/control/start-run",
+    "/v1/fleet%2fpull-messages",
+    "/v1/fleet%2Fpull-messages",
+    "/v1/fleet/pull-messages%2F..%2F..%2Fcontrol%2Fstart-run",
+    "/v1/fleet/.%2e/control/start-run",
+    "/v1/fleet/pull-messages?next=%2e%2e",
+]
+
+
+@pytest.fixture
+def gateway(tmp_path, nginx):
+    from privacy.provisioning import provision
+    from server.fleet_gateway import nginx_config, start_gateway
+    from shared_models.flower_processes import free_port, stop_process_tree
+
+    kit = provision(tmp_path / "fed", ["127.0.0.1"], ["site-a"]).server_kit
+    upstream = _RecordingUpstream(kit / "loopback.crt", kit / "loopback.key")
+    port = free_port()
+    config = nginx_config(listen_host="127.0.0.1", listen_port=port, upstream_port=upstream.port,
+                          certificate=kit / "server.crt", private_key=kit / "server.key",
+                          ca_certificate=kit / "ca.crt", workdir=tmp_path / "gateway")
+    process = start_gateway(config, tmp_path / "gateway", tmp_path / "gateway.stderr", listen_port=port)
+    try:
+        yield port, kit / "ca.crt", upstream.seen
+    finally:
+        stop_process_tree(process)
+        upstream.close()
+
+
+def test_raw_uri_forms_are_refused_by_real_nginx_and_never_reach_the_upstream(gateway):
+    from server.fleet_gateway import FLEET_ROUTES
+
+    port, ca, seen = gateway
+    for route in FLEET_ROUTES:  # the control: every Fleet route reaches the upstream, by its own path
+        assert _raw_request(port, ca, "POST", route) == (200, "upstream"), route
+    assert seen == [("POST", route) for route in FLEET_ROUTES]
+    seen.clear()
+    for target in RAW_FORMS:
+        status, body = _raw_request(port, ca, "POST", target)
+        assert status == 400 and "request URI refused" in body, (target, status, body)
+    for method, target in [("POST", "/v1/control/start-run"), ("POST", "/v1/runtime/get-nodes"), ("POST", "/health"),
+                           ("POST", "/v1/fleet/"), ("POST", "/v1/fleet/unknown-route"), ("GET", "/v1/fleet/get-fab"),
+                           ("PUT", "/v1/fleet/push-object")]:
+        assert _raw_request(port, ca, method, target)[0] == 403, (method, target)
+    assert seen == []  # nothing of the above reached the SuperLink's place
+    # A harmless other spelling of a Fleet route (merged slashes, an encoded letter) is forwarded
+    # by its canonical path, never as the client wrote it.
+    for target in ("//v1/fleet/pull-messages", "/v1/fleet/%70ull-messages"):
+        assert _raw_request(port, ca, "POST", target)[0] == 200, target
+    assert seen == [("POST", "/v1/fleet/pull-messages")] * 2
