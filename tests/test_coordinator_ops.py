@@ -377,3 +377,72 @@ def test_raw_uri_forms_are_refused_by_real_nginx_and_never_reach_the_upstream(ga
     for target in ("//v1/fleet/pull-messages", "/v1/fleet/%70ull-messages"):
         assert _raw_request(port, ca, "POST", target)[0] == 200, target
     assert seen == [("POST", "/v1/fleet/pull-messages")] * 2
+
+
+# --- 4. smaller items ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task, expected", [("vision", "--task vision reads a folder with one subfolder of images"),
+                                            ("speech", "--task speech reads a folder of WAV files")])
+def test_a_csv_given_to_an_image_or_audio_task_is_named_by_its_columns(tmp_path, task, expected):
+    from shared_models.datasets import DataFormatError, load_local
+
+    data = tmp_path / "notes.csv"
+    data.write_text("\ufefftext,label\nhello,ham\nwin money,spam\n", encoding="utf-8")
+    with pytest.raises(DataFormatError) as caught:
+        load_local(data, task)
+    message = str(caught.value)
+    assert message.startswith(f"{data}: is a CSV file (first line: text,label); CSV files are read by --task text "
+                              "only, from their 'text' and 'label' columns.")
+    assert expected in message and "subfolder of images per class (at least 2)" not in message
+    assert len(load_local(data, "text").y) == 2  # the same file is fine as text
+
+
+def test_fedpriv_simulate_on_a_csv_with_task_vision_says_so_before_any_flower_process(tmp_path, capsys):
+    data = tmp_path / "notes.csv"
+    data.write_text("text,label\n" + "".join(f"message {i},{'spam' if i % 2 else 'ham'}\n" for i in range(20)))
+    argv = ["simulate", "--dataset", str(data), "--task", "vision", "--clients", "2", "--no-secagg",
+            "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "is a CSV file (first line: text,label)" in out and "subfolder of images per class (at least" not in out
+
+
+def _config(**overrides) -> dict:
+    import tomllib
+
+    from shared_models.flower_processes import APP_DIR
+
+    defaults = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return {**defaults, **overrides}
+
+
+def test_the_reports_config_table_shows_each_kind_of_run_only_its_own_fields():
+    from server.report import config_table, run_kind
+
+    deployed = _config(**{"state-dir": "", "num-supernodes": 0, "min-nodes": 3})  # as `fedpriv run` writes it
+    simulated = _config(**{"state-dir": "/home/u/.local/state/fedpriv", "num-supernodes": 5, "fault-rate": 0.1})
+    assert run_kind(deployed) == "deployed" and run_kind(simulated) == "simulation"
+    older = {k: v for k, v in simulated.items() if k != "num-supernodes"}  # a simulation from before that key
+    assert run_kind(older) == "simulation"
+    table = config_table(deployed)
+    for key in ("fault-rate", "dropout-rate", "partition", "alpha", "num-supernodes", "canaries", "state-dir",
+                "max-epsilon", "val-fraction", "reproducible-noise"):
+        assert key not in table, key
+    assert table["min-nodes"] == 3 and table["epsilon"] == deployed["epsilon"] and "clip-norm" in table
+    assert list(table) == [k for k in deployed if k in table]  # file order kept
+    sim_table = config_table(simulated)
+    assert sim_table["fault-rate"] == 0.1 and sim_table["partition"] == "iid" and sim_table["num-supernodes"] == 5
+    assert "min-nodes" not in sim_table and "node-wait-timeout" not in sim_table
+
+
+def test_the_report_page_renders_the_filtered_config_table(monkeypatch):
+    from server import report
+
+    monkeypatch.setattr(report, "TEMPLATE", "{{ run_kind }}:{% for key in config %}{{ key }}={{ config_json[key] }};"
+                                            "{% endfor %}")
+    monkeypatch.setattr(report, "threat_model", lambda summary: "")
+    run = report.RunRecord(path=Path("."), summary={"final": {}, "secure_aggregation": False}, rows=[], ledger={},
+                           config=_config(**{"state-dir": "", "num-supernodes": 0, "fault-rate": 0.0}))
+    page = report.render_html(run, {})
+    assert page.startswith("deployed:") and "fault-rate" not in page and "partition" not in page
+    assert "min-nodes=1;" in page
