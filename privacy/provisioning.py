@@ -383,12 +383,19 @@ Start the node from inside this folder (or give `--kit` this folder's path where
 it was written as {folder}):
 
     fedpriv node --kit . --data /path/to/your/data --task vision|speech|text \\
-        --max-epsilon 8 --delta 1e-5
+        --max-epsilon 32 --delta 1e-5
+
+`--max-epsilon` is your lifetime budget on this data, across every run; each run spends its
+own per-run epsilon (8 by default) out of it. Leave room for the runs you agree to: a budget
+equal to one run's epsilon is spent by the first run, and later runs are declined.
 
 - `{node}.key` is this node's secret identity (mode 0600): never send it anywhere.
   The coordinator already has `{node}.pub`.
 - `ca.crt` lets the node check it talks to the real SuperLink at `{superlink}`.
-- The privacy ledger (epsilon spent on your data) stays on this machine, in `--state-dir`.
+- The privacy ledger (epsilon spent on your data) stays on this machine, in
+  `--state-dir`: `ledgers/records.json` (each record's spend) and `ledgers/events.jsonl`
+  (one line per round charged or declined).
+- Stop the node with Ctrl-C or SIGTERM; the ledger stays, and it rejoins when started again.
 """
 
 

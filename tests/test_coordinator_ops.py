@@ -446,3 +446,32 @@ def test_the_report_page_renders_the_filtered_config_table(monkeypatch):
     page = report.render_html(run, {})
     assert page.startswith("deployed:") and "fault-rate" not in page and "partition" not in page
     assert "min-nodes=1;" in page
+
+
+def test_readme_deployment_examples_leave_budget_headroom_and_name_the_ledger_and_stop_and_units(tmp_path):
+    import re
+
+    from privacy.accountants import PrivacyLedger
+    from privacy.provisioning import provision
+    from shared_models.flower_processes import APP_DIR
+
+    readme = (APP_DIR / "README.md").read_text()
+    default_epsilon = _config()["epsilon"]
+    budgets = [float(m) for m in re.findall(r"fedpriv node [^`\n]*?(?:\\\n[^`\n]*?)?--max-epsilon (\d+(?:\.\d+)?)",
+                                            readme)]
+    runs = [float(m) for m in re.findall(r"fedpriv run --kit [^`\n]*?--epsilon (\d+(?:\.\d+)?)", readme)]
+    assert len(budgets) >= 3 and runs  # the command table, the site's step 3 and the systemd unit
+    assert min(budgets) >= 4 * max(runs + [default_epsilon]), (budgets, runs)
+    node_readme = (provision(tmp_path / "fed", ["127.0.0.1"], ["a"]).node_kits["a"] / "README.md").read_text()
+    assert float(re.search(r"--max-epsilon (\d+)", node_readme).group(1)) >= 4 * default_epsilon
+    # The ledger files README names are the ones the ledger writes.
+    ledger = PrivacyLedger(tmp_path / "state")
+    for name in (ledger.path.name, ledger.events_path.name):
+        assert f"STATE_DIR/ledgers/{name}" in readme
+    assert "STATE_DIR/ledgers/<node>--<fingerprint>.json" in readme
+    # Stop instructions and a systemd unit for each role.
+    assert "Stop a node with Ctrl-C or SIGTERM" in readme and "Stop the coordinator with Ctrl-C or SIGTERM" in readme
+    assert "ExecStart=/opt/fedpriv/.venv/bin/fedpriv server --kit" in readme
+    assert "ExecStart=/opt/fedpriv/.venv/bin/fedpriv node --kit" in readme
+    # The newcomer commands are still there.
+    assert "\nfedpriv simulate\n" in readme and "\npython -m pytest -q tests\n" in readme
