@@ -7,15 +7,18 @@ Layout written under `out`:
                                    later: keep it offline once the kits are made.
     server/                        the coordinator's kit
         kit.json                   role, host names, ports, node names
-        ca.crt, server.crt         CA and the SuperLink's certificate (SANs: every --server-host,
-                                   plus localhost and 127.0.0.1 for the launcher's own calls)
-        server.key                 the SuperLink's TLS key (0600)
+        ca.crt, server.crt         CA and the node-facing certificate (SANs: every --server-host;
+                                   localhost and 127.0.0.1 only with `--loopback-sans`)
+        server.key                 its TLS key (0600)
+        loopback.crt, loopback.key the SuperLink's own certificate and key (0600) for its port on
+                                   127.0.0.1 (SANs localhost, 127.0.0.1): the gateway, `fedpriv
+                                   run` and `flwr` reach it there; never served to nodes
         node-keys/<node>.pub       each SuperNode's public key (OpenSSH), for
                                    `flwr supernode register`
         flwr/config.toml           Flower CLI connection settings (FLWR_HOME=server/flwr
                                    flwr ls): the SuperLink on 127.0.0.1:9093 over TLS
         README.md
-    nodes/<node>/                  one kit per hospital / firm
+    nodes/<node>/                  one kit per hospital / firm (folder mode 0700)
         kit.json                   role, node name, SuperLink address
         ca.crt                     to verify the SuperLink (`--root-certificates`)
         <node>.key                 the node's EC P-384 private key, OpenSSH format (0600), as
@@ -63,6 +66,7 @@ DEFAULT_FLEET_PORT = 9092  # the port SuperNodes reach (TLS, Fleet API only)
 DEFAULT_INTERNAL_PORT = 9093  # the SuperLink itself, on loopback only (Fleet + Control + Runtime APIs)
 FLWR_CONNECTION = "fedpriv"  # the connection name in the Flower CLI's config
 _LOCAL_NAMES = ("localhost", "127.0.0.1")
+LOOPBACK_CERTIFICATE, LOOPBACK_KEY = "loopback.crt", "loopback.key"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -221,11 +225,14 @@ def check_out_folder(out: Path, app_dir: Path | None = None, force: bool = False
 
 
 def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = DEFAULT_FLEET_PORT, *,
-              force: bool = False) -> Federation:
+              force: bool = False, loopback_sans: bool = False) -> Federation:
     """Write (or complete) the kits of a federation under `out`; see the module docstring.
 
     server_hosts: names/IPs SuperNodes use to reach the coordinator; the first is written into
-    the node kits' SuperLink address. port: the TLS Fleet port SuperNodes connect to.
+    the node kits' SuperLink address; they are the node-facing certificate's only SANs unless
+    loopback_sans adds localhost and 127.0.0.1 (a federation tried out on one machine). The
+    SuperLink's own loopback port gets its own certificate (`loopback.crt`) either way.
+    port: the TLS Fleet port SuperNodes connect to.
     force: allow `out` inside the fedpriv app folder (`check_out_folder`). `out` gets a
     `.gitignore` of `*`, so no key in it is ever listed by `git status`, wherever it lies.
     Raises ProvisioningError on bad names, or when an existing kit disagrees with the request.
@@ -238,7 +245,7 @@ def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = 
     out.mkdir(parents=True, exist_ok=True)
     if not (out / ".gitignore").exists():
         (out / ".gitignore").write_text("# fedpriv kits hold private keys: never commit them\n*\n")
-    hosts = list(dict.fromkeys([*server_hosts, *_LOCAL_NAMES]))
+    hosts = list(dict.fromkeys([*server_hosts, *(_LOCAL_NAMES if loopback_sans else ())]))
     now = dt.datetime.now(dt.timezone.utc)
     ca_dir, server_dir, nodes_dir = out / "ca", out / "server", out / "nodes"
     for folder in (ca_dir, server_dir, server_dir / "node-keys", nodes_dir):
@@ -259,18 +266,25 @@ def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = 
     cert_file = server_dir / "server.crt"
     if cert_file.exists():
         existing = x509.load_pem_x509_certificate(cert_file.read_bytes())
-        if sorted(_san_hosts(existing)) != sorted(hosts):
+        # A kit written before loopback.crt existed has the loopback names in server.crt: kept as it is.
+        older = sorted(dict.fromkeys([*server_hosts, *_LOCAL_NAMES]))
+        if sorted(_san_hosts(existing)) != sorted(hosts) and (loopback_sans or sorted(_san_hosts(existing)) != older):
             raise ProvisioningError(f"{cert_file} is for {_san_hosts(existing)}, not {hosts}; move the server kit away "
                                     "to issue a new certificate")
     else:
         _write_public(cert_file, _pem(_server_certificate(server_key, hosts, ca_key, ca_cert, now)))
     _write_public(server_dir / "ca.crt", ca_pem)
+    loopback_key, _ = _load_or_create_key(server_dir / LOOPBACK_KEY, serialization.PrivateFormat.PKCS8)
+    if not (server_dir / LOOPBACK_CERTIFICATE).exists():
+        _write_public(server_dir / LOOPBACK_CERTIFICATE,
+                      _pem(_server_certificate(loopback_key, list(_LOCAL_NAMES), ca_key, ca_cert, now)))
 
     superlink = f"{server_hosts[0]}:{port}"
     node_kits = {}
     for node in nodes:
         kit = nodes_dir / node
         kit.mkdir(exist_ok=True)
+        kit.chmod(0o700)  # the site's private keys: its service account only
         key, _ = _load_or_create_key(kit / f"{node}.key", serialization.PrivateFormat.OpenSSH)
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         public += f" {node}\n".encode()
@@ -291,6 +305,7 @@ def provision(out: Path, server_hosts: list[str], nodes: list[str], port: int = 
     _write_json(server_dir / "kit.json", {
         "role": "server", "server_hosts": hosts, "fleet_port": port, "internal_port": DEFAULT_INTERNAL_PORT,
         "ca": "ca.crt", "certificate": "server.crt", "private_key": "server.key", "nodes": all_nodes,
+        "loopback_certificate": LOOPBACK_CERTIFICATE, "loopback_private_key": LOOPBACK_KEY,
     })
     (server_dir / "flwr").mkdir(exist_ok=True)
     (server_dir / "flwr" / "config.toml").write_text(
@@ -328,12 +343,14 @@ def load_kit(kit: Path, role: str) -> dict:
         if key not in meta:
             raise ProvisioningError(f"{meta_file}: missing key {key!r} (expected {expected}); re-run `fedpriv "
                                     "provision` with the same --out to rewrite the kit")
-    for key in ("ca", "private_key", "certificate", "public_key"):
+    # loopback_*: a server kit's certificate for the SuperLink's own 127.0.0.1 port (kits written
+    # before it existed have none: their server.crt carries the loopback names).
+    for key in ("ca", "private_key", "certificate", "public_key", "loopback_certificate", "loopback_private_key"):
         if key in meta:
             path = kit / meta[key]
             if not path.exists():
                 raise ProvisioningError(f"{path} is missing from the kit")
-            if key == "private_key" and path.stat().st_mode & 0o077:
+            if key.endswith("private_key") and path.stat().st_mode & 0o077:
                 raise ProvisioningError(f"{path}: private key is readable by others; chmod 600 it")
             meta[key] = path.resolve()
     meta["path"] = kit.resolve()
@@ -366,12 +383,19 @@ Start the node from inside this folder (or give `--kit` this folder's path where
 it was written as {folder}):
 
     fedpriv node --kit . --data /path/to/your/data --task vision|speech|text \\
-        --max-epsilon 8 --delta 1e-5
+        --max-epsilon 32 --delta 1e-5
+
+`--max-epsilon` is your lifetime budget on this data, across every run; each run spends its
+own per-run epsilon (8 by default) out of it. Leave room for the runs you agree to: a budget
+equal to one run's epsilon is spent by the first run, and later runs are declined.
 
 - `{node}.key` is this node's secret identity (mode 0600): never send it anywhere.
   The coordinator already has `{node}.pub`.
 - `ca.crt` lets the node check it talks to the real SuperLink at `{superlink}`.
-- The privacy ledger (epsilon spent on your data) stays on this machine, in `--state-dir`.
+- The privacy ledger (epsilon spent on your data) stays on this machine, in
+  `--state-dir`: `ledgers/records.json` (each record's spend) and `ledgers/events.jsonl`
+  (one line per round charged or declined).
+- Stop the node with Ctrl-C or SIGTERM; the ledger stays, and it rejoins when started again.
 """
 
 
@@ -386,6 +410,10 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_FLEET_PORT, help="node-facing TLS port of the SuperLink")
     parser.add_argument("--force", action="store_true",
                         help="write the kits even inside the fedpriv app folder (refused by default: keys next to code)")
+    parser.add_argument("--loopback-sans", action="store_true",
+                        help="also name localhost and 127.0.0.1 in the node-facing certificate, for a federation tried "
+                             "out on one machine whose nodes connect to localhost (the SuperLink's own loopback port "
+                             "has its own certificate either way)")
     parser.set_defaults(handler=_provision_command)
 
 
@@ -393,7 +421,7 @@ def _provision_command(args, console) -> int:
     split = lambda text: [part.strip() for part in text.split(",") if part.strip()]  # noqa: E731
     try:
         federation = provision(args.out, split(args.server_host), split(args.nodes), port=args.port,
-                               force=args.force)
+                               force=args.force, loopback_sans=args.loopback_sans)
     except ProvisioningError as err:
         console.print(f"[red]error:[/red] {err}")
         return 2

@@ -177,7 +177,8 @@ def _train_stage(grid, arrays, config, sampled, settings, ledger, report, known_
             log.warning("round %d: %s refused: %s", report.round, name, reason)
             continue
         declined = bool(metrics.get("declined", 0))
-        ledger.record_reply(name, report.round, metrics, declined)
+        reason = str(reply.content["node"].get("reason", "")) if declined and "node" in reply.content else ""
+        ledger.record_reply(name, report.round, metrics, declined, reason)
         if declined:
             report.declined.append(name)
             continue

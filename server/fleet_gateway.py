@@ -8,6 +8,16 @@ reach it, terminates TLS with the federation's server certificate, forwards `/v1
 to the SuperLink over TLS (verifying it against the federation's CA) and answers 403 to
 every other path. The SuperNodes' signed authentication headers pass through unchanged:
 the SuperLink still checks them.
+
+What passes, exactly: a POST to one of `FLEET_ROUTES` (the twelve routes of Flower 1.42's
+Fleet API router, `flwr.superlink.routers.fleet.router`, which is what the SuperNode's
+`FleetHttpClient` calls), each an exact-match location that forwards its own canonical path,
+never the client's spelling of it. nginx matches locations on the *normalised* path (dot
+segments resolved, %XX decoded, slashes merged) but, without a URI on `proxy_pass`, forwards
+the *raw* one (`$request_uri`), so `/v1/control/../fleet/pull-messages` would match a Fleet
+location and reach the SuperLink as a Control path. Any request whose raw URI holds `..`,
+`%2e` or `%2f` (any case) is therefore answered 400 before any location is chosen; other
+methods get 403 (`limit_except POST`), other paths 403.
 """
 
 from __future__ import annotations
@@ -22,6 +32,15 @@ import psutil
 from shared_models.flower_processes import start_flower
 
 FLEET_PREFIX = "/v1/fleet/"
+# Flower 1.42.0's Fleet API (POST only), as `flwr/superlink/routers/fleet/router.py` declares it and
+# `flwr/supernode/fleet_http_client.py` calls it; tests/test_coordinator_ops.py pins the list to flwr.
+FLEET_ROUTES = tuple(FLEET_PREFIX + name for name in (
+    "register-node", "activate-node", "deactivate-node", "unregister-node", "send-node-heartbeat",
+    "pull-messages", "push-messages", "get-run", "get-fab", "push-object", "pull-object", "confirm-message-received",
+))
+# Raw request URIs refused with 400: dot segments and encoded '.' or '/' (nginx would decode and
+# resolve them for matching, but forward them as sent). Case-insensitive (~*).
+RAW_URI_REFUSED = r"(\.\.|%2e|%2f)"
 
 
 class GatewayError(RuntimeError):
@@ -53,8 +72,16 @@ def nginx_config(*, listen_host: str, listen_port: int, upstream_port: int, cert
 
     listen_host/listen_port: where SuperNodes connect (TLS). upstream_port: the SuperLink on
     127.0.0.1 (TLS, certificate checked against `ca_certificate` for the name localhost).
+    Only POSTs to `FLEET_ROUTES` are forwarded; raw URIs matching `RAW_URI_REFUSED` get 400.
     """
     listen = f"[{listen_host}]:{listen_port}" if ":" in listen_host else f"{listen_host}:{listen_port}"
+    # One exact location per Fleet route, forwarding that canonical path (never the raw spelling).
+    fleet_locations = "\n".join(
+        f"        location = {route} {{\n"
+        f"            limit_except POST {{ deny all; }}\n"
+        f"            proxy_pass https://127.0.0.1:{upstream_port}{route};\n"
+        f"        }}"
+        for route in FLEET_ROUTES)
     return f"""# Written by `fedpriv server`; regenerated at every start.
 worker_processes 1;
 pid {workdir}/nginx.pid;
@@ -78,17 +105,20 @@ http {{
         proxy_request_buffering off;
         proxy_buffering off;
 
-        location {FLEET_PREFIX} {{
-            proxy_pass https://127.0.0.1:{upstream_port};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_ssl_verify on;
-            proxy_ssl_name localhost;  # a DNS SAN: nginx does not match IP SANs here
-            proxy_ssl_trusted_certificate {ca_certificate};
-            proxy_read_timeout 600s;
-            proxy_send_timeout 600s;
+        # The raw request line, before nginx normalises it: refused before any location is chosen.
+        if ($request_uri ~* "{RAW_URI_REFUSED}") {{
+            return 400 "fedpriv: request URI refused (dot segments or encoded '.' or '/')\\n";
         }}
+
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_ssl_verify on;
+        proxy_ssl_name localhost;  # the SuperLink's loopback certificate (a DNS SAN: nginx does not match IP SANs here)
+        proxy_ssl_trusted_certificate {ca_certificate};
+        proxy_read_timeout 600s;
+        proxy_send_timeout 600s;
+{fleet_locations}
         # Control API, Runtime API, health and everything else: not for SuperNodes.
         location / {{
             return 403 "fedpriv: only the Fleet API is served on this port\\n";

@@ -23,6 +23,7 @@ class NodeRecord:
     num_examples: int = 0
     rounds_trained: list[int] = field(default_factory=list)
     declined_rounds: list[int] = field(default_factory=list)
+    declines: list[dict] = field(default_factory=list)  # {"round": int, "reason": str}: what the node said
     refused_rounds: list[int] = field(default_factory=list)  # the site's policy refused the run
     refusals: list[dict] = field(default_factory=list)  # {"round": int, "reason": str}
     failed_rounds: list[int] = field(default_factory=list)
@@ -42,8 +43,13 @@ class CoordinatorLedger:
     def _node(self, name: str) -> NodeRecord:
         return self.nodes.setdefault(name, NodeRecord())
 
-    def record_reply(self, name: str, server_round: int, metrics: dict[str, float], declined: bool) -> None:
-        """Record a train reply's metrics (keys as sent by `client.client_app.train`)."""
+    def record_reply(self, name: str, server_round: int, metrics: dict[str, float], declined: bool,
+                     reason: str = "") -> None:
+        """Record a train reply's metrics (keys as sent by `client.client_app.train`).
+
+        reason: for a declined round, why the node declined (its reply's `node.reason`, e.g.
+        "training would reach epsilon=9.1 > max-epsilon=8 ..."); kept in `declines`.
+        """
         rec = self._node(name)
         if "epsilon" in metrics:
             rec.epsilon = float(metrics["epsilon"])
@@ -55,6 +61,8 @@ class CoordinatorLedger:
             rec.epsilon_by_round[str(server_round)] = rec.epsilon
         rec.num_examples = int(metrics.get("num-examples", rec.num_examples))
         (rec.declined_rounds if declined else rec.rounds_trained).append(server_round)
+        if declined:
+            rec.declines.append({"round": server_round, "reason": reason or "declined (no reason given)"})
 
     def record_refusal(self, name: str, server_round: int, reason: str) -> None:
         """A node whose owner's policy refused `server_round` (e.g. "DP is required by the site")."""

@@ -412,6 +412,31 @@ def threat_model(summary: dict) -> str:
     return f"{first} {second} {third}"
 
 
+# Run-config keys that mean something only in one kind of run (pyproject's [tool.flwr.app.config]
+# gives every key a default, so config.json holds them all): the report's config table leaves out
+# the other kind's. A deployed node reads its budget, validation share and ledger folder from
+# its owner's node-config, never from these.
+SIMULATION_ONLY_KEYS = ("num-supernodes", "partition", "alpha", "fault-rate", "dropout-rate", "canaries",
+                        "reproducible-noise", "state-dir", "secagg-identities", "max-epsilon", "val-fraction")
+DEPLOYED_ONLY_KEYS = ("min-nodes", "fraction-train", "node-wait-timeout")
+
+
+def run_kind(config: dict) -> str:
+    """"deployed" (`fedpriv run`: no simulated nodes, no simulated ledger folder) or "simulation".
+
+    config: config.json. `fedpriv simulate` records `num-supernodes` >= 1 and its nodes'
+    `state-dir`; `fedpriv run` records `num-supernodes` 0 and an empty `state-dir`.
+    """
+    simulated = int(config.get("num-supernodes") or 0) > 0 or bool(str(config.get("state-dir") or ""))
+    return "simulation" if simulated else "deployed"
+
+
+def config_table(config: dict) -> dict:
+    """config.json without the keys of the other kind of run (`run_kind`), in file order."""
+    hidden = SIMULATION_ONLY_KEYS if run_kind(config) == "deployed" else DEPLOYED_ONLY_KEYS
+    return {key: value for key, value in config.items() if key not in hidden}
+
+
 def _fmt(value: object, spec: str) -> str:
     return format(value, spec) if _finite(value) else "-"
 
@@ -429,6 +454,7 @@ def render_html(run: RunRecord, plots: dict[str, bytes]) -> str:
     template = env.from_string(TEMPLATE)
     summary = run.summary
     client_level = summary.get("client_level") or {}
+    table = config_table(run.config)
     return template.render(
         s=summary,
         final=summary["final"],
@@ -438,8 +464,9 @@ def render_html(run: RunRecord, plots: dict[str, bytes]) -> str:
         plots={key: "data:image/png;base64," + base64.b64encode(png).decode("ascii") for key, png in plots.items()},
         plot_files=PLOT_FILES,
         unaggregated=[row["round"] for row in run.rows if not row["aggregated"]],
-        config=run.config,
-        config_json={key: _exact(value) for key, value in run.config.items()},
+        config=table,
+        run_kind=run_kind(run.config),
+        config_json={key: _exact(value) for key, value in table.items()},
         releases=NODE_RELEASES,
     )
 

@@ -167,7 +167,7 @@ TEMPLATE = """<!DOCTYPE html>
 
 <h2>Configuration</h2>
 <details id="configuration" open>
-<summary>config.json (the resolved run-config)</summary>
+<summary>config.json (the resolved run-config{% if run_kind == "deployed" %}; a deployed run: the simulation-only keys are left out, each site's budget, validation share and ledger are its own{% endif %})</summary>
 <table>
   <tbody>
   {% for key, value in config.items() %}

@@ -3,7 +3,8 @@
 summary.json keys promised to users (issue 2; add keys, never rename): `rounds_completed`,
 `final.test_accuracy`, `clients.<node>.epsilon`, `.delta`, `.declined_rounds`; issue 12 adds
 `clients.<node>.refused_rounds`, `.refusals` and the top-level `refusals` (what each site's
-policy refused and why), and `client_level.assumption`.
+policy refused and why), and `client_level.assumption`; issue 15 adds `clients.<node>.declines`
+and the top-level `declines` (each declined round and the reason the node gave).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: Coord
             "delta": rec["delta"],
             "max_epsilon": rec["max_epsilon"],
             "declined_rounds": rec["declined_rounds"],
+            "declines": rec["declines"],
             "refused_rounds": rec["refused_rounds"],
             "refusals": rec["refusals"],
             "failed_rounds": rec["failed_rounds"],
@@ -68,6 +70,11 @@ def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: Coord
         "refusals": sorted(
             ({"round": f["round"], "node": name, "reason": f["reason"]} for name, c in clients.items()
              for f in c["refusals"]),
+            key=lambda f: (f["round"], f["node"]),
+        ),
+        "declines": sorted(
+            ({"round": f["round"], "node": name, "reason": f["reason"]} for name, c in clients.items()
+             for f in c["declines"]),
             key=lambda f: (f["round"], f["node"]),
         ),
         "max_client_epsilon": max((c["epsilon"] for c in clients.values() if c["epsilon"] is not None), default=None),

@@ -1,7 +1,8 @@
 """`fedpriv server --kit DIR`: the coordinator's SuperLink, secured (DESIGN 3, 6).
 
 What runs:
-- `flower-superlink` with the kit's TLS certificate, SuperNode authentication
+- `flower-superlink` with the kit's loopback TLS certificate (`loopback.crt`: localhost,
+  127.0.0.1; nodes never see it), SuperNode authentication
   (`--enable-supernode-auth`), a persistent `--database`, bound to 127.0.0.1 only: its one
   HTTP port also carries the Control and Runtime APIs;
 - the Fleet-only TLS front door (`server.fleet_gateway`, nginx) on the node-facing address;
@@ -220,6 +221,10 @@ def start_coordinator(kit_dir: Path, *, port: int | None = None, host: str | Non
     lock_state(state)  # before anything starts or is written
     coordinator = Coordinator(kit=kit, state=state, fleet_port=port, control_port=control_port, host=host,
                               flwr_home=state / "flwr")
+    # The SuperLink's own port (127.0.0.1) has its own certificate; the node-facing one is nginx's.
+    # Kits from before loopback.crt existed: server.crt, which then names localhost and 127.0.0.1.
+    loopback_certificate = kit.get("loopback_certificate", kit["certificate"])
+    loopback_key = kit.get("loopback_private_key", kit["private_key"])
     try:
         home = write_flwr_home(kit, state, control_port)
         env = flwr_env(home)
@@ -229,7 +234,7 @@ def start_coordinator(kit_dir: Path, *, port: int | None = None, host: str | Non
             output.flush()
             superlink = start_flower(
                 [console_script("flower-superlink"), "--ssl-ca-certfile", str(kit["ca"]), "--ssl-certfile",
-                 str(kit["certificate"]), "--ssl-keyfile", str(kit["private_key"]), "--enable-supernode-auth",
+                 str(loopback_certificate), "--ssl-keyfile", str(loopback_key), "--enable-supernode-auth",
                  "--database", str(state / "superlink.db"), "--host", "127.0.0.1", "--port", str(control_port),
                  "--isolation", "subprocess", "--disable-runtime-dependency-installation", "--log-file", str(log_file)],
                 env=env, stdout=output, stderr=subprocess.STDOUT,

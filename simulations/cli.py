@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from client import audit_log, ledger_view, supernode
 from client.config import NodeIdentity, default_state_dir
@@ -41,6 +42,7 @@ from simulations.cli_options import (
 )
 from simulations import deployed_run, predict
 from simulations.audit import command as audit_command
+from simulations.run_outcome import EXIT_NOTHING_TRAINED, untrained_run_message
 from simulations.runner import SimulationError, run_simulation_job
 
 # Modules that add a `fedpriv` command: each has `register(subparsers)`.
@@ -115,7 +117,7 @@ def resume(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/red] {err}")
         return 1
     print_summary(summary, run_dir, console)
-    return 0
+    return _exit_code(summary, run_dir, console)
 
 
 def preflight(run_config: dict, clients: int) -> list[str]:
@@ -206,7 +208,16 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/red] {err}")
         return 1
     print_summary(summary, out, console)
-    return 0
+    return _exit_code(summary, out, console)
+
+
+def _exit_code(summary: dict, out: Path, console: Console) -> int:
+    """0, or EXIT_NOTHING_TRAINED (printing each node's reason) when no node trained in the run."""
+    message = untrained_run_message(summary, "simulation", out_dir=str(out))
+    if not message:
+        return 0
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    return EXIT_NOTHING_TRAINED
 
 
 def _exit_on_sigterm(signum, frame):

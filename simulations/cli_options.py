@@ -240,7 +240,13 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
     }
 
 
-def print_summary(summary: dict, out: Path, console: Console) -> None:
+def print_summary(summary: dict, out: Path, console: Console, role: str = "simulation") -> None:
+    """Print the run's headline, its privacy ledger table, refusals and declines, and the run folder.
+
+    role: "simulation" (`fedpriv simulate`: the reader owns the simulated nodes) or
+    "coordinator" (`fedpriv run`: the reader cannot change a site's budget or ledger); it
+    decides the advice printed for declined rounds.
+    """
     final = summary["final"]
     line = f"final test accuracy {final['test_accuracy']:.4f} (majority class {summary['majority_class_rate']:.4f})"
     if "test_auc" in final:
@@ -264,7 +270,13 @@ def print_summary(summary: dict, out: Path, console: Console) -> None:
     for node, reason in sorted({(r["node"], r["reason"]) for r in summary.get("refusals", [])}):
         console.print(f"[yellow]{node} refused: {reason}[/yellow]")
     declined = sorted({n for n, c in summary["clients"].items() if c["declined_rounds"]})
-    if declined:
+    if declined and role == "coordinator":
+        console.print(
+            f"[yellow]{len(declined)} site(s) declined rounds ({', '.join(declined)}): training further would have "
+            "passed their lifetime budget (each site's own --max-epsilon, kept in its ledger across runs). Only a "
+            "site's owner can raise it; a later run with a smaller --epsilon spends less of what is left.[/yellow]"
+        )
+    elif declined:
         console.print(
             f"[yellow]{len(declined)} node(s) declined rounds: training further would have passed their max-epsilon. "
             "Their ledgers persist across runs (the budget belongs to the data); use a fresh --state-dir "

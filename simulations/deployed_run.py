@@ -16,6 +16,7 @@ import ssl
 from pathlib import Path
 
 import httpx
+from rich.markup import escape
 
 from privacy.provisioning import ProvisioningError, load_kit
 from server.superlink import FLWR_CONNECTION, running_control_port, state_folder, write_flwr_home
@@ -27,6 +28,7 @@ from simulations.cli_options import (
     run_folder_for,
     training_run_config,
 )
+from simulations.run_outcome import EXIT_NOTHING_TRAINED, untrained_run_message
 from simulations.runner import SimulationError, submit_and_follow
 
 
@@ -104,5 +106,9 @@ def _run(args, console) -> int:
     except SimulationError as err:
         console.print(f"[red]error:[/red] {err}")
         return 1
-    print_summary(summary, out, console)
+    print_summary(summary, out, console, role="coordinator")
+    message = untrained_run_message(summary, "coordinator", expected_nodes=kit["nodes"], out_dir=str(out))
+    if message:  # every site declined, refused, failed or stayed away: the model is the untrained one
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        return EXIT_NOTHING_TRAINED
     return 0

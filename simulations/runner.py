@@ -3,7 +3,8 @@
 `run_simulation_job` starts a private SuperLink in simulation mode (Ray backend) on a free
 loopback port, submits this project as a Flower App with `flwr run` (run-config from a TOML
 file, federation-config with the number of SuperNodes and their resources), shows a
-per-round progress bar by following the run folder's `metrics.jsonl`, and stops the
+per-round progress bar (one plain line per round when the output is not a terminal) by
+following the run folder's `metrics.jsonl`, and stops the
 SuperLink when the run ends. Nothing here trains or aggregates: the ServerApp and
 ClientApps do, inside Flower. With `ray_address` the ClientApps run on an existing Ray cluster
 instead of a Ray instance of the simulation's own (`simulations.ray_cluster`).
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import tomli_w
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privacy.secagg.identity import write_identities
@@ -162,7 +164,8 @@ def submit_and_follow(run_config: dict, out_dir: Path, connection: str, env: dic
                       starting: str, extra_args: list[str] = ()) -> dict:
     """`flwr run` this app on the SuperLink `connection` (of env's FLWR_HOME); returns summary.json.
 
-    Shows a per-round progress bar from `out_dir/metrics.jsonl` (the ServerApp writes it) and
+    Shows a per-round progress bar from `out_dir/metrics.jsonl` (the ServerApp writes it; one
+    plain line per round when the console is not a terminal, see `_follow`) and
     raises SimulationError, naming `out_dir/flower.log`, when `flwr run` fails or no summary
     is written. `run_config["out-dir"]` must be `out_dir`.
     """
@@ -180,7 +183,8 @@ def submit_and_follow(run_config: dict, out_dir: Path, connection: str, env: dic
                 env=env, stdout=log_handle, stderr=subprocess.STDOUT, cwd=str(app), new_session=False,
             )
             try:
-                _follow(runner, out_dir, int(run_config["num-server-rounds"]), console, starting)
+                _follow(runner, out_dir, int(run_config["num-server-rounds"]), console, starting,
+                        every_node_sampled=float(run_config.get("fraction-train", 1.0)) >= 1.0)
             finally:
                 if runner.poll() is None:  # interrupted: stop `flwr run` too
                     runner.terminate()
@@ -197,22 +201,94 @@ def submit_and_follow(run_config: dict, out_dir: Path, connection: str, env: dic
     return json.loads(summary_file.read_text())
 
 
-def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Console, starting: str) -> None:
-    """Progress bar over rounds while `flwr run --stream` runs."""
+class RoundEvents:
+    """What the coordinator is told as rounds land in metrics.jsonl (the ServerApp writes one row per round).
+
+    `new_lines(rows)` returns the lines for rows not seen yet: each site's policy refusal
+    once; a site joining (its first reply), leaving (it answered before, and now failed or,
+    when every connected node is sampled, sent nothing) and coming back, by the name it
+    reports (reply `node.name`); and, with `plain=True`, one line per round
+    ("round k/N: test accuracy A, max node epsilon E (trained ..)"). Rows only hold replies:
+    a SuperNode that connects is seen at its first reply, not when it connects.
+    """
+
+    def __init__(self, rounds: int, every_node_sampled: bool = True) -> None:
+        self.rounds = rounds
+        self.every_node_sampled = every_node_sampled  # fraction-train 1: a connected node is asked every round
+        self.last_round = 0
+        self.refusals: set[tuple[str, str]] = set()
+        self.present: set[str] = set()  # sites whose last round ended with a reply
+        self.seen: set[str] = set()
+
+    def new_lines(self, rows: list[dict], plain: bool) -> list[str]:
+        """Lines for the rows whose round is past the last one seen (rows as in metrics.jsonl)."""
+        lines = []
+        if rows and int(rows[-1].get("round", 0)) < self.last_round:  # rewritten by a resume: follow it again
+            self.last_round = int(rows[-1]["round"])
+        for row in rows:
+            if int(row.get("round", 0)) <= self.last_round:
+                continue
+            self.last_round = int(row["round"])
+            lines += self._membership(row)
+            for node, reason in (row.get("refused") or {}).items():  # a site's policy refusing: said once
+                if (node, reason) not in self.refusals:
+                    self.refusals.add((node, reason))
+                    lines.append(f"{node} refused: {reason}")
+            if plain:
+                lines.append(self.round_line(row))
+        return lines
+
+    def _membership(self, row: dict) -> list[str]:
+        k = row["round"]
+        answered = set(row.get("trained") or []) | set(row.get("declined") or []) | set(row.get("refused") or {})
+        answered = {n for n in answered if not n.startswith("node-id-")}
+        failed = set(row.get("failed") or [])
+        lines = []
+        for node in sorted(answered - self.present):
+            lines.append(f"{node} joined (first reply in round {k})" if node not in self.seen
+                         else f"{node} is back (replied in round {k})")
+        gone = {n for n in self.present - answered if n in failed or self.every_node_sampled}
+        lines += [f"{node} left or failed (no usable reply in round {k})" for node in sorted(gone)]
+        self.seen |= answered
+        self.present = (self.present | answered) - gone
+        return lines
+
+    def round_line(self, row: dict) -> str:
+        """One plain line for a metrics.jsonl row: round k/N, test accuracy, max node epsilon, who did what."""
+        acc = (row.get("test") or {}).get("accuracy")
+        eps = [e for e in (row.get("epsilon") or {}).values() if e is not None]
+        return (f"round {row['round']}/{self.rounds}: test accuracy {'-' if acc is None else f'{acc:.4f}'}, "
+                f"max node epsilon {'-' if not eps else f'{max(eps):.2f}'} "
+                f"(trained {len(row.get('trained') or [])}, declined {len(row.get('declined') or [])}, "
+                f"refused {len(row.get('refused') or {})}, failed {len(row.get('failed') or [])})")
+
+
+def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Console, starting: str,
+            every_node_sampled: bool = True) -> None:
+    """Follow `flwr run --stream` until it exits: a progress bar on a terminal, else one plain line per round.
+
+    Either way, refusals, and sites joining and leaving (`RoundEvents`), are printed as lines.
+    """
     metrics_file = out_dir / "metrics.jsonl"
+    events = RoundEvents(rounds, every_node_sampled)
+    if not console.is_terminal:  # a file, a pipe, a service's journal: no live bar, just lines
+        console.print(f"{starting} ({rounds} rounds)", markup=False, highlight=False)
+        while True:
+            finished = runner.poll() is not None
+            for line in events.new_lines(_rounds_done(metrics_file), plain=True):
+                console.print(line, markup=False, highlight=False)
+            if finished:
+                return
+            time.sleep(0.5)
     with Progress(
         TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=console, transient=False,
     ) as progress:
         task = progress.add_task("rounds", total=rounds, status=starting)
-        shown: set[tuple[str, str]] = set()
         while runner.poll() is None:
             done = _rounds_done(metrics_file)
-            for row in done:  # a site's policy refusing the run is said once, as soon as it happens
-                for node, reason in (row.get("refused") or {}).items():
-                    if (node, reason) not in shown:
-                        shown.add((node, reason))
-                        progress.console.print(f"[yellow]{node} refused: {reason}[/yellow]")
+            for line in events.new_lines(done, plain=False):
+                progress.console.print(f"[yellow]{escape(line)}[/yellow]" if " refused: " in line else escape(line))
             if done:
                 last = done[-1]
                 acc = (last.get("test") or {}).get("accuracy")

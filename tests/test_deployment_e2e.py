@@ -338,10 +338,10 @@ def two_sites(tmp_path_factory, shared_data, nginx):
 def test_two_sites_keep_their_budget_and_policy_against_the_coordinators_runs(two_sites, tmp_path):
     fed, sites = two_sites, ("site-x", "site-y")
 
-    def run(name, *options):
+    def run(name, *options, exit_code=0):
         runner = fed.run(tmp_path / name, *options)
         stdout, _ = runner.communicate(timeout=1500)
-        assert runner.returncode == 0, stdout[-3000:]
+        assert runner.returncode == exit_code, stdout[-3000:]
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return _summary(tmp_path / name), rows, stdout
 
@@ -359,25 +359,33 @@ def test_two_sites_keep_their_budget_and_policy_against_the_coordinators_runs(tw
         assert c["rounds_trained"] == [1, 2] and c["epsilon"] == pytest.approx(_expected_epsilon(fed, site), rel=1e-9)
         assert first["clients"][site]["epsilon"] < c["epsilon"] <= 2.0
     # A third run, with yet another seed, would take every record to about 2.14: both decline.
-    third, rows, _ = run("third", "--rounds", "1", "--epsilon", "1.5", "--seed", "4", "--val-fraction", "0")
+    # A run in which no site trained exits non-zero, naming each site's reason and advice for
+    # the coordinator (who cannot raise a site's budget), not the simulation's --state-dir.
+    third, rows, stdout = run("third", "--rounds", "1", "--epsilon", "1.5", "--seed", "4", "--val-fraction", "0",
+                              exit_code=3)
     assert not rows[0]["aggregated"]
+    assert "no node trained in this run" in stdout and "--state-dir" not in stdout
+    assert "you cannot raise or reset them" in stdout
     for site in sites:
         assert third["clients"][site]["declined_rounds"] == [1]
+        assert third["clients"][site]["declines"][0]["reason"].startswith("training would reach epsilon=")
+        assert f"{site}: declined round 1: training would reach epsilon=" in stdout
         assert third["clients"][site]["epsilon"] == pytest.approx(second["clients"][site]["epsilon"], rel=1e-12)
 
     # A run without DP and without SecAgg+ is refused by both sites' policy; nothing is aggregated.
-    plain, rows, stdout = run("plain", "--rounds", "1", "--no-dp", "--no-secagg")
+    plain, rows, stdout = run("plain", "--rounds", "1", "--no-dp", "--no-secagg", exit_code=3)
     assert not rows[0]["aggregated"] and plain["rounds_aggregated"] == 0
     assert plain["final"]["test_accuracy"] == plain["initial"]["test_accuracy"]
     for site in sites:
         assert plain["clients"][site]["refused_rounds"] == [1] and plain["clients"][site]["epsilon"] is None
         assert f"{site} refused: DP is required by the site; secure aggregation is required by the site" in stdout
+        assert f"{site}: refused round 1: DP is required by the site" in stdout
     assert {r["node"] for r in plain["refusals"]} == set(sites)
 
     # site-x restarts on its file plus one record: the records it shares carry their spend.
     _write_partitions(fed.sms, fed.root, sites, extra={"site-x": 1})
     fed.restart_node("site-x")
-    restarted, rows, _ = run("restarted", "--rounds", "1", "--epsilon", "1.5")
+    restarted, rows, _ = run("restarted", "--rounds", "1", "--epsilon", "1.5", exit_code=3)
     assert all(restarted["clients"][site]["declined_rounds"] == [1] for site in sites)
     assert restarted["clients"]["site-x"]["num_examples"] == first["clients"]["site-x"]["num_examples"] + 1
     for site in sites:  # recomputed from every charge: never past the budget of 2

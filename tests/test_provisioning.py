@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.config import node_identity
 from privacy.provisioning import ProvisioningError, load_kit, provision
-from server.fleet_gateway import nginx_config
+from server.fleet_gateway import FLEET_ROUTES, nginx_config
 from shared_models.run_config import ConfigError, TrainingPlan
 
 
@@ -28,14 +28,23 @@ def test_kits_hold_a_ca_a_server_certificate_for_the_hosts_and_one_p384_openssh_
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
     assert server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(san.get_values_for_type(x509.DNSName)) == {"fl.hospital.org", "localhost"}
-    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("10.0.0.5"),
-                                                            ipaddress.ip_address("127.0.0.1")}
+    # The node-facing certificate names the asked hosts only; the SuperLink's loopback port has its own.
+    assert set(san.get_values_for_type(x509.DNSName)) == {"fl.hospital.org"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("10.0.0.5")}
+    loopback = x509.load_pem_x509_certificate((fed.server_kit / "loopback.crt").read_bytes())
+    loopback.verify_directly_issued_by(ca)
+    loop_san = loopback.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert loop_san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert loop_san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert _mode(fed.server_kit / "loopback.key") == 0o600
+    kit = load_kit(fed.server_kit, "server")
+    assert kit["loopback_certificate"] == (fed.server_kit / "loopback.crt").resolve()
     assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey) and ca.public_key().curve.name == "secp384r1"
     for secret in (tmp_path / "ca" / "ca.key", fed.server_kit / "server.key"):
         assert _mode(secret) == 0o600
     for node in ("hospital-a", "hospital-b"):
         kit = fed.node_kits[node]
+        assert _mode(kit) == 0o700  # the site's private keys: its service account only
         key_file = kit / f"{node}.key"
         assert _mode(key_file) == 0o600
         assert key_file.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
@@ -108,8 +117,9 @@ def test_the_gateway_forwards_only_the_fleet_api(tmp_path):
     text = nginx_config(listen_host="0.0.0.0", listen_port=9092, upstream_port=9093, certificate=tmp_path / "s.crt",
                         private_key=tmp_path / "s.key", ca_certificate=tmp_path / "ca.crt", workdir=tmp_path)
     locations = [line.strip() for line in text.splitlines() if line.strip().startswith("location")]
-    assert locations == ["location /v1/fleet/ {", "location / {"]
-    assert text.count("proxy_pass") == 1 and "proxy_pass https://127.0.0.1:9093;" in text
+    assert locations == [f"location = {route} {{" for route in FLEET_ROUTES] + ["location / {"]
+    assert text.count("proxy_pass") == 12 and "proxy_pass https://127.0.0.1:9093/v1/fleet/pull-messages;" in text
+    assert text.count("limit_except POST { deny all; }") == 12
     assert "return 403" in text and "listen 0.0.0.0:9092 ssl;" in text and "proxy_ssl_verify on;" in text
 
 
@@ -160,3 +170,28 @@ def test_fedpriv_node_names_bad_local_data_and_a_delta_too_large_before_connecti
     assert "--delta 0.6 must be < 1/records = 0.5" in capsys.readouterr().out
     assert main(["node", "--kit", str(tmp_path / "fed" / "server"), "--data", str(small), "--task", "text"]) == 2
     assert "'server' kit, this command needs the 'node' kit" in capsys.readouterr().out
+
+
+def test_loopback_names_enter_the_node_facing_certificate_only_when_asked(tmp_path):
+    from simulations.cli import main
+
+    assert main(["provision", "--out", str(tmp_path / "asked"), "--server-host", "fl.example.org", "--nodes", "a",
+                 "--loopback-sans"]) == 0
+    server = x509.load_pem_x509_certificate((tmp_path / "asked" / "server" / "server.crt").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"fl.example.org", "localhost"}
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    # Re-running without the flag does not silently re-issue it either way.
+    with pytest.raises(ProvisioningError, match="server.crt is for"):
+        provision(tmp_path / "asked", ["fl.example.org", "other.example.org"], ["a"])
+
+
+def test_a_kit_from_before_loopback_certificates_keeps_its_server_certificate(tmp_path):
+    from privacy import provisioning
+
+    fed = provision(tmp_path, ["fl.example.org"], ["a"], loopback_sans=True)  # what older kits hold
+    (fed.server_kit / "loopback.crt").unlink()
+    (fed.server_kit / "loopback.key").unlink()
+    before = (fed.server_kit / "server.crt").read_bytes()
+    provisioning.provision(tmp_path, ["fl.example.org"], ["a", "b"])
+    assert (fed.server_kit / "server.crt").read_bytes() == before and (fed.server_kit / "loopback.crt").exists()

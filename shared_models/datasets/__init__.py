@@ -39,6 +39,8 @@ def load_local(path: str | Path, task: str, options: LocalDataOptions | None = N
     path = Path(path).expanduser()
     if not path.exists():
         raise DataFormatError(f"{path}: data-path does not exist")
+    if task in ("vision", "speech") and path.is_file() and path.suffix.lower() == ".csv":
+        raise DataFormatError(_csv_for_task(path, task))
     if task == "vision":
         if path.suffix.lower() == ".npz":
             splits = load_npz(path)
@@ -53,6 +55,19 @@ def load_local(path: str | Path, task: str, options: LocalDataOptions | None = N
             return load_text_csv(path, max_len=options.max_text_bytes, delimiter=options.csv_delimiter)
         return read_tsv(path, max_len=options.max_text_bytes)
     raise DataFormatError(f"task must be one of vision, speech, text; got {task!r}")
+
+
+def _csv_for_task(path: Path, task: str) -> str:
+    """The error for a CSV file given to a task that reads folders: it names the file's columns."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+            header = handle.readline().strip()
+    except OSError as err:
+        header = f"unreadable: {err}"
+    expected = ("a folder with one subfolder of images per class, or a MedMNIST-style .npz" if task == "vision"
+                else "a folder of WAV files (one subfolder per class, or FSDD names)")
+    return (f"{path}: is a CSV file (first line: {header[:120] or 'empty'}); CSV files are read by --task text only, "
+            f"from their 'text' and 'label' columns. --task {task} reads {expected}")
 
 
 __all__ = [
