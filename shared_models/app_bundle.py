@@ -58,4 +58,9 @@ def fab_sha256(app_dir: Path = APP_DIR) -> str:
     pyproject.toml is not a valid Flower App.
     """
     with tempfile.TemporaryDirectory(prefix="fedpriv-fab-") as tmp:
-        return hashlib.sha256(build_fab_from_disk(stage_app(Path(tmp) / "app", app_dir))).hexdigest()
+        return staged_fab_sha256(stage_app(Path(tmp) / "app", app_dir))
+
+
+def staged_fab_sha256(staged: Path) -> str:
+    """SHA-256 (64 hex digits) of the FAB Flower builds from the already staged app folder `staged`."""
+    return hashlib.sha256(build_fab_from_disk(staged)).hexdigest()

@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privacy.secagg.identity import write_identities
-from shared_models.app_bundle import stage_app
+from shared_models.app_bundle import stage_app, staged_fab_sha256
 from shared_models.flower_processes import (
     attempt_header,
     console_script,
@@ -39,6 +39,7 @@ from shared_models.flower_processes import (
 from simulations.ray_cluster import RayClusterError, probe_ray_cluster
 
 SUPERLINK_START_TIMEOUT_S = 60.0
+SIMULATION_CONNECTION = "fedpriv-sim"  # the FLWR_HOME connection name of a simulation's private SuperLink
 
 
 class SimulationError(RuntimeError):
@@ -119,7 +120,7 @@ def run_simulation_job(
     flwr_home = Path(tempfile.mkdtemp(prefix="fedpriv-flwr-"))
     port = free_port()
     (flwr_home / "config.toml").write_text(
-        tomli_w.dumps({"superlink": {"default": "fedpriv-sim", "fedpriv-sim": {"address": f"127.0.0.1:{port}", "insecure": True}}})
+        tomli_w.dumps({"superlink": {"default": SIMULATION_CONNECTION, SIMULATION_CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}})
     )
     env = {
         **flwr_env(flwr_home),
@@ -152,7 +153,7 @@ def run_simulation_job(
         # Flower wants whole CPUs (an integer); GPUs may be a fraction.
         federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
                       f"client-resources-num-gpus={gpus_per_client}")
-        return submit_and_follow(run_config, out_dir, "fedpriv-sim", env, console,
+        return submit_and_follow(run_config, out_dir, SIMULATION_CONNECTION, env, console,
                                  starting="starting SuperLink and simulated SuperNodes",
                                  extra_args=["--federation-config", federation])
     finally:
@@ -173,6 +174,10 @@ def submit_and_follow(run_config: dict, out_dir: Path, connection: str, env: dic
     run_toml.write_text(tomli_w.dumps(run_config))
     flwr_log = out_dir / "flower.log"
     app = stage_app(Path(tempfile.mkdtemp(prefix="fedpriv-app-")) / "app")
+    if connection != SIMULATION_CONNECTION:  # deployed: sites run a bundle only if they approved its hash
+        console.print(f"app bundle (FAB) SHA-256 {staged_fab_sha256(app)}: a site runs it only if it is the app of "
+                      f"the site's own fedpriv or one the site approved (fedpriv node --approve)",
+                      markup=False, soft_wrap=True)
     try:
         with open(flwr_log, "ab") as log_handle:  # appended: each attempt (e.g. before --resume) is kept
             log_handle.write(attempt_header())

@@ -417,11 +417,11 @@ def test_every_site_refuses_an_app_with_the_ledger_charge_removed_and_logs_what_
                      "--round-timeout", "240", "--rounds", "1", "--epsilon", "1", "--out", str(out)])
     stdout = capsys.readouterr().out
     summary = _summary(out)
-    assert summary["rounds_aggregated"] == 0 and code != 0, stdout[-3000:]
+    assert summary["rounds_aggregated"] == 0 and code == 3, stdout[-3000:]  # 3: the run trained nothing
     expected = fab_sha256()
     with tempfile.TemporaryDirectory() as tmp:  # the tampered bundle's hash, built by Flower's own builder
         tampered = hashlib.sha256(build_fab_from_disk(_tampered_stage_app(Path(tmp) / "app"))).hexdigest()
-    assert tampered != expected
+    assert tampered != expected and f"app bundle (FAB) SHA-256 {tampered}" in stdout  # what the coordinator sent
     for site in sites:
         assert summary["clients"][site]["refused_rounds"] == [1]
         reason = next(r["reason"] for r in summary["refusals"] if r["node"] == site)
