@@ -4,7 +4,7 @@ What a site's privacy officer needs to say what left the building: for each repl
 time (UTC), run, round, message type, every field sent with its size in bytes, the epsilon
 after the round, and whether the round was declined or refused, and why. The entry is built
 from the reply itself (`entry_for`), so it holds nothing the node did not already send: a
-metric's value, a short text the reply carried, otherwise only a field's size.
+metric's value, the reason text the reply carried, otherwise only a field's size.
 
 File: `STATE_DIR/audit/audit.jsonl` (folder 0700, file 0600, appended, never rewritten);
 past `MAX_BYTES` it is rotated to `audit.jsonl.1` ... `.BACKUPS` (oldest dropped).
@@ -27,7 +27,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 MAX_BYTES = 5 * 1024 * 1024  # rotate past this size (bytes)
 BACKUPS = 5  # rotated files kept
 LOG_NAME = "audit.jsonl"
-_SHORT_TEXT = 200  # texts up to this many characters are logged as sent; longer ones by size
 
 
 def log_path(state_dir: Path) -> Path:
@@ -43,13 +42,6 @@ def _value_size(value) -> int:
     if isinstance(value, (list, tuple)):
         return sum(_value_size(v) for v in value)
     return 8  # int, float, bool: 8 bytes on the wire
-
-
-def _field(value):
-    """A config field as logged: short texts and scalars as sent, anything else by its size."""
-    if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= _SHORT_TEXT):
-        return value
-    return {"bytes": _value_size(value)}
 
 
 def entry_for(reply: Message, request: Message, node: str) -> dict:
@@ -90,8 +82,8 @@ def entry_for(reply: Message, request: Message, node: str) -> dict:
         elif isinstance(record, ConfigRecord):
             for key, value in record.items():
                 entry["fields"][f"{record_name}.{key}"] = _value_size(value)
-                if key == "reason" and value:
-                    entry["reason"] = _field(value)
+                if key == "reason" and isinstance(value, str) and value:
+                    entry["reason"] = value  # the node's own words, as sent
     metrics = entry["metrics"]
     entry["epsilon"] = metrics.get("epsilon")
     entry["declined"] = bool(metrics.get("declined", 0))

@@ -200,12 +200,13 @@ def test_fedpriv_log_prints_the_entries(tmp_path, capsys):
     from simulations.cli import main
 
     request = _train_message(server_round=2)
+    reason = "DP is required by the site; " + "the reason is logged whole, as sent. " * 10  # 400 characters
     audit_log.record_reply(tmp_path, _reply(request, metrics=MetricRecord({"refused": 1}),
-                                            node=ConfigRecord({"name": "site-a", "reason": "DP is required"})),
+                                            node=ConfigRecord({"name": "site-a", "reason": reason})),
                            request, "site-a")
     assert main(["log", "--state-dir", str(tmp_path), "--json"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
-    assert json.loads(line)["reason"] == "DP is required" and json.loads(line)["round"] == 2
+    assert json.loads(line)["reason"] == reason and json.loads(line)["round"] == 2
     assert main(["log", "--state-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "site-a" in table and "r-7" in table and "train" in table

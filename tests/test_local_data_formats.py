@@ -284,6 +284,8 @@ def test_fedpriv_node_prints_a_data_summary_and_passes_the_options_to_the_node(t
     launched = []
 
     class FakeSuperNode:
+        pid = 4242
+
         def __init__(self, command):
             launched.append(command)
 
@@ -292,6 +294,7 @@ def test_fedpriv_node_prints_a_data_summary_and_passes_the_options_to_the_node(t
 
     monkeypatch.setattr("client.supernode.wait_for_superlink", lambda *args, **kwargs: 1)  # no SuperLink here
     monkeypatch.setattr("client.supernode.start_flower", lambda command, **kwargs: FakeSuperNode(command))
+    monkeypatch.setattr("client.supernode.stop_process_tree", lambda process: None)
     monkeypatch.setattr("signal.signal", lambda *args: None)
     assert main(["node", "--kit", str(kit), "--data", str(data), "--task", "text", "--delta", "0.01",
                  "--max-text-bytes", "32", "--csv-delimiter", ";"]) == 0
@@ -301,6 +304,8 @@ def test_fedpriv_node_prints_a_data_summary_and_passes_the_options_to_the_node(t
     assert "data: skipped: nothing" in out
     # The deployed ClientApp reads the data with the same options (node-config).
     command = launched[0]
+    # ... and its ClientApps start behind the app approval gate, watching the SuperNode's pid
+    assert launched[1][1:3] == ["-m", "client.app_approval"] and launched[1][-2:] == ["--parent-pid", "4242"]
     node_cfg = parse_config_args([command[command.index("--node-config") + 1]])
     cfg = {"task": "text", "dataset": "sms_spam", "model": "", "num-server-rounds": 1, "local-epochs": 1,
            "batch-size": 8, "lr": 1.0, "optimizer": "sgd", "dp": True, "epsilon": 8.0, "delta": 1e-5,
