@@ -107,6 +107,13 @@ def refusal_app(reason: str) -> ClientApp:
     return app
 
 
+def require_pinned_flower() -> None:
+    """Raise ApprovalError unless the installed Flower is FLWR_VERSION, the one the hooks wrap."""
+    if flwr.__version__ != FLWR_VERSION:
+        raise ApprovalError(f"fedpriv's app approval is pinned to flwr {FLWR_VERSION}; this node has flwr "
+                            f"{flwr.__version__}: install flwr=={FLWR_VERSION}")
+
+
 @dataclass
 class Gate:
     """The verdict on the FAB this ClientApp process received (one task per process)."""
@@ -123,9 +130,7 @@ def install_hooks(module, approved: list[str]) -> Gate:
     Returns the Gate the wrappers fill in. Raises ApprovalError when the installed Flower is
     not FLWR_VERSION (the wrapped names and their call order are those of that version).
     """
-    if flwr.__version__ != FLWR_VERSION:
-        raise ApprovalError(f"fedpriv's app approval is pinned to flwr {FLWR_VERSION}; this node has flwr "
-                            f"{flwr.__version__}: install flwr=={FLWR_VERSION}")
+    require_pinned_flower()
     gate = Gate(approved=approved)
     install, loader_factory = module.install_from_fab, module.get_load_client_app_fn
 
@@ -187,8 +192,10 @@ def superexec_main() -> None:
 
     from shared_models.flower_processes import console_script
 
-    if flwr.__version__ != FLWR_VERSION:
-        sys.exit(f"fedpriv: app approval is pinned to flwr {FLWR_VERSION}; this node has flwr {flwr.__version__}")
+    try:
+        require_pinned_flower()
+    except ApprovalError as err:
+        sys.exit(f"fedpriv: {err}")
     script = console_script(CLIENTAPP_SCRIPT)
     if not Path(script).is_absolute():
         sys.exit(f"fedpriv: {CLIENTAPP_SCRIPT} is not installed beside {sys.executable}; reinstall fedpriv")

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.config import add_state_view_options, resolved_state_dir
+
 MAX_BYTES = 5 * 1024 * 1024  # rotate past this size (bytes)
 BACKUPS = 5  # rotated files kept
 LOG_NAME = "audit.jsonl"
@@ -172,18 +174,14 @@ def read_entries(state_dir: Path) -> list[dict]:
 def register(subparsers) -> None:
     """Add `fedpriv log` (a site's audit log as a table) to the CLI."""
     parser = subparsers.add_parser("log", help="data owner: what this node sent, one row per message it answered")
-    parser.add_argument("--state-dir", type=Path, default=None,
-                        help="the node's state folder (the `fedpriv node --state-dir`; default: the per-user one)")
-    parser.add_argument("--json", action="store_true", help="print the entries as JSON lines instead of a table")
+    add_state_view_options(parser, "entries")
     parser.set_defaults(handler=_show)
 
 
 def _show(args: argparse.Namespace, console) -> int:
     from rich.table import Table
 
-    from client.config import default_state_dir
-
-    state = (args.state_dir or default_state_dir()).expanduser().resolve()
+    state = resolved_state_dir(args.state_dir)
     try:
         entries = read_entries(state)
     except (OSError, ValueError) as err:

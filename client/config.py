@@ -64,6 +64,19 @@ def default_state_dir() -> Path:
     return Path(user_state_dir("fedpriv"))
 
 
+def resolved_state_dir(state_dir: Path | None) -> Path:
+    """The node's state folder, absolute: `state_dir` (a `--state-dir` value) or `default_state_dir()`."""
+    return (state_dir or default_state_dir()).expanduser().resolve()
+
+
+def add_state_view_options(parser, rows: str) -> None:
+    """`--state-dir` and `--json` for the commands that show a node its own records (`fedpriv log`,
+    `fedpriv ledger`); `rows` names what `--json` prints one line per."""
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="the node's state folder (the `fedpriv node --state-dir`; default: the per-user one)")
+    parser.add_argument("--json", action="store_true", help=f"print the {rows} as JSON lines instead of a table")
+
+
 def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
     """Read the node's identity and policy from node-config (deployment) or the run (simulation).
 

@@ -14,6 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from client.config import add_state_view_options, resolved_state_dir
 from privacy.accountants import PrivacyLedger
 from privacy.accountants.sample_level import PrivacyBudgetError
 
@@ -49,9 +50,7 @@ def spend_by_node(rows: list[dict]) -> dict[str, float]:
 def register(subparsers) -> None:
     """Add `fedpriv ledger` to the CLI."""
     parser = subparsers.add_parser("ledger", help="data owner: this node's privacy spend per dataset and run")
-    parser.add_argument("--state-dir", type=Path, default=None,
-                        help="the node's state folder (the `fedpriv node --state-dir`; default: the per-user one)")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of a table")
+    add_state_view_options(parser, "rows")
     parser.set_defaults(handler=_show)
 
 
@@ -60,9 +59,7 @@ def _show(args: argparse.Namespace, console) -> int:
 
     from rich.table import Table
 
-    from client.config import default_state_dir
-
-    state = (args.state_dir or default_state_dir()).expanduser().resolve()
+    state = resolved_state_dir(args.state_dir)
     if not (state / "ledgers").is_dir():
         console.print(f"no ledger in {state / 'ledgers'} (this node has trained nothing yet)")
         return 0

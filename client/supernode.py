@@ -28,7 +28,7 @@ from pathlib import Path
 
 from client import audit_log
 from client.app_approval import APPROVED_ENV, ApprovalError, approved_hashes
-from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, default_state_dir
+from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, resolved_state_dir
 from privacy.provisioning import ProvisioningError, load_kit
 from privacy.secagg.identity import IdentityError, load_identity
 from shared_models import TASKS
@@ -233,7 +233,7 @@ def _run_node(args, console) -> int:
     except (ProvisioningError, DataFormatError, NodeConfigError, IdentityError, ApprovalError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
-    state = (args.state_dir or default_state_dir()).expanduser().resolve()
+    state = resolved_state_dir(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     cfg = node_config(node=kit["node"], data=data, task=args.task, max_epsilon=args.max_epsilon, delta=args.delta,
                       state_dir=state, require_dp=args.require_dp, require_secagg=args.require_secagg,
