@@ -173,6 +173,202 @@ def test_targets_are_balanced_per_label():
     assert len(mem) == len(non) == 7 and np.bincount(member_y[mem]).tolist() == [4, 3]
 
 
+# --- the group-level game (issue 19: the privacy unit is a patient, user or speaker) -----------
+
+def test_group_scores_are_the_mean_of_each_groups_record_scores():
+    from privacy.audit.membership import group_scores
+
+    rng = np.random.default_rng(0)
+    groups = rng.choice(["p1", "p2", "p10", "q", "speaker-7"], size=200)
+    scores = rng.normal(size=200)
+    keys, means = group_scores(scores, groups)
+    # Independently: a dict of lists, averaged by hand.
+    by_key = {}
+    for g, v in zip(groups.tolist(), scores.tolist()):
+        by_key.setdefault(g, []).append(v)
+    assert keys.tolist() == sorted(by_key)
+    assert np.allclose(means, [sum(by_key[k]) / len(by_key[k]) for k in sorted(by_key)])
+    # Integer keys are keys as strings; one record, one group.
+    keys, means = group_scores(np.array([1.0, 3.0, 5.0]), np.array([7, 7, 8]))
+    assert keys.tolist() == ["7", "8"] and means.tolist() == [2.0, 5.0]
+    with pytest.raises(ValueError, match="one group key per record"):
+        group_scores(np.ones(3), np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="NaN"):
+        group_scores(np.array([1.0, np.nan]), np.array(["a", "b"]))
+
+
+def test_member_and_nonmember_groups_never_share_a_group():
+    from simulations.audit.audit import balanced_groups, member_and_nonmember_groups
+
+    trained = np.array(["a", "a", "b", "c", "c"])
+    held_out = np.array(["c", "d", "d", "e", "a"])  # "c" and "a" straddle train and held-out
+    members, nonmembers = member_and_nonmember_groups(trained, held_out)
+    assert members.tolist() == ["a", "b", "c"] and nonmembers.tolist() == ["d", "e"]
+    assert not set(members) & set(nonmembers)
+    # Balanced by count, seeded, capped.
+    mem, non = balanced_groups(np.array([f"m{i}" for i in range(30)]), np.array([f"n{i}" for i in range(12)]), seed=3)
+    assert len(mem) == len(non) == 12 and len(set(mem)) == 12 and set(non) == {f"n{i}" for i in range(12)}
+    again, _ = balanced_groups(np.array([f"m{i}" for i in range(30)]), np.array([f"n{i}" for i in range(12)]), seed=3)
+    assert mem.tolist() == again.tolist()
+    mem, non = balanced_groups(np.array(["a", "b", "c"]), np.array(["d", "e", "f"]), seed=0, max_targets=2)
+    assert len(mem) == len(non) == 2
+    with pytest.raises(ValueError, match="non-member groups"):
+        balanced_groups(np.array(["a"]), np.array([], dtype=str), seed=0)
+
+
+def test_held_out_records_of_a_trained_group_are_left_out():
+    from simulations.audit.audit import stack, without_groups
+
+    def part(groups):
+        n = len(groups)
+        return LabeledArrays(task="vision", x=np.zeros((n, 1, 2, 2), np.float32), y=np.zeros(n, np.int64),
+                             classes=["a"], record_ids=[f"{g}-{i}" for i, g in enumerate(groups)],
+                             groups=None if groups is None else np.array(groups))
+
+    held = without_groups(part(["c", "d", "c", "e"]), np.array(["a", "c"]))
+    assert held.record_ids == ["d-1", "e-3"] and held.groups.tolist() == ["d", "e"]
+    assert stack([part(["x"]), part(["y", "z"])]).groups.tolist() == ["x", "y", "z"]
+    no_groups = LabeledArrays(task="vision", x=np.zeros((1, 1, 2, 2), np.float32), y=np.zeros(1, np.int64),
+                              classes=["a"], record_ids=["r"])
+    assert stack([part(["x"]), no_groups]).groups is None  # a part without keys: no group keys at all
+    assert without_groups(no_groups, np.array(["x"])).record_ids == ["r"]
+
+
+def test_group_game_separates_members_only_by_their_groups():
+    from privacy.audit.membership import group_attack_metrics
+
+    # 40 member and 40 non-member groups of 50 records. A member record's score is only 1
+    # std above a non-member's (one record tells little: AUC ~0.76); a group's mean over 50
+    # records is 7 of its std apart: the group-level game separates them.
+    rng = np.random.default_rng(0)
+    mem_groups = np.repeat([f"m{i}" for i in range(40)], 50)
+    non_groups = np.repeat([f"n{i}" for i in range(40)], 50)
+    mem, non = rng.normal(1.0, 1.0, size=2000), rng.normal(0.0, 1.0, size=2000)
+    assert attack_metrics(mem, non)["auc"] < 0.8
+    m = group_attack_metrics(mem, mem_groups, non, non_groups)
+    assert m["auc"] > 0.99 and m["advantage"] > 0.9 and m["members"] == m["nonmembers"] == 40
+    # Identical scores: a coin toss.
+    m = group_attack_metrics(np.ones(2000), mem_groups, np.ones(2000), non_groups)
+    assert m["auc"] == 0.5 and m["advantage"] == 0.0
+    # Same distribution on both sides: chance, within sampling error.
+    m = group_attack_metrics(rng.normal(size=2000), mem_groups, rng.normal(size=2000), non_groups)
+    assert abs(m["auc"] - 0.5) < 0.2
+    with pytest.raises(ValueError, match="both sides"):
+        group_attack_metrics(mem, mem_groups, non, np.repeat([f"m{i}" for i in range(40)], 50))
+
+
+def test_unit_defaults_to_the_runs_and_a_group_bound_needs_group_level_dp():
+    from simulations.audit.audit import AuditError, audit_unit
+
+    assert audit_unit({}) == "record"  # runs made before issue 19 have no privacy_unit
+    assert audit_unit({"privacy_unit": "record"}) == "record"
+    assert audit_unit({"privacy_unit": "patient"}) == audit_unit({"privacy_unit": "mixed"}) == "group"
+    assert audit_unit({"privacy_unit": "patient"}, "record") == "record"
+    with pytest.raises(ValueError, match="unit"):
+        audit_unit({}, "patient")
+    dp = {"dp": True, "max_client_epsilon": math.log(3), "delta": 0.0}
+    bound = run_bound({**dp, "privacy_unit": "patient"}, {}, unit="group")
+    assert bound["unit"] == "patient" and "patient-level" in bound["note"] and bound["advantage"] == pytest.approx(0.5)
+    assert "whole patient" in run_bound({**dp, "privacy_unit": "patient"}, {}, unit="record")["note"]
+    assert run_bound(dp, {})["unit"] == "record" and "sample-level" in run_bound(dp, {})["note"]
+    # A record-level epsilon does not bound a group's membership (group privacy is not applied).
+    for summary in (dp, {**dp, "privacy_unit": "record"}):
+        with pytest.raises(AuditError, match="group privacy"):
+            run_bound(summary, {}, unit="group")
+    with pytest.raises(AuditError, match="mixed"):
+        run_bound({**dp, "privacy_unit": "mixed"}, {}, unit="group")
+    # Without DP there is no bound to compare with, whatever the unit.
+    assert run_bound({"dp": False}, {}, unit="group")["vacuous"] is True
+
+
+def _audit_command(run_dir, *flags):
+    """`fedpriv audit RUN_DIR FLAGS` in this process: (exit code, printed text)."""
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from simulations.audit.command import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["audit", str(run_dir), *flags])
+    out = io.StringIO()
+    code = args.handler(args, Console(file=out, width=200))
+    return code, out.getvalue()
+
+
+@pytest.mark.parametrize("summary,flags,expected", [
+    # A record-level DP run: its epsilon says nothing about a whole group.
+    ({"dp": True, "max_client_epsilon": 2.0, "delta": 1e-5, "privacy_unit": "record"}, ["--unit", "group"],
+     "group privacy"),
+    # No DP, so no bound to refuse; but digits records carry no group keys.
+    ({"dp": False}, ["--unit", "group"], "group key"),
+    # A patient-level run audits groups by default, and needs the keys.
+    ({"dp": True, "max_client_epsilon": 2.0, "delta": 1e-5, "privacy_unit": "patient"}, [], "group key"),
+])
+def test_fedpriv_audit_unit_group_errors(tmp_path, summary, flags, expected):
+    (tmp_path / "config.json").write_text(json.dumps({**_DIGITS_PLAN, "dp": summary["dp"]}))
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    code, text = _audit_command(tmp_path, *flags)
+    assert code == 2 and expected in text, text
+    assert not (tmp_path / "audit.json").exists()
+
+
+def test_group_audit_of_a_run_scores_whole_groups(tmp_path, monkeypatch):
+    # A digits run whose records are given patient keys (the real ones come from
+    # --synthetic-patients): the audit picks whole patients, keeps a patient with records on
+    # both sides out of the non-members and every target patient out of the shadow pool.
+    import simulations.audit.audit as audit_mod
+    from shared_models import build_model
+
+    real_node_records = audit_mod.node_records
+
+    def with_patients(config, plan):
+        trains, vals = real_node_records(config, plan)
+        for pid, (t, v) in enumerate(zip(trains, vals)):
+            t.groups = np.array([f"n{pid}-p{i // 3}" for i in range(len(t))])  # 3 records a patient
+            v.groups = np.array([f"n{pid}-v{i // 2}" for i in range(len(v))])
+            v.groups[0] = t.groups[0]  # this patient straddles training and validation
+        return trains, vals
+
+    pools = []
+    real_central = audit_mod.train_shadow_models_central
+
+    def spy(plan, pool, *args, **kwargs):
+        pools.append(pool)
+        return real_central(plan, pool, *args, **kwargs)
+
+    monkeypatch.setattr(audit_mod, "node_records", with_patients)
+    monkeypatch.setattr(audit_mod, "train_shadow_models_central", spy)
+    config = {**_DIGITS_PLAN, "val-fraction": 0.2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "summary.json").write_text(json.dumps({"dp": False, "privacy_unit": "patient"}))
+    torch.manual_seed(0)
+    torch.save(build_model("vision", None, (1, 8, 8), 10).state_dict(), tmp_path / "final_model.pt")
+
+    report = audit_mod.audit_run(tmp_path, shadow_models=2, shadow_training="central", shadow_epochs=1)
+    trains, vals = with_patients(config, TrainingPlan.from_run_config(config))
+    trained = {g for t in trains for g in t.groups}
+    straddling = {v.groups[0] for v in vals}
+    held_out = {g for v in vals for g in v.groups} - trained
+    sizes = report["sizes"]
+    assert report["unit"] == "group" and report["target"] == "patient" and report["bound"]["unit"] == "patient"
+    assert sizes["training_groups"] == len(trained) and sizes["held_out_groups"] == len(held_out)
+    assert sizes["members"] == sizes["nonmembers"] == sizes["member_groups"] == len(held_out)  # balanced by count
+    # Whole patients: 3 records each, but a node's last patient may have fewer.
+    assert 3 * sizes["member_groups"] - 2 * len(trains) <= sizes["member_records"] <= 3 * sizes["member_groups"]
+    assert sizes["held_out_records"] == sum(len(v) for v in vals) - len(vals)  # less the straddling patients' records
+    for a in report["attacks"].values():
+        assert a["members"] == a["nonmembers"] == len(held_out) and 0.0 <= a["auc"] <= 1.0
+    assert set(report["attacks"]) == {"loss_threshold", "lira_offline"}
+    assert straddling <= trained and not straddling & held_out
+    # The shadow models never saw a record of a target patient: not one in the pool.
+    pool_groups = set(pools[0].groups)
+    assert len(pool_groups & trained) == len(trained) - sizes["member_groups"]
+    assert len(pool_groups & held_out) == len(held_out) - sizes["nonmember_groups"] == 0
+
+
 # --- non-members and shadow models -------------------------------------------------------------
 
 _DIGITS_PLAN = {"task": "vision", "dataset": "digits", "model": "", "num-server-rounds": 2, "local-epochs": 1,

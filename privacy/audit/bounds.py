@@ -11,9 +11,14 @@ From that region follow the largest membership advantage TPR - FPR (Yeom et al.,
 2018, define the advantage; the maximum over the region is (e^eps - 1 + 2 delta) /
 (e^eps + 1)) and the largest ROC AUC (the area under the boundary above).
 
-These bound an attack against *one* record's inclusion. The empirical attacks in
-`privacy.audit.membership` average over many records, which the same bound also covers
-(each record's test obeys it, and the bound is concave in FPR).
+These bound an attack against *one* record's inclusion, or one group's (all of a
+patient's or user's records) when the mechanism is DP with respect to groups (user-level
+DP-SGD: neighbouring datasets differ in one whole group) and epsilon is that group-level
+epsilon. A record-level epsilon bounds a group of k records only through group privacy
+(roughly k * epsilon, Dwork & Roth 2014, Thm. 2.2), which these functions do not apply.
+The empirical attacks in `privacy.audit.membership` average over many records (or
+groups), which the same bound also covers (each target's test obeys it, and the bound is
+concave in FPR).
 """
 
 from __future__ import annotations

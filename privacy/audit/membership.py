@@ -14,6 +14,13 @@ Two attacks against a trained classifier, both black-box on its outputs:
   few shadow models the paper recommends one variance shared by all records ("fixed
   variance"); that is the default here.
 
+Group-level membership (the privacy unit is a patient, user or speaker: all of a group's
+records are in training or none are): a group's score is the mean of its records' scores,
+as in the user inference attack of Kandpal, Pillutla, Oprea, Kairouz, Choquette-Choo, Xu,
+"User inference attacks on large language models" (arXiv 2310.09266, 2023), whose test
+statistic averages a per-example log-likelihood ratio over the user's examples
+(`group_scores`, `group_attack_metrics`). Either attack above gives the per-record scores.
+
 Metrics: ROC AUC (scikit-learn), the membership advantage max(TPR - FPR) (Yeom et al.), and
 TPR at fixed low FPRs taken from the empirical ROC *without interpolation*: the largest TPR
 among thresholds whose empirical FPR does not exceed the target. With n non-members the
@@ -148,3 +155,45 @@ def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray,
         out["tpr_at_fpr"][str(target)] = float(tpr[i])
         out["roc_points"][str(target)] = _roc_point(tpr[i], fpr[i], len(pos), len(neg), alpha)
     return out
+
+
+def group_scores(record_scores: np.ndarray, record_groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group membership score: the mean of the per-record scores over each group's records.
+
+    Kandpal et al. (user inference, 2023) score a user by averaging a per-example statistic
+    over the user's examples; the mean (not the sum) keeps groups of different sizes on one
+    scale. record_scores: (N,) float, higher = more likely a member (`loss_threshold_scores`,
+    `lira_offline_scores`). record_groups: (N,) group keys (compared as strings). Returns
+    (keys, scores): the G distinct keys, sorted, as a (G,) str array, and their (G,) float64
+    mean scores in the same order. Raises ValueError on mismatched lengths or a NaN score.
+    """
+    scores = np.asarray(record_scores, dtype=float)
+    groups = np.asarray(record_groups)
+    if scores.ndim != 1 or groups.shape != scores.shape:
+        raise ValueError(f"need one group key per record score, got shapes {groups.shape} and {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("record scores contain NaN")
+    keys, inverse = np.unique(groups.astype(str), return_inverse=True)
+    # -inf scores (a LiRA log-CDF underflow) stay -inf in their group's mean, as they should.
+    sums = np.bincount(inverse, weights=scores, minlength=len(keys))
+    counts = np.bincount(inverse, minlength=len(keys))
+    return keys, sums / counts
+
+
+def group_attack_metrics(member_scores: np.ndarray, member_groups: np.ndarray, nonmember_scores: np.ndarray,
+                         nonmember_groups: np.ndarray, fprs: tuple[float, ...] = DEFAULT_FPRS,
+                         confidence: float = 0.95) -> dict:
+    """`attack_metrics` of a group-level game: each side's per-record scores averaged per group.
+
+    member_scores/member_groups: (M,) scores and group keys of the member groups' records;
+    nonmember_*: (N,) the same for the non-member groups. The ROC is over groups (one point
+    per group, `group_scores`), so `members`/`nonmembers` in the result count groups.
+    Raises ValueError when a group key occurs on both sides, either side is empty, or as
+    `group_scores` does.
+    """
+    mem_keys, mem = group_scores(member_scores, member_groups)
+    non_keys, non = group_scores(nonmember_scores, nonmember_groups)
+    both = np.intersect1d(mem_keys, non_keys)
+    if len(both):
+        raise ValueError(f"{len(both)} groups are on both sides of the game (e.g. {both[0]!r})")
+    return attack_metrics(mem, non, fprs, confidence)

@@ -2,6 +2,8 @@
 
 Prints one row per attack (AUC, advantage, TPR at 0.1% and 1% FPR) beside what the run's
 (epsilon, delta) allows, and writes the full report as JSON (RUN_DIR/audit.json, or --out).
+`--unit group` makes the targets whole groups (patients, users, speakers) instead of
+records; the default is the run's privacy unit (summary.json `privacy_unit`).
 Exit code 0 when no attack beats the bound, 3 when one does (that would be a bug in the
 privacy machinery, or a wrongly reported epsilon), 2 on bad input.
 """
@@ -35,6 +37,10 @@ def register(subparsers) -> None:
                              "(default: the run's rounds x local-epochs)")
     parser.add_argument("--max-targets", type=int, default=None,
                         help="cap on members (and as many non-members) to score (default: all held-out records)")
+    parser.add_argument("--unit", choices=("record", "group"), default=None,
+                        help="what membership is inferred of: one record, or a whole group (all of a patient's, "
+                             "user's or speaker's records), compared with the epsilon of that unit (default: the "
+                             "run's privacy unit, summary.json privacy_unit; group needs a group-level DP run)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the target draw and the shadow models")
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON report (default RUN_DIR/audit.json)")
     parser.set_defaults(handler=run_audit_command)
@@ -67,7 +73,7 @@ def run_audit_command(args: argparse.Namespace, console: Console) -> int:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             report = audit_run(args.run_dir, shadow_models=args.shadow_models, seed=args.seed,
                                max_targets=args.max_targets, shadow_epochs=args.shadow_epochs,
-                               shadow_training=args.shadow_training,
+                               shadow_training=args.shadow_training, unit=args.unit,
                                progress=lambda msg: console.print(f"audit: {msg}"))
     except (AuditError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -80,8 +86,15 @@ def run_audit_command(args: argparse.Namespace, console: Console) -> int:
 
     bound = report["bound"]
     sizes = report["sizes"]
-    title = (f"membership inference on {report['dataset']} ({sizes['members']} members vs "
-             f"{sizes['nonmembers']} non-members)")
+    if report["unit"] == "group":
+        noun = report["target"]
+        title = (f"membership inference of whole {noun}s (unit: group) on {report['dataset']} ({sizes['members']} "
+                 f"member {noun}s, {sizes['member_records']} records, vs {sizes['nonmembers']} non-member {noun}s, "
+                 f"{sizes['nonmember_records']} records)")
+    else:
+        title = (f"membership inference of records (unit: record) on {report['dataset']} ({sizes['members']} members "
+                 f"vs {sizes['nonmembers']} non-members)")
+    level = "sample" if bound["unit"] == "record" else bound["unit"]
     table = Table(title=title, caption="adv.: max(TPR - FPR); TPR@f: TPR at FPR f; eps LB: the epsilon the attack "
                                        "proves (95%); violated: beats the (epsilon, delta) bound beyond sampling error")
     # Short headers and unwrapped numbers: an 80-column log must show "0.5326", not "0.53…".
@@ -104,13 +117,18 @@ def run_audit_command(args: argparse.Namespace, console: Console) -> int:
     if bound["vacuous"]:
         table.add_row("bound (no DP)", "1", "1", "100%", "100%", "-", "-")
     else:
-        table.add_row(f"bound eps={bound['epsilon']:.3g}, delta={bound['delta']:g}", f"{bound['auc']:.4f}",
+        table.add_row(f"bound eps={bound['epsilon']:.3g}, delta={bound['delta']:g} ({level}-level)",
+                      f"{bound['auc']:.4f}",
                       f"{bound['advantage']:.4f}", _pct(bound["tpr_at_fpr"]["0.001"]),
                       _pct(bound["tpr_at_fpr"]["0.01"]), f"{bound['epsilon']:.3g}", "-")
     console.print(table)
     if sizes["nonmembers"] < 1000:
-        console.print(f"[yellow]only {sizes['nonmembers']} non-members: TPR at 0.1% FPR is TPR at FPR 0 "
+        what = "non-members" if report["unit"] == "record" else f"non-member {report['target']}s"
+        console.print(f"[yellow]only {sizes['nonmembers']} {what}: TPR at 0.1% FPR is TPR at FPR 0 "
                       "(1000+ are needed to resolve it)[/yellow]")
+    if not bound["vacuous"]:
+        console.print(f"unit: {report['unit']}; bound: epsilon {bound['epsilon']:.3g} at delta {bound['delta']:g}, "
+                      f"{level}-level ({bound['note']})")
     if bound["vacuous"]:
         console.print("the run trained without DP: no bound applies")
     console.print(f"report: {out}")
