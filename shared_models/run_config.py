@@ -67,6 +67,12 @@ class TrainingPlan:
     image_size: int = 0  # 0 = keep each image's size (a folder of mixed sizes is refused)
     max_text_bytes: int = MAX_BYTES
     csv_delimiter: str = ""  # "" = sniffed
+    # Issue 19. A simulation aid: seeded pseudo-patients (1-8 records each) as group keys of a
+    # named dataset without natural groups (`shared_models.datasets.synthetic_patients`).
+    synthetic_patients: bool = False
+    # User-level DP-SGD: at most this many records of a sampled group per step (0 = all); a
+    # compute cap, not a privacy parameter (each group is clipped as one unit whatever its size).
+    max_records_per_group: int = 0
 
     def data_options(self) -> LocalDataOptions:
         """The run's format options for a local-path dataset (the central test set, simulated nodes)."""
@@ -113,6 +119,8 @@ class TrainingPlan:
             image_size=get("image-size", int) if "image-size" in cfg else 0,
             max_text_bytes=get("max-text-bytes", int) if "max-text-bytes" in cfg else MAX_BYTES,
             csv_delimiter=get("csv-delimiter", str) if "csv-delimiter" in cfg else "",
+            synthetic_patients=get("synthetic-patients", bool) if "synthetic-patients" in cfg else False,
+            max_records_per_group=get("max-records-per-group", int) if "max-records-per-group" in cfg else 0,
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -132,6 +140,7 @@ class TrainingPlan:
             (plan.image_size >= 0, "image-size", "an integer >= 0 (0: keep each image's size)"),
             (plan.max_text_bytes >= 1, "max-text-bytes", "an integer >= 1"),
             (len(plan.csv_delimiter) <= 1, "csv-delimiter", "one character, or empty to sniff it"),
+            (plan.max_records_per_group >= 0, "max-records-per-group", "an integer >= 0 (0: all of a group's records)"),
         ]
         for ok, key, expected in checks:
             if not ok:
