@@ -55,7 +55,7 @@ def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: 
 
     secagg_identity: the kit folder holding `secagg.key` and `federation-keys.json`
     (`client.config.signing_identity`). data_options: how the ClientApp reads the local files
-    (`image-size`, `max-text-bytes`, `csv-delimiter`; the defaults when None).
+    (`image-size`, `max-text-bytes`, `csv-delimiter`, `group-column`, `group-manifest`; the defaults when None).
     """
     options = data_options or LocalDataOptions()
     return " ".join([
@@ -66,6 +66,8 @@ def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: 
         f"val-fraction={val_fraction!r}",
         f"image-size={options.image_size or 0}", f"max-text-bytes={options.max_text_bytes}",
         f"csv-delimiter={_toml_string(options.csv_delimiter or '')}",
+        f"group-column={_toml_string(options.group_column or '')}",
+        f"group-manifest={_toml_string(options.group_manifest or '')}",
     ])
 
 

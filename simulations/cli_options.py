@@ -237,6 +237,8 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "image-size": args.image_size or 0,
         "max-text-bytes": args.max_text_bytes,
         "csv-delimiter": args.csv_delimiter or "",
+        "group-column": args.group_column or "",
+        "group-manifest": args.group_manifest or "",
     }
 
 
