@@ -180,15 +180,22 @@ def privacy_unit(requested: str, data: LabeledArrays) -> str:
 
 
 def _data_options(node_cfg: dict) -> LocalDataOptions:
-    """node-config `image-size`, `max-text-bytes`, `csv-delimiter` (set by `fedpriv node`). Raises ConfigError."""
+    """node-config `image-size`, `max-text-bytes`, `csv-delimiter`, `group-column`, `group-manifest` ("" = none).
+
+    Set by `fedpriv node`. Raises ConfigError.
+    """
     try:
         image_size = int(node_cfg.get("image-size", 0))
         max_text_bytes = int(node_cfg.get("max-text-bytes", LocalDataOptions.max_text_bytes))
         delimiter = str(node_cfg.get("csv-delimiter", ""))
+        group_column = str(node_cfg.get("group-column", ""))
+        group_manifest = str(node_cfg.get("group-manifest", ""))
         return LocalDataOptions(image_size=image_size or None, max_text_bytes=max_text_bytes,
-                                csv_delimiter=delimiter or None)
+                                csv_delimiter=delimiter or None, group_column=group_column or None,
+                                group_manifest=group_manifest or None)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"node-config 'image-size', 'max-text-bytes' or 'csv-delimiter' is invalid ({err})") from err
+        raise ConfigError(f"node-config 'image-size', 'max-text-bytes', 'csv-delimiter', 'group-column' or "
+                          f"'group-manifest' is invalid ({err})") from err
 
 
 def signing_identity(context: Context, node: NodeIdentity) -> SigningIdentity:

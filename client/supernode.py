@@ -56,7 +56,7 @@ def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: 
 
     secagg_identity: the kit folder holding `secagg.key` and `federation-keys.json`
     (`client.config.signing_identity`). data_options: how the ClientApp reads the local files
-    (`image-size`, `max-text-bytes`, `csv-delimiter`; the defaults when None).
+    (`image-size`, `max-text-bytes`, `csv-delimiter`, `group-column`, `group-manifest`; the defaults when None).
     """
     options = data_options or LocalDataOptions()
     return " ".join([
@@ -68,6 +68,8 @@ def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: 
         f"image-size={options.image_size or 0}", f"max-text-bytes={options.max_text_bytes}",
         f"csv-delimiter={_toml_string(options.csv_delimiter or '')}",
         f"privacy-unit={_toml_string(privacy_unit)}",
+        f"group-column={_toml_string(options.group_column or '')}",
+        f"group-manifest={_toml_string(options.group_manifest or '')}",
     ])
 
 

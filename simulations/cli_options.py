@@ -241,6 +241,8 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "max-text-bytes": args.max_text_bytes,
         "csv-delimiter": args.csv_delimiter or "",
         "max-records-per-group": args.max_records_per_group,
+        "group-column": args.group_column or "",
+        "group-manifest": args.group_manifest or "",
     }
 
 
