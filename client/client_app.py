@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from client import audit_log, faults
 from client import secure_aggregation as secagg
 from client.config import node_identity, policy_refusal, signing_identity
-from client.node_training import device, load_node_data, node_randomness, train_round
+from client.node_training import device, load_node_data, node_randomness, privacy_unit, train_round
 from privacy.dp_sgd import evaluate as evaluate_model
 from shared_models import build_model
 from shared_models.run_config import ConfigError, TrainingPlan, as_bool
@@ -75,6 +75,13 @@ def _train(msg: Message, context: Context, plan: TrainingPlan, node) -> Message:
             "node": ConfigRecord({"name": node.name, "reason": refusal}),
         }), reply_to=msg)
     data = load_node_data(node, plan)
+    try:
+        privacy_unit(node.privacy_unit, data.train)
+    except ValueError as err:  # the owner asked for patient-level DP on data without group keys
+        return Message(content=RecordDict({
+            "metrics": MetricRecord({"refused": 1}),
+            "node": ConfigRecord({"name": node.name, "reason": str(err)}),
+        }), reply_to=msg)
     global_state = msg.content["arrays"].to_torch_state_dict()
     run_cfg = context.run_config
     simulated = node.data_path is None  # fault and dropout injection are simulation aids only
@@ -99,7 +106,7 @@ def _train(msg: Message, context: Context, plan: TrainingPlan, node) -> Message:
                                 (plan.seed, server_round, node.partition_id))
     content = RecordDict({
         "metrics": MetricRecord(metrics),
-        "node": ConfigRecord({"name": outcome.node, "reason": outcome.reason}),
+        "node": ConfigRecord({"name": outcome.node, "reason": outcome.reason, "privacy-unit": outcome.unit}),
     })
     if outcome.state is not None and not secure:
         content["arrays"] = ArrayRecord(outcome.state)

@@ -21,8 +21,12 @@ from flwr.app import Context
 
 from privacy.secagg.identity import IdentityError, SigningIdentity, load_identity
 from shared_models.datasets.local import LocalDataOptions
+from shared_models.records import LabeledArrays
 from shared_models.run_config import ConfigError, TrainingPlan, as_bool
 
+
+GROUP_UNITS = ("patient", "user")  # names a site may give a group privacy unit (user-level DP-SGD)
+PRIVACY_UNITS = ("auto", "record", *GROUP_UNITS)  # see NodeIdentity.privacy_unit
 
 # A deployed node's policy when its node-config leaves a key out (`fedpriv node` always sets
 # them): never the run-config's values, which the coordinator chooses.
@@ -38,7 +42,10 @@ class NodeIdentity:
     require_dp / require_secagg: refuse runs that train without DP-SGD / rounds that would
     send the update without SecAgg+. val_fraction: share of the records kept out of
     training (chosen by record content, `client.node_training.split_validation`) whose
-    metrics the node reports; 0 releases no validation metrics.
+    metrics the node reports; 0 releases no validation metrics. privacy_unit: what the
+    node's epsilon protects: "record", a group unit ("patient", "user": user-level DP-SGD,
+    group keys required) or "auto" (a group unit when the data has group keys);
+    `client.node_training.privacy_unit` resolves it.
     """
 
     name: str
@@ -52,6 +59,7 @@ class NodeIdentity:
     require_secagg: bool = True
     val_fraction: float = 0.0
     data_options: LocalDataOptions = LocalDataOptions()  # how the local files are read (deployment)
+    privacy_unit: str = "record"
 
 
 def default_state_dir() -> Path:
@@ -82,12 +90,14 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
 
     Deployment node-config keys: `data-path` (required), `node-name`, `task`, `max-epsilon`
     (default 8), `delta` (default 1e-5), `require-dp` and `require-secagg` (default true),
-    `val-fraction` (default 0), `state-dir`, and how the local files are read: `image-size`
+    `val-fraction` (default 0), `state-dir`, `privacy-unit` (default "auto": user-level
+    when the data has group keys), and how the local files are read: `image-size`
     (0 = keep), `max-text-bytes` (default 200), `csv-delimiter` ("" = sniffed). Every one of
     them is the data owner's alone: a run-config value never stands in for a missing one, and the ledger folder is never the
     run-config's (a coordinator must not be able to point a node at a fresh ledger).
     Simulation: Flower sets `partition-id`/`num-partitions`; the run-config's `max-epsilon`,
-    `delta`, `dp`, `secagg`, `val-fraction` and `state-dir` stand in for the data owner's.
+    `delta`, `dp`, `secagg`, `val-fraction`, `state-dir` and `privacy-unit` (default
+    "record") stand in for the data owner's.
     Raises ConfigError naming the key (also when the node's `task` is not the run's).
     """
     node_cfg, run_cfg = dict(context.node_config), dict(context.run_config)
@@ -112,6 +122,7 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         require_secagg = as_bool(run_cfg.get("secagg", False), "run-config 'secagg'")
         val_fraction = plan.val_fraction
         state = run_cfg.get("state-dir") or ""
+        unit = str(run_cfg.get("privacy-unit", "record"))
     else:
         try:
             max_eps = float(node_cfg.get("max-epsilon", DEFAULT_MAX_EPSILON))
@@ -123,6 +134,7 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         require_secagg = as_bool(node_cfg.get("require-secagg", True), "node-config 'require-secagg'")
         state = node_cfg.get("state-dir") or ""
         data_options = _data_options(node_cfg)
+        unit = str(node_cfg.get("privacy-unit", "auto"))
     if data_path is None:
         data_options = plan.data_options()
     if not max_eps > 0:
@@ -131,6 +143,8 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         raise ConfigError(f"'delta' must be in (0, 1), got {delta}")
     if not 0 <= val_fraction < 0.5:
         raise ConfigError(f"'val-fraction' must be in [0, 0.5), got {val_fraction}")
+    if unit not in PRIVACY_UNITS:
+        raise ConfigError(f"'privacy-unit' must be one of {', '.join(PRIVACY_UNITS)}, got {unit!r}")
     return NodeIdentity(
         name=name,
         state_dir=Path(state).expanduser() if state else default_state_dir(),
@@ -143,19 +157,45 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         require_secagg=require_secagg,
         val_fraction=val_fraction,
         data_options=data_options,
+        privacy_unit=unit,
     )
 
 
+def privacy_unit(requested: str, data: LabeledArrays) -> str:
+    """The unit the node's epsilon is about: "record", or the group unit the owner named.
+
+    requested: the owner's `privacy-unit`: "record"; "patient"/"user" (group keys required);
+    "auto": "user" when the records carry group keys, else "record". Raises ValueError for
+    an unknown name, and for a group unit on data without group keys (the node refuses).
+    """
+    if requested not in PRIVACY_UNITS:
+        raise ValueError(f"privacy-unit must be one of {list(PRIVACY_UNITS)}, got {requested!r}")
+    if requested == "auto":
+        return "record" if data.groups is None else "user"
+    if requested in GROUP_UNITS and data.groups is None:
+        raise ValueError(f"the site's privacy unit is '{requested}' but its data has no group keys (a CSV "
+                         "--group-column, a --group-manifest or groups.csv beside image/audio folders, an .npz "
+                         "'train_groups' array): refusing to train at record level")
+    return requested
+
+
 def _data_options(node_cfg: dict) -> LocalDataOptions:
-    """node-config `image-size`, `max-text-bytes`, `csv-delimiter` (set by `fedpriv node`). Raises ConfigError."""
+    """node-config `image-size`, `max-text-bytes`, `csv-delimiter`, `group-column`, `group-manifest` ("" = none).
+
+    Set by `fedpriv node`. Raises ConfigError.
+    """
     try:
         image_size = int(node_cfg.get("image-size", 0))
         max_text_bytes = int(node_cfg.get("max-text-bytes", LocalDataOptions.max_text_bytes))
         delimiter = str(node_cfg.get("csv-delimiter", ""))
+        group_column = str(node_cfg.get("group-column", ""))
+        group_manifest = str(node_cfg.get("group-manifest", ""))
         return LocalDataOptions(image_size=image_size or None, max_text_bytes=max_text_bytes,
-                                csv_delimiter=delimiter or None)
+                                csv_delimiter=delimiter or None, group_column=group_column or None,
+                                group_manifest=group_manifest or None)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"node-config 'image-size', 'max-text-bytes' or 'csv-delimiter' is invalid ({err})") from err
+        raise ConfigError(f"node-config 'image-size', 'max-text-bytes', 'csv-delimiter', 'group-column' or "
+                          f"'group-manifest' is invalid ({err})") from err
 
 
 def signing_identity(context: Context, node: NodeIdentity) -> SigningIdentity:

@@ -14,6 +14,12 @@ Order of a round (DESIGN 4.1):
 The validation share is the node's, not the run's: a record's side follows from a hash of
 its own content id (`split_validation`), so no run-config value, and no other record, moves
 it between training and validation.
+
+Privacy unit (issue 19): the node's owner picks it (`privacy-unit`; `privacy_unit`). With a
+group unit ("patient", "user") and group keys on the records, the node trains with
+user-level DP-SGD (`privacy.user_level`): the sampling rate, the noise, the ledger's charge
+and every epsilon it reports are about a whole group; the validation share then holds whole
+groups. Without group keys, a node whose owner asked for a group unit refuses to train.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from client.config import NodeIdentity
+from client.config import NodeIdentity, privacy_unit
 from privacy.accountants import PrivacyLedger, calibrate_noise_multiplier
+from privacy.accountants.ledger import group_unit_id
 from privacy.audit.canaries import node_canaries
 from privacy.dp_sgd import LocalTrainingSession, evaluate, poisson_sample_rate, steps_per_epoch
 from privacy.secret_randomness import SecretRandom
+from privacy.user_level import group_index
 from shared_models import build_model
 from shared_models.datasets import load_local
 from shared_models.datasets.named import load_dataset
@@ -69,18 +77,54 @@ class RoundOutcome:
     reason: str
     state: dict[str, torch.Tensor] | None
     metrics: dict[str, float] = field(default_factory=dict)
+    unit: str = "record"  # the privacy unit the metrics' epsilon is about (`privacy_unit`)
 
 
-def split_validation(data: LabeledArrays, fraction: float) -> tuple[LabeledArrays, LabeledArrays]:
+@dataclass(frozen=True)
+class TrainingUnits:
+    """What a node's DP-SGD samples and its ledger charges: records, or groups (user-level).
+
+    unit: "record" or the group unit's name; trained: ledger ids of the training units
+    (record ids, or `group_unit_id`s); held: ledger ids of every unit the node holds
+    (training and validation), over which its epsilon is reported; groups: group id -> its
+    training record ids (None at record level); group_of: (N,) int64 group index of each
+    training record, the order of `trained` (None at record level).
+    """
+
+    unit: str
+    trained: list[str]
+    held: list[str]
+    groups: dict[str, list[str]] | None = None
+    group_of: np.ndarray | None = None
+
+
+def training_units(unit: str, data: NodeData) -> TrainingUnits:
+    """The node's `TrainingUnits` for a resolved privacy unit (`client.config.privacy_unit`)."""
+    if unit == "record":
+        return TrainingUnits(unit, data.train.record_ids, data.record_ids)
+    keys, group_of = group_index(data.train.groups)
+    ids = [group_unit_id(k) for k in keys]
+    groups: dict[str, list[str]] = {gid: [] for gid in ids}
+    for rid, g in zip(data.train.record_ids, group_of):
+        groups[ids[g]].append(rid)
+    val = [] if data.val.groups is None else sorted({group_unit_id(k) for k in data.val.groups})
+    return TrainingUnits(unit, ids, ids + val, groups, group_of)
+
+
+def split_validation(data: LabeledArrays, fraction: float,
+                     by_group: bool = False) -> tuple[LabeledArrays, LabeledArrays]:
     """(train, validation) shares of a node's records, fixed by each record's own content.
 
     A record is in the validation share iff SHA-256("fedpriv-validation", record id), read
     as a number in [0, 1), is below `fraction`: its side depends on nothing else, so no run,
     seed or file order moves it, and adding or removing *another* record never does (two
     neighbouring datasets differ in one training record, not two). The share holds about
-    fraction * N records (Binomial). Raises ValueError when no training record would be left.
+    fraction * N records (Binomial). by_group: hash the record's group key instead (the
+    `group_unit_id`), so a group is wholly on one side (user-level DP: its unit is the
+    group). Raises ValueError when no training record would be left.
     """
-    in_val = np.array([_unit_hash(rid) < fraction for rid in data.record_ids], dtype=bool)
+    keys = [group_unit_id(g) for g in data.groups] if by_group and data.groups is not None else data.record_ids
+    in_val = np.array([_unit_hash(key) < fraction for key in keys], dtype=bool)
     if in_val.all():
         raise ValueError(f"node has {len(data)} records: too few to keep a validation share of {fraction}")
     return data.subset(np.flatnonzero(~in_val)), data.subset(np.flatnonzero(in_val))
@@ -94,41 +138,48 @@ def _unit_hash(record_id: str) -> float:
 def load_node_data(node: NodeIdentity, plan: TrainingPlan) -> NodeData:
     """The node's data: its local `data-path`, or in simulation its partition of the run's dataset.
 
-    The validation share is `node.val_fraction` (the owner's), never the run's.
+    The validation share is `node.val_fraction` (the owner's), never the run's; it holds
+    whole groups when the node's unit is a group (`privacy_unit`). In simulation, a group
+    unit also keeps each group on one node (partitioned as units).
     """
+    by_group = node.privacy_unit != "record"
     if node.data_path is not None:
-        return _load_local_node_data(node.data_path, plan.task, node.val_fraction, plan.canaries, node.data_options)
+        return _load_local_node_data(node.data_path, plan.task, node.val_fraction, plan.canaries, node.data_options,
+                                     by_group)
     return _load_simulated_node_data(node.partition_id, node.num_partitions, plan.task, plan.dataset, plan.partition,
                                      plan.alpha, plan.seed, node.val_fraction, plan.data_dir, plan.canaries,
-                                     plan.data_options())
+                                     plan.data_options(), by_group, plan.synthetic_patients)
 
 
 @functools.lru_cache(maxsize=4)
 def _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed,
-                           options=None) -> list[np.ndarray]:
+                           options=None, whole_groups=False, synthetic_patients=False) -> list[np.ndarray]:
     """Every simulated node's row indices in the run's training set.
 
     Computed once per process and shared by all the nodes it hosts: partitioning is over
     the whole dataset, so doing it per node made 1,000 nodes cost 1,000 partitionings.
+    whole_groups: partition groups, not records (a group unit: a patient is at one node).
     """
-    train = load_dataset(dataset, task, data_dir, options)["train"]
-    return partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed)
+    train = load_dataset(dataset, task, data_dir, options, synthetic_patients)["train"]
+    return partition_indices(train.y, num_partitions, partition, alpha=alpha, groups=train.groups, seed=seed,
+                             whole_groups=whole_groups and train.groups is not None)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_local_node_data(data_path, task, val_fraction, canaries, options=None) -> NodeData:
+def _load_local_node_data(data_path, task, val_fraction, canaries, options=None, by_group=False) -> NodeData:
     if canaries:
         raise ValueError("canaries (run-config 'canaries') are a simulation-only audit aid; a deployed node "
                          "never trains on them")
-    return NodeData(*split_validation(load_local(data_path, task, options), val_fraction))
+    return NodeData(*split_validation(load_local(data_path, task, options), val_fraction, by_group))
 
 
 @functools.lru_cache(maxsize=64)
 def _load_simulated_node_data(partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction,
-                              data_dir, canaries, options=None) -> NodeData:
-    train = load_dataset(dataset, task, data_dir, options)["train"]
-    parts = _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed, options)
-    local_train, val = split_validation(train.subset(parts[partition_id]), val_fraction)
+                              data_dir, canaries, options=None, by_group=False, synthetic_patients=False) -> NodeData:
+    train = load_dataset(dataset, task, data_dir, options, synthetic_patients)["train"]
+    parts = _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed, options,
+                                   by_group, synthetic_patients)
+    local_train, val = split_validation(train.subset(parts[partition_id]), val_fraction, by_group)
     if canaries:
         # Audit canaries (privacy.audit.canaries) join the training share only, never validation.
         local_train = concat([local_train, node_canaries(train, canaries, seed, partition_id, num_partitions)])
@@ -159,7 +210,7 @@ def _session(key: tuple, factory) -> LocalTrainingSession:
 def plan_noise(plan: TrainingPlan, num_train: int, delta: float) -> tuple[float, float, int]:
     """(noise_multiplier, sample_rate, local_steps per round) for this node and plan.
 
-    The noise is chosen so that all `plan.rounds` rounds together spend `plan.epsilon` at
+    num_train: the node's training units (records, or groups under user-level DP). The noise is chosen so that all `plan.rounds` rounds together spend `plan.epsilon` at
     `delta` (the node's own delta, at which its ledger reports).
     """
     q = poisson_sample_rate(num_train, plan.batch_size)
@@ -194,42 +245,53 @@ def train_round(
     """Train one round on the node's data starting from `global_state`.
 
     Returns a RoundOutcome whose `state` is the new local weights, or `declined=True` with
-    the reason when a training record would pass the node's budget. Metrics released:
+    the reason when a training unit would pass the node's budget. Metrics released:
     `num-examples`, `round-steps`; under DP the ledger's view (`epsilon`, the largest over
-    all the node's records at `delta`, `max-epsilon`, `noise-multiplier`, `sample-rate`,
-    `steps-total`); validation metrics of the incoming model only when the owner keeps a
-    validation share. Raises ValueError when delta is not below 1/n for the node's n
-    training records (DESIGN 4.1), RuntimeError when the steps run differ from the steps charged.
+    all the node's units at `delta`, `max-epsilon`, `noise-multiplier`, `sample-rate`,
+    `steps-total`; under user-level DP also `num-groups`); `unit` names what the epsilon is
+    about (`privacy_unit`); validation metrics of the incoming model only when the owner
+    keeps a validation share. Raises ValueError when delta is not below 1/n for the node's n
+    training units (DESIGN 4.1) or the node's unit needs group keys its data lacks,
+    RuntimeError when the steps run differ from the steps charged.
     """
     n = len(data.train)
+    unit = privacy_unit(node.privacy_unit, data.train) if plan.dp else "record"
     metrics: dict[str, float] = {"num-examples": float(n)}
     dev = device()
+    units = training_units(unit, data)
     if plan.dp:
-        if node.delta >= 1.0 / n:
-            raise ValueError(f"delta={node.delta} must be < 1/n = {1.0 / n:.3g} for this node's {n} records")
-        sigma, q, local_steps = plan_noise(plan, n, node.delta)
+        n_units = len(units.trained)
+        if units.groups is not None:
+            metrics["num-groups"] = float(n_units)
+        if node.delta >= 1.0 / n_units:
+            raise ValueError(f"delta={node.delta} must be < 1/n = {1.0 / n_units:.3g} for this node's {n_units} "
+                             f"training {'records' if unit == 'record' else 'groups'}")
+        sigma, q, local_steps = plan_noise(plan, n_units, node.delta)
         ledger = PrivacyLedger(node.state_dir)
         ledger.adopt_legacy(node.name, data.record_ids, node.delta)
         entry = ledger.charge(
             data.train.record_ids, node=node.name, delta=node.delta, noise_multiplier=sigma, sample_rate=q,
-            steps=local_steps, max_epsilon=node.max_epsilon, run=run_id, round=server_round,
+            steps=local_steps, max_epsilon=node.max_epsilon, run=run_id, round=server_round, groups=units.groups,
+            unit=unit,
         )
-        epsilon, history = ledger.worst(data.record_ids, node.delta)
+        epsilon, history = ledger.worst(units.held, node.delta)
         metrics.update({
             "epsilon": epsilon, "delta": node.delta, "max-epsilon": node.max_epsilon,
             "noise-multiplier": sigma, "sample-rate": q, "steps-total": float(sum(h[2] for h in history)),
         })
         if entry.declined:
             log.info("%s declines round %s: %s", node.name, server_round, entry.reason)
-            return RoundOutcome(node=node.name, declined=True, reason=entry.reason, state=None, metrics=metrics)
+            return RoundOutcome(node=node.name, declined=True, reason=entry.reason, state=None, metrics=metrics,
+                                unit=unit)
     else:
         sigma = None
 
-    key = (node.name, data.train_digest, plan, sigma)
+    key = (node.name, data.train_digest, plan, sigma, unit)
     session = _session(key, lambda: LocalTrainingSession(
         build_model(plan.task, plan.model or None, data.train.input_shape, data.train.num_classes, plan.activation),
         data.train, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer, momentum=plan.momentum,
         noise_multiplier=sigma, max_grad_norm=plan.max_grad_norm, device=dev, proximal_mu=plan.proximal_mu,
+        groups=units.group_of, max_records_per_group=plan.max_records_per_group,
     ))
     session.load_global(global_state)
     if len(data.val):
@@ -247,4 +309,4 @@ def train_round(
     for name, tensor in result.state.items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"local update has NaN/Inf in '{name}'; refusing to send it")
-    return RoundOutcome(node=node.name, declined=False, reason="", state=result.state, metrics=metrics)
+    return RoundOutcome(node=node.name, declined=False, reason="", state=result.state, metrics=metrics, unit=unit)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from client import audit_log
 from client.app_approval import APPROVED_ENV, ApprovalError, approved_hashes
-from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, resolved_state_dir
+from client.config import DEFAULT_DELTA, DEFAULT_MAX_EPSILON, PRIVACY_UNITS, privacy_unit, resolved_state_dir
 from privacy.provisioning import ProvisioningError, load_kit
 from privacy.secagg.identity import IdentityError, load_identity
 from shared_models import TASKS
@@ -50,12 +50,13 @@ def _toml_string(value: str) -> str:
 
 def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: float, state_dir: Path,
                 require_dp: bool = True, require_secagg: bool = True, val_fraction: float = 0.0,
-                secagg_identity: Path | None = None, data_options: LocalDataOptions | None = None) -> str:
+                secagg_identity: Path | None = None, data_options: LocalDataOptions | None = None,
+                privacy_unit: str = "auto") -> str:
     """Flower's `--node-config` text (space-separated TOML key=value pairs) for `client.config.node_identity`.
 
     secagg_identity: the kit folder holding `secagg.key` and `federation-keys.json`
     (`client.config.signing_identity`). data_options: how the ClientApp reads the local files
-    (`image-size`, `max-text-bytes`, `csv-delimiter`; the defaults when None).
+    (`image-size`, `max-text-bytes`, `csv-delimiter`, `group-column`, `group-manifest`; the defaults when None).
     """
     options = data_options or LocalDataOptions()
     return " ".join([
@@ -66,6 +67,9 @@ def node_config(*, node: str, data: Path, task: str, max_epsilon: float, delta: 
         f"val-fraction={val_fraction!r}",
         f"image-size={options.image_size or 0}", f"max-text-bytes={options.max_text_bytes}",
         f"csv-delimiter={_toml_string(options.csv_delimiter or '')}",
+        f"privacy-unit={_toml_string(privacy_unit)}",
+        f"group-column={_toml_string(options.group_column or '')}",
+        f"group-manifest={_toml_string(options.group_manifest or '')}",
     ])
 
 
@@ -196,6 +200,10 @@ def register(subparsers) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.0,
                         help="share of the records kept out of training to report validation metrics of the global "
                              "model (an extra release, not covered by DP); 0 releases none")
+    parser.add_argument("--privacy-unit", choices=PRIVACY_UNITS, default="auto",
+                        help="what this site's epsilon protects: 'record' (sample-level DP-SGD), or 'patient'/'user': "
+                             "all the records of one group key (user-level DP-SGD; the node refuses to train on data "
+                             "without group keys); 'auto': 'user' when the data has group keys, else 'record'")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where the privacy ledger lives (default: a per-user folder on this machine)")
     parser.add_argument("--superlink", default=None, metavar="HOST:PORT",
@@ -228,6 +236,10 @@ def _run_node(args, console) -> int:
         options = local_data_options(args)
         local = read_local_data(data, args.task, args.delta, options)
         records = len(local)
+        try:
+            unit = privacy_unit(args.privacy_unit, local)
+        except ValueError as err:
+            raise NodeConfigError(f"{data}: {err}") from None
         load_identity(kit["path"], kit["node"])  # SecAgg+ signing key and the federation's keyring
         approved = approved_hashes(args.approve)
     except (ProvisioningError, DataFormatError, NodeConfigError, IdentityError, ApprovalError) as err:
@@ -237,12 +249,13 @@ def _run_node(args, console) -> int:
     state.mkdir(parents=True, exist_ok=True)
     cfg = node_config(node=kit["node"], data=data, task=args.task, max_epsilon=args.max_epsilon, delta=args.delta,
                       state_dir=state, require_dp=args.require_dp, require_secagg=args.require_secagg,
-                      val_fraction=args.val_fraction, secagg_identity=kit["path"], data_options=options)
+                      val_fraction=args.val_fraction, secagg_identity=kit["path"], data_options=options,
+                      privacy_unit=args.privacy_unit)
     clientappio_port = args.port or free_port()
     command = supernode_command(kit, cfg, clientappio_port)
     required = [name for name, on in (("DP-SGD", args.require_dp), ("SecAgg+", args.require_secagg)) if on]
     console.print(f"{kit['node']}: {records} {args.task} records in {data}; budget epsilon {args.max_epsilon:g} at "
-                  f"delta {args.delta:g}; requires {' and '.join(required) or 'nothing'}; validation metrics "
+                  f"delta {args.delta:g} per {unit}; requires {' and '.join(required) or 'nothing'}; validation metrics "
                   f"{'on %g of the records' % args.val_fraction if args.val_fraction else 'not released'}; "
                   f"ledger in {state}; connecting to {kit['superlink']} (TLS)")
     for line in summary_lines(local):

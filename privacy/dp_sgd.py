@@ -27,6 +27,11 @@ twice", Opacus #608) and reused round after round: each round's global weights a
   the noised gradient with a data-independent term. Putting it in the loss instead would
   clip it together with each record's gradient.
 
+User-level (patient-level) DP-SGD (`privacy.user_level`): given each record's group, the
+session Poisson-samples groups instead of records, averages each sampled group's per-record
+gradients and clips the group's mean as one unit (`SecretNoiseDPOptimizer.group_batch`),
+with q = 1/ceil(G/B) over the G groups and B the expected groups per step.
+
 Accounting is *not* done here: the node's persisted `PrivacyLedger` is charged before each
 round (`client.node_training`). The session's own Opacus `RDPAccountant` only counts the
 noised steps it ran, as a cross-check that the ledger charged exactly what was run.
@@ -50,6 +55,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shared_models.records import LabeledArrays
 from privacy.secret_randomness import SecretRandom
+from privacy.user_level import GroupBatch, GroupPoissonSampler, group_means
 
 # The first layer's input never requires a gradient, so torch notes that Opacus's per-sample
 # gradient hooks fire on module outputs only: expected for DP-SGD, nothing a site can act on.
@@ -102,6 +108,10 @@ class SecretNoiseDPOptimizer(DPOptimizer):
     ChaCha20 keystream (float-attack mitigated, `privacy.secret_randomness`), not from torch's
     seeded generator; and `clip_and_accumulate` first zeroes samples with non-finite
     gradients. Written against opacus 1.6.0 (pinned), whose `add_noise` it mirrors.
+
+    User-level DP-SGD: with `group_batch` set to the step's `GroupBatch`, the per-record
+    gradients are first averaged per sampled group, so each *group* is clipped to C and
+    `expected_batch_size` must be the expected number of groups.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
@@ -110,6 +120,7 @@ class SecretNoiseDPOptimizer(DPOptimizer):
                          expected_batch_size=expected_batch_size, loss_reduction="mean")
         self.randomness = randomness
         self.proximal: Proximal | None = None
+        self.group_batch: GroupBatch | None = None
 
     def pre_step(self, closure=None) -> bool:
         """Opacus's clip, noise and scale, then the FedProx gradient (`proximal`), if any."""
@@ -129,6 +140,12 @@ class SecretNoiseDPOptimizer(DPOptimizer):
         for p in self.params:
             if isinstance(p.grad_sample, list):  # accumulated batches (not used here): one tensor
                 p.grad_sample = torch.cat(p.grad_sample, dim=0)
+        if self.group_batch is not None:  # user-level: the clipping unit is the sampled group
+            slots = torch.as_tensor(self.group_batch.slots, dtype=torch.long)
+            for p in self.params:
+                if len(p.grad_sample) != len(slots):
+                    raise RuntimeError(f"{len(p.grad_sample)} per-record gradients for {len(slots)} sampled records")
+                p.grad_sample = group_means(p.grad_sample, slots.to(p.grad_sample.device), self.group_batch.groups)
         samples = self.grad_samples
         if len(samples[0]):
             finite = torch.stack([torch.isfinite(g.reshape(len(g), -1)).all(dim=1) for g in samples]).all(dim=0)
@@ -203,7 +220,10 @@ class LocalTrainingSession:
     `batch_size`); otherwise DP-SGD as described in the module docstring, with every noise
     and sampling draw from the `SecretRandom` given to `train_epochs`. proximal_mu > 0 adds
     FedProx's term, anchored at each round's global weights (`Proximal`; under DP after
-    clipping and noise). Raises ValueError for an empty training share or a negative mu, and Opacus's UnsupportedModuleError for a model DP-SGD cannot
+    clipping and noise). groups: (N,) int64 group index of each record (0..G-1) for
+    user-level DP-SGD (`privacy.user_level`): Poisson sampling over groups at
+    q = 1/ceil(G/batch_size), each group clipped as one unit, at most
+    `max_records_per_group` records of a group per step (0: all). Raises ValueError for an empty training share or a negative mu, and Opacus's UnsupportedModuleError for a model DP-SGD cannot
     train (e.g. BatchNorm).
     """
 
@@ -220,6 +240,8 @@ class LocalTrainingSession:
         max_grad_norm: float,
         device: torch.device,
         proximal_mu: float = 0.0,
+        groups: np.ndarray | None = None,
+        max_records_per_group: int = 0,
     ) -> None:
         if len(train) == 0:
             raise ValueError("training share is empty")
@@ -227,7 +249,10 @@ class LocalTrainingSession:
         self.dp = noise_multiplier is not None
         self.num_records = len(train)
         self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch(len(train), batch_size)
+        self.user_level = groups is not None and self.dp
+        # The sampled unit: a record, or under user-level DP a group.
+        units = int(np.max(groups)) + 1 if self.user_level else len(train)
+        self.steps_per_epoch = steps_per_epoch(units, batch_size)
         self.sample_rate = 1.0 / self.steps_per_epoch
         self.x, self.y = _tensors(train).tensors
         model = model.to(device).train()
@@ -239,11 +264,13 @@ class LocalTrainingSession:
             randomness = SecretRandom()  # replaced by each train_epochs call's
             self.optimizer = SecretNoiseDPOptimizer(
                 opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                expected_batch_size=len(train) * self.sample_rate, randomness=randomness,
+                expected_batch_size=units * self.sample_rate, randomness=randomness,
             )
             self.accountant = RDPAccountant()
             self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
-            self.sampler = PoissonBatchSampler(len(train), self.sample_rate, self.steps_per_epoch, randomness)
+            self.sampler = (GroupPoissonSampler(groups, self.sample_rate, self.steps_per_epoch, randomness,
+                                                max_records_per_group) if self.user_level else
+                            PoissonBatchSampler(len(train), self.sample_rate, self.steps_per_epoch, randomness))
         else:
             self.model, self.optimizer = model, opt
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -278,7 +305,8 @@ class LocalTrainingSession:
         yield from torch.split(order, self.batch_size)
 
     def train_epochs(self, epochs: int, randomness: SecretRandom | None = None) -> RoundResult:
-        """Run `epochs` passes (DP: exactly `epochs * ceil(N/B)` Poisson steps). Returns new weights.
+        """Run `epochs` passes (DP: exactly `epochs * ceil(N/B)` Poisson steps, N the records or
+        under user-level DP the groups). Returns new weights.
 
         randomness: the source of this call's noise and Poisson draws (default: fresh OS
         entropy; `client.node_training.node_randomness` picks it for a node's round).
@@ -289,6 +317,8 @@ class LocalTrainingSession:
         losses, steps = [], 0
         for _ in range(epochs):
             for index in self._batches():
+                if isinstance(index, GroupBatch):
+                    self.optimizer.group_batch, index = index, index.records
                 index = torch.as_tensor(index, dtype=torch.long)
                 x, y = self.x[index].to(self.device), self.y[index].to(self.device)
                 self.optimizer.zero_grad(set_to_none=True)

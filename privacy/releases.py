@@ -41,6 +41,9 @@ NODE_RELEASES: tuple[Release, ...] = (
             "before (public metadata)"),
     Release("noise-multiplier, sample-rate, round-steps", "train reply",
             "not covered: functions of the run's public plan and the record count"),
+    Release("privacy-unit, num-groups", "train reply (num-groups: patient-level DP runs)",
+            "not covered: what the node's epsilon is about (\"record\", \"patient\", \"user\"), the site's choice; "
+            "the number of groups (patients) it trains, public metadata like the record count"),
     Release("declined, reason", "train reply", "not covered: says that some training record would pass the budget"),
     Release("refused, reason", "train reply", "not covered: the site's policy, which the site chooses to state"),
     Release("failed, error", "train reply",

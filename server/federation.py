@@ -178,7 +178,8 @@ def _train_stage(grid, arrays, config, sampled, settings, ledger, report, known_
             continue
         declined = bool(metrics.get("declined", 0))
         reason = str(reply.content["node"].get("reason", "")) if declined and "node" in reply.content else ""
-        ledger.record_reply(name, report.round, metrics, declined, reason)
+        unit = str(reply.content["node"].get("privacy-unit", "record")) if "node" in reply.content else None
+        ledger.record_reply(name, report.round, metrics, declined, reason, unit)
         if declined:
             report.declined.append(name)
             continue

@@ -29,6 +29,10 @@ class NodeRecord:
     failed_rounds: list[int] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)  # {"round": int, "error": str}
     epsilon_by_round: dict[str, float] = field(default_factory=dict)
+    # What the node's epsilon is about: "record", or a group unit ("patient", "user") under
+    # user-level DP-SGD (issue 19); None until it reports. num_groups: its training groups.
+    privacy_unit: str | None = None
+    num_groups: int | None = None
 
 
 class CoordinatorLedger:
@@ -44,13 +48,18 @@ class CoordinatorLedger:
         return self.nodes.setdefault(name, NodeRecord())
 
     def record_reply(self, name: str, server_round: int, metrics: dict[str, float], declined: bool,
-                     reason: str = "") -> None:
+                     reason: str = "", unit: str | None = None) -> None:
         """Record a train reply's metrics (keys as sent by `client.client_app.train`).
 
         reason: for a declined round, why the node declined (its reply's `node.reason`, e.g.
         "training would reach epsilon=9.1 > max-epsilon=8 ..."); kept in `declines`.
+        unit: the reply's `node.privacy-unit` (None from a node that does not say: "record").
         """
         rec = self._node(name)
+        if "epsilon" in metrics:
+            rec.privacy_unit = unit or "record"
+        if "num-groups" in metrics:
+            rec.num_groups = int(metrics["num-groups"])
         if "epsilon" in metrics:
             rec.epsilon = float(metrics["epsilon"])
             rec.delta = float(metrics["delta"])

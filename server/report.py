@@ -401,7 +401,8 @@ def threat_model(summary: dict) -> str:
         first = "Secure aggregation was off: the server saw each node's model update in the clear."
     if summary["dp"]:
         second = ("Each node's (epsilon, delta) below bounds what the coordinator, the released model and these "
-                  "metrics reveal about any one of its records: the node drew its DP-SGD noise and sampling from "
+                  "metrics reveal about any one of its units (the table's privacy unit: one record, or every record "
+                  "of one patient or user under user-level DP-SGD): the node drew its DP-SGD noise and sampling from "
                   "secret entropy on its own machine and charged its own ledger, which no run-config, seed or "
                   "round schedule can reset. Record counts are public metadata.")
     else:
@@ -417,7 +418,8 @@ def threat_model(summary: dict) -> str:
 # the other kind's. A deployed node reads its budget, validation share and ledger folder from
 # its owner's node-config, never from these.
 SIMULATION_ONLY_KEYS = ("num-supernodes", "partition", "alpha", "fault-rate", "dropout-rate", "canaries",
-                        "reproducible-noise", "state-dir", "secagg-identities", "max-epsilon", "val-fraction")
+                        "reproducible-noise", "state-dir", "secagg-identities", "max-epsilon", "val-fraction",
+                        "privacy-unit", "synthetic-patients")
 DEPLOYED_ONLY_KEYS = ("min-nodes", "fraction-train", "node-wait-timeout")
 
 

@@ -80,13 +80,14 @@ TEMPLATE = """<!DOCTYPE html>
 </ul>
 
 <table id="nodes">
-  <thead><tr><th>node</th><th>epsilon</th><th>delta</th><th>budget (max epsilon)</th><th>records</th>
+  <thead><tr><th>node</th><th>epsilon</th><th>per (privacy unit)</th><th>delta</th><th>budget (max epsilon)</th><th>records</th>
     <th>rounds trained</th><th>declined rounds</th><th>refused rounds</th><th>failed rounds</th></tr></thead>
   <tbody>
   {% for name, c in s.clients.items() %}
   <tr data-node="{{ name }}">
     <td>{{ name }}</td>
     <td class="num" data-key="epsilon" data-value="{{ c.epsilon | exact }}">{{ c.epsilon | fmt('.3f') }}</td>
+ <td data-key="privacy_unit">{{ c.get('privacy_unit') or '-' }}{% if c.get('num_groups') %} ({{ c.num_groups }} groups){% endif %}</td>
     <td class="num" data-key="delta" data-value="{{ c.delta | exact }}">{{ c.delta | fmt('g') }}</td>
     <td class="num" data-key="max_epsilon" data-value="{{ c.max_epsilon | exact }}">{{ c.max_epsilon | fmt('g') }}</td>
     <td class="num">{{ c.num_examples if c.num_examples is defined else '-' }}</td>

@@ -4,7 +4,9 @@ summary.json keys promised to users (issue 2; add keys, never rename): `rounds_c
 `final.test_accuracy`, `clients.<node>.epsilon`, `.delta`, `.declined_rounds`; issue 12 adds
 `clients.<node>.refused_rounds`, `.refusals` and the top-level `refusals` (what each site's
 policy refused and why), and `client_level.assumption`; issue 15 adds `clients.<node>.declines`
-and the top-level `declines` (each declined round and the reason the node gave).
+and the top-level `declines` (each declined round and the reason the node gave); issue 19
+adds `clients.<node>.privacy_unit` / `.num_groups` and the top-level `privacy_unit` (what
+`max_client_epsilon` is about: "record", a group unit such as "patient", or "mixed").
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: Coord
             "sample_rate": rec["sample_rate"],
             "num_examples": rec["num_examples"],
             "failures": rec["failures"],
+            "privacy_unit": rec.get("privacy_unit"),
+            "num_groups": rec.get("num_groups"),
         }
     return {
         "run_name": plan.run_name,
@@ -78,9 +82,17 @@ def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: Coord
             key=lambda f: (f["round"], f["node"]),
         ),
         "max_client_epsilon": max((c["epsilon"] for c in clients.values() if c["epsilon"] is not None), default=None),
+        "privacy_unit": run_privacy_unit(clients),
         "clients": clients,
         "seconds": seconds,
     }
+
+
+def run_privacy_unit(clients: dict[str, dict]) -> str | None:
+    """The unit every reporting node's epsilon is about ("record", "patient", "user"), "mixed"
+    when they differ, None when none reported an epsilon."""
+    units = {c["privacy_unit"] for c in clients.values() if c.get("epsilon") is not None and c.get("privacy_unit")}
+    return None if not units else units.pop() if len(units) == 1 else "mixed"
 
 
 def write_report(folder: RunFolder, summary: dict) -> None:
@@ -95,19 +107,20 @@ def write_report(folder: RunFolder, summary: dict) -> None:
         f"- final test accuracy: **{final['test_accuracy']:.4f}** (majority class {summary['majority_class_rate']:.4f})"
         + (f", AUC {final['test_auc']:.4f}" if "test_auc" in final else ""),
         f"- secure aggregation: {'SecAgg+ (the server saw only sums)' if summary['secure_aggregation'] else 'off'}",
-        f"- differential privacy: {'DP-SGD, target epsilon %g at delta %g per node' % (summary['target_epsilon'], summary['delta']) if summary['dp'] else 'off'}",
+        f"- differential privacy: {'DP-SGD, target epsilon %g at delta %g per node' % (summary['target_epsilon'], summary['delta']) if summary['dp'] else 'off'}"
+        + (f"; privacy unit: {summary['privacy_unit']}" if summary.get("privacy_unit") else ""),
         *([f"- client-level DP: epsilon {summary['client_level']['epsilon']:.3g} at delta "
            f"{summary['client_level']['delta']:g} (noise multiplier {summary['client_level']['noise_multiplier']:g}, "
            f"{summary['client_level']['rounds']} released rounds)"] if (summary.get("client_level") or {}).get("enabled")
           else ["- client-level DP: off (no client-level noise; each node's protection is its sample-level epsilon)"]),
         "",
-        "| node | epsilon | delta | budget | rounds trained | declined | refused | failed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| node | epsilon | per | delta | budget | rounds trained | declined | refused | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in summary["clients"].items():
         eps = "-" if c["epsilon"] is None else f"{c['epsilon']:.3f}"
         lines.append(
-            f"| {name} | {eps} | {c['delta'] if c['delta'] is not None else '-'} | "
+            f"| {name} | {eps} | {c.get('privacy_unit') or '-'} | {c['delta'] if c['delta'] is not None else '-'} | "
             f"{c['max_epsilon'] if c['max_epsilon'] is not None else '-'} | {len(c['rounds_trained'])} | "
             f"{c['declined_rounds'] or '-'} | {c['refused_rounds'] or '-'} | {c['failed_rounds'] or '-'} |"
         )
@@ -116,7 +129,8 @@ def write_report(folder: RunFolder, summary: dict) -> None:
     lines += [
         "",
         "Threat model: each node's epsilon is computed on its own machine from secret noise and bounds what",
-        "the coordinator and the released model and metrics reveal about any one of its records (sample-level DP);",
+        "the coordinator and the released model and metrics reveal about any one of its units: a record",
+        "(sample-level DP), or all the records of one patient/user where the table says so (user-level DP-SGD);",
         "the coordinator cannot change a node's budget, its DP or SecAgg+ requirement, or its noise.",
         "Record counts per node are reported and treated as public metadata.",
     ]

@@ -108,18 +108,22 @@ class LabeledArrays:
 
 
 def concat(parts: list[LabeledArrays]) -> LabeledArrays:
-    """Stack datasets of one task and class list into one (record ids kept; groups dropped).
+    """Stack datasets of one task and class list into one (record ids kept).
 
-    Raises ValueError for an empty list.
+    Group keys are kept when every part has them (e.g. a node's share and the canaries added
+    to it in a simulation); when any part has none, the result has none, since a record
+    without a key would have no privacy unit. Raises ValueError for an empty list.
     """
     if not parts:
         raise ValueError("nothing to concatenate")
     first = parts[0]
+    keyed = all(p.groups is not None for p in parts)
     return LabeledArrays(
         task=first.task,
         x=np.concatenate([p.x for p in parts]),
         y=np.concatenate([p.y for p in parts]),
         classes=first.classes,
         record_ids=[r for p in parts for r in p.record_ids],
+        groups=np.concatenate([p.groups for p in parts]) if keyed else None,
         source=first.source,
     )

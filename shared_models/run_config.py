@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shared_models.datasets.local import MAX_BYTES, LocalDataOptions
+from shared_models.datasets.local import MAX_BYTES, TEXT_COLUMNS, LocalDataOptions
 
 
 # Ranges a node accepts from the coordinator's run-config. Outside them DP-SGD's arithmetic
@@ -67,11 +67,20 @@ class TrainingPlan:
     image_size: int = 0  # 0 = keep each image's size (a folder of mixed sizes is refused)
     max_text_bytes: int = MAX_BYTES
     csv_delimiter: str = ""  # "" = sniffed
+    # Issue 19. A simulation aid: seeded pseudo-patients (1-8 records each) as group keys of a
+    # named dataset without natural groups (`shared_models.datasets.synthetic_patients`).
+    synthetic_patients: bool = False
+    # User-level DP-SGD: at most this many records of a sampled group per step (0 = all); a
+    # compute cap, not a privacy parameter (each group is clipped as one unit whatever its size).
+    max_records_per_group: int = 0
+    group_column: str = ""  # a text CSV's group-key column (patient-level DP); "" = none
+    group_manifest: str = ""  # an image/audio folder's file,group CSV; "" = its groups.csv if any
 
     def data_options(self) -> LocalDataOptions:
         """The run's format options for a local-path dataset (the central test set, simulated nodes)."""
         return LocalDataOptions(image_size=self.image_size or None, max_text_bytes=self.max_text_bytes,
-                                csv_delimiter=self.csv_delimiter or None)
+                                csv_delimiter=self.csv_delimiter or None, group_column=self.group_column or None,
+                                group_manifest=self.group_manifest or None)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> TrainingPlan:
@@ -113,6 +122,10 @@ class TrainingPlan:
             image_size=get("image-size", int) if "image-size" in cfg else 0,
             max_text_bytes=get("max-text-bytes", int) if "max-text-bytes" in cfg else MAX_BYTES,
             csv_delimiter=get("csv-delimiter", str) if "csv-delimiter" in cfg else "",
+            synthetic_patients=get("synthetic-patients", bool) if "synthetic-patients" in cfg else False,
+            max_records_per_group=get("max-records-per-group", int) if "max-records-per-group" in cfg else 0,
+            group_column=get("group-column", str) if "group-column" in cfg else "",
+            group_manifest=get("group-manifest", str) if "group-manifest" in cfg else "",
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -132,6 +145,11 @@ class TrainingPlan:
             (plan.image_size >= 0, "image-size", "an integer >= 0 (0: keep each image's size)"),
             (plan.max_text_bytes >= 1, "max-text-bytes", "an integer >= 1"),
             (len(plan.csv_delimiter) <= 1, "csv-delimiter", "one character, or empty to sniff it"),
+            (plan.max_records_per_group >= 0, "max-records-per-group", "an integer >= 0 (0: all of a group's records)"),
+            (not plan.group_column or plan.group_column.strip().lower() not in ("", *TEXT_COLUMNS), "group-column",
+             "a column name other than 'text' and 'label', or empty for none"),
+            (not plan.group_manifest or plan.group_manifest.strip(), "group-manifest",
+             "a file path, or empty for none"),
         ]
         for ok, key, expected in checks:
             if not ok:

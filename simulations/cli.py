@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from client import audit_log, ledger_view, supernode
-from client.config import NodeIdentity, default_state_dir
-from client.node_training import load_node_data, plan_noise
+from client.config import PRIVACY_UNITS, NodeIdentity, default_state_dir, privacy_unit
+from client.node_training import load_node_data, plan_noise, training_units
 from privacy import provisioning
 from privacy.accountants import PrivacyLedger
 from server import report, superlink
@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--canaries", type=int, default=0,
                      help="audit aid: build N canaries (out-of-distribution records, random labels) and insert half "
                           "into the nodes' training data, for `fedpriv audit` to score (privacy.audit.canaries)")
+    sim.add_argument("--privacy-unit", choices=PRIVACY_UNITS, default="record",
+                     help="what each simulated node's epsilon protects: 'record' (sample-level DP-SGD) or "
+                          "'patient'/'user': all the records of one group key (user-level DP-SGD, Levy et al. 2021; "
+                          "groups are kept whole on one node and in one validation share); 'auto': a group unit when "
+                          "the data has group keys (fsdd: the speaker)")
+    sim.add_argument("--synthetic-patients", action="store_true",
+                     help="give a named dataset without group keys (pneumoniamnist, sms_spam, digits) seeded "
+                          "pseudo-patients of 1-8 records each, to simulate patient-level DP (synthetic, say so)")
     sim.add_argument("--reproducible-noise", action="store_true",
                      help="simulation only: derive each node's DP and SecAgg+ noise from --seed, so two runs can be "
                           "compared draw for draw (no privacy against whoever knows the seed; deployed nodes refuse it)")
@@ -138,16 +146,18 @@ def preflight(run_config: dict, clients: int) -> list[str]:
     for pid in range(clients):
         node = NodeIdentity(name=f"node-{pid}", state_dir=state_dir, max_epsilon=float(run_config["max-epsilon"]),
                             delta=plan.delta, data_path=None, partition_id=pid, num_partitions=clients,
-                            val_fraction=plan.val_fraction)
+                            val_fraction=plan.val_fraction, privacy_unit=str(run_config.get("privacy-unit", "record")))
         data = load_node_data(node, plan)
         if ledger is None:
             continue
-        if plan.delta >= 1.0 / len(data.train):
-            raise ValueError(f"--delta {plan.delta:g} must be < 1/n = {1 / len(data.train):.3g} for {node.name}'s "
-                             f"{len(data.train)} training records")
-        sigma, q, steps = plan_noise(plan, len(data.train), plan.delta)
-        if ledger.epsilon_if_charged(data.train.record_ids, plan.delta, sigma, q, steps) > node.max_epsilon:
-            spent = ledger.epsilon(data.train.record_ids, plan.delta)
+        units = training_units(privacy_unit(node.privacy_unit, data.train), data)
+        kind = "records" if units.groups is None else f"groups ({units.unit}s)"
+        if plan.delta >= 1.0 / len(units.trained):
+            raise ValueError(f"--delta {plan.delta:g} must be < 1/n = {1 / len(units.trained):.3g} for {node.name}'s "
+                             f"{len(units.trained)} training {kind}")
+        sigma, q, steps = plan_noise(plan, len(units.trained), plan.delta)
+        if ledger.epsilon_if_charged(units.trained, plan.delta, sigma, q, steps) > node.max_epsilon:
+            spent = ledger.epsilon(units.trained, plan.delta)
             exhausted.append(f"{node.name} (its records have spent up to {spent:.2f} of {node.max_epsilon:g})")
     if exhausted and len(exhausted) == clients:
         raise ValueError(
@@ -182,6 +192,8 @@ def simulate(args: argparse.Namespace, console: Console) -> int:
         "dropout-rate": args.dropout_rate,
         "canaries": args.canaries,
         "reproducible-noise": args.reproducible_noise,
+        "privacy-unit": args.privacy_unit,
+        "synthetic-patients": args.synthetic_patients,
     }
     try:
         exhausted = preflight(run_config, args.clients)

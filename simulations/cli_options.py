@@ -92,6 +92,9 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of each simulated node's records kept for validation (chosen by record content); "
                              "a deployed node keeps the share its owner set with `fedpriv node --val-fraction`")
+    parser.add_argument("--max-records-per-group", type=int, default=0, metavar="M",
+                        help="user-level (patient-level) DP-SGD: use at most M records of a sampled group per step "
+                             "(0: all); bounds compute, not privacy (each group is clipped as one unit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<dataset>-<time>)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
@@ -237,6 +240,9 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "image-size": args.image_size or 0,
         "max-text-bytes": args.max_text_bytes,
         "csv-delimiter": args.csv_delimiter or "",
+        "max-records-per-group": args.max_records_per_group,
+        "group-column": args.group_column or "",
+        "group-manifest": args.group_manifest or "",
     }
 
 
@@ -252,13 +258,14 @@ def print_summary(summary: dict, out: Path, console: Console, role: str = "simul
     if "test_auc" in final:
         line += f", AUC {final['test_auc']:.4f}"
     console.print(f"[bold]{line}[/bold] after {summary['rounds_completed']} rounds")
-    table = Table(title="privacy ledger (sample-level DP per node)")
-    for col in ("node", "epsilon", "delta", "budget", "rounds trained", "declined", "refused", "failed"):
+    table = Table(title="privacy ledger (DP per node, per its privacy unit)")
+    for col in ("node", "epsilon", "per", "delta", "budget", "rounds trained", "declined", "refused", "failed"):
         table.add_column(col)
     for node, c in summary["clients"].items():
         table.add_row(
             node,
             "-" if c["epsilon"] is None else f"{c['epsilon']:.3f}",
+            c.get("privacy_unit") or "-",
             "-" if c["delta"] is None else f"{c['delta']:g}",
             "-" if c["max_epsilon"] is None else f"{c['max_epsilon']:g}",
             str(len(c["rounds_trained"])),

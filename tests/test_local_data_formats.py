@@ -12,8 +12,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import statistics
 import unicodedata
 import wave
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -353,3 +355,268 @@ def test_fedpriv_simulate_reads_a_local_path_with_the_options_and_prints_its_sum
     assert f"{folder}: converted: resized 16x24 to 16x16: 2" in out
     assert f"{folder}: skipped: hidden (name starts with '.') folder: 1" in out
     assert "stopped before Flower (image-size 16)" in out
+
+
+# --- group keys (issue 19: patient-level DP) ---------------------------------------------------
+
+def _patient_csv(path, rows, header=("text", "label", "patient_id"), delimiter=","):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter=delimiter).writerows([list(header), *rows])
+
+
+def test_csv_group_column_gives_each_record_its_stripped_key(tmp_path):
+    path = tmp_path / "notes.csv"
+    rows = [[f"note {i}", "urgent" if i % 2 else "routine", f" p{i % 3} "] for i in range(7)]
+    _patient_csv(path, rows, header=("text", "label", " Patient_ID "), delimiter=";")
+    with open(path, newline="", encoding="utf-8") as f:
+        expected = [row[" Patient_ID "].strip() for row in csv.DictReader(f, delimiter=";")]
+    data = load_local(path, "text", LocalDataOptions(group_column="patient_id"))
+    assert data.groups.tolist() == expected == ["p0", "p1", "p2", "p0", "p1", "p2", "p0"]
+    assert data.groups.dtype.kind == "U"
+    # A subset (the node's train/validation split) keeps each record's key.
+    assert data.subset(np.array([5, 1])).groups.tolist() == ["p2", "p1"]
+    assert load_local(path, "text").groups is None  # without the option: no keys
+
+
+def test_csv_group_column_errors_name_the_file_the_column_and_the_line(tmp_path):
+    path = tmp_path / "notes.csv"
+    _patient_csv(path, [["a", "x", "p1"], ["b", "y", "p2"]], header=("text", "label", "mrn"))
+    with pytest.raises(DataFormatError) as err:
+        load_text_csv(path, group_column="patient_id")
+    assert str(err.value) == (f"{path}: no group column 'patient_id' (--group-column); found columns "
+                              "['text', 'label', 'mrn'] with delimiter ','")
+    empty = tmp_path / "empty_key.csv"
+    _patient_csv(empty, [["a", "x", "p1"], ["b", "y", "  "], ["c", "x", "p3"]])
+    with pytest.raises(DataFormatError, match=r"empty_key.csv: line 3 has an empty group key in column 'patient_id'"):
+        load_text_csv(empty, group_column="patient_id")
+    short = tmp_path / "short_row.csv"
+    short.write_text("text,label,patient_id\na,x,p1\nb,y\n", encoding="utf-8")  # the key's cell is missing
+    with pytest.raises(DataFormatError, match=r"short_row.csv: line 3 has an empty group key in column 'patient_id'"):
+        load_text_csv(short, group_column="patient_id")
+    tsv = tmp_path / "SMSSpamCollection"
+    tsv.write_text("ham\thello\nspam\twin cash\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"SMSSpamCollection: --group-column 'patient_id' names a column of a "
+                                              r"text .csv, but this file is read as 'label<TAB>text' lines"):
+        load_local(tsv, "text", LocalDataOptions(group_column="patient_id"))
+
+
+def test_group_options_that_the_format_cannot_use_are_errors_not_ignored(tmp_path):
+    np.savez(tmp_path / "site.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.array([0, 1]))
+    with pytest.raises(DataFormatError, match=r"site.npz: --group-column 'patient_id' names a column of a text "
+                                              r"\.csv; --task vision data gives group keys in a 'train_groups' array"):
+        load_local(tmp_path / "site.npz", "vision", LocalDataOptions(group_column="patient_id"))
+    csv_path = tmp_path / "notes.csv"
+    _patient_csv(csv_path, [["a", "x", "p1"], ["b", "y", "p2"]])
+    with pytest.raises(DataFormatError, match=r"notes.csv: --group-manifest gives group keys to the files of an "
+                                              r"image or audio folder; a text CSV holds them in a column"):
+        load_local(csv_path, "text", LocalDataOptions(group_manifest="groups.csv"))
+    for bad in ("", "  ", "label", " Text "):
+        with pytest.raises(ValueError, match="group column"):
+            LocalDataOptions(group_column=bad)
+    with pytest.raises(ValueError, match="group manifest"):
+        LocalDataOptions(group_manifest=" ")
+
+
+def _scan_folder(root, files: dict[str, int]) -> None:
+    """Greyscale 6x6 PNGs at `root/<relative path>`, each filled with its own value (distinct records)."""
+    for name, value in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((6, 6), value, np.uint8)).save(root / name)
+
+
+def _write_manifest(path, rows, header=("file", "group")) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([list(header), *rows])
+
+
+def test_image_folder_reads_groups_csv_at_its_root_and_counts_rows_of_no_loaded_file(tmp_path):
+    files = {"normal/img001.png": 10, "normal/img002.png": 20, "pneumonia/img003.png": 30,
+             "pneumonia/img004.png": 40, "pneumonia/IMG005.PNG": 50}
+    _scan_folder(tmp_path, files)
+    (tmp_path / "pneumonia" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "normal" / "notes.txt").write_text("not an image")
+    keys = {"normal/img001.png": "patient-7", "normal/img002.png": "patient-9", "pneumonia/img003.png": "patient-7",
+            "pneumonia/img004.png": "patient-9", "pneumonia/IMG005.PNG": "patient-12"}
+    # Rows in another order, a "./" prefix, an identical repeat, and rows naming a missing, a hidden
+    # and a skipped (not an image) file: 3 rows that give no loaded file a key.
+    _write_manifest(tmp_path / "groups.csv", [
+        ["pneumonia/img004.png", "patient-9"], ["./normal/img001.png", "patient-7"], ["normal/img002.png", "patient-9"],
+        ["pneumonia/img003.png", " patient-7 "], ["pneumonia/IMG005.PNG", "patient-12"],
+        ["normal/img001.png", "patient-7"], ["normal/gone.png", "patient-1"], ["pneumonia/.DS_Store", "patient-1"],
+        ["normal/notes.txt", "patient-1"]])
+    data = load_local(tmp_path, "vision")
+    assert data.classes == ["normal", "pneumonia"] and len(data) == 5  # groups.csv is no class and no record
+    by_pixel = {value: keys[name] for name, value in files.items()}  # each record found by its own pixel value
+    assert data.groups.tolist() == [by_pixel[round(float(x[0, 0, 0]) * 255)] for x in data.x]
+    assert data.groups.tolist() == ["patient-7", "patient-9", "patient-12", "patient-7", "patient-9"]  # sort order
+    summary = data.meta["summary"]
+    assert summary["converted"] == {"group keys read from groups.csv": 5}
+    assert summary["skipped"] == {"hidden (name starts with '.') file": 1, "not an image file": 1,
+                                  "rows of groups.csv naming no loaded file": 3}  # not "file beside the class folders"
+    assert load_image_folder(tmp_path).groups.tolist() == data.groups.tolist()  # found without the option too
+
+
+def test_image_folder_group_manifest_option_relative_to_the_data_folder_or_absolute(tmp_path):
+    scans = tmp_path / "scans"
+    _scan_folder(scans, {"a/1.png": 1, "b/2.png": 2})
+    _write_manifest(scans / "groups.csv", [["a/1.png", "stale"], ["b/2.png", "stale"]])
+    _write_manifest(scans / "ids.csv", [["a/1.png", "P1"], ["b/2.png", "P2"]])
+    data = load_local(scans, "vision", LocalDataOptions(group_manifest="ids.csv"))
+    assert data.groups.tolist() == ["P1", "P2"]  # the named manifest, not groups.csv
+    assert data.meta["summary"]["converted"] == {"group keys read from ids.csv": 2}
+    # groups.csv is then a plain file beside the class folders, not read
+    assert data.meta["summary"]["skipped"] == {"file beside the class folders": 1}
+    outside = tmp_path / "site_ids.csv"
+    _write_manifest(outside, [["a/1.png", "Q1"], ["b/2.png", "Q2"]])
+    data = load_local(scans, "vision", LocalDataOptions(group_manifest=str(outside)))
+    assert data.groups.tolist() == ["Q1", "Q2"]
+    assert data.meta["summary"]["converted"] == {f"group keys read from {outside}": 2}
+    with pytest.raises(DataFormatError, match=r"scans/nope.csv: group manifest \(--group-manifest\) not found"):
+        load_local(scans, "vision", LocalDataOptions(group_manifest="nope.csv"))
+
+
+def test_group_manifest_errors_name_the_manifest_and_the_file(tmp_path):
+    _scan_folder(tmp_path, {"a/1.png": 1, "a/2.png": 2, "b/3.png": 3})
+    manifest = tmp_path / "groups.csv"
+    _write_manifest(manifest, [["a/1.png", "P1"], ["b/3.png", "P3"]])
+    with pytest.raises(DataFormatError) as err:
+        load_image_folder(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'a' / '2.png'}: no row in the group manifest {manifest}")
+    assert "1 of 3 files have none: a/2.png" in str(err.value)
+    _write_manifest(manifest, [["a/1.png", "P1"], ["a/2.png", "P2"], ["b/3.png", "P3"], ["a/2.png", "P9"]])
+    with pytest.raises(DataFormatError, match=r"groups.csv: the group manifest gives a/2.png two groups: 'P2' "
+                                              r"\(line 3\) and 'P9' \(line 5\)"):
+        load_image_folder(tmp_path)
+    _write_manifest(manifest, [["a/1.png", "P1"]], header=("path", "patient"))
+    with pytest.raises(DataFormatError) as err:
+        load_image_folder(tmp_path)
+    assert str(err.value) == (f"{manifest}: group manifest needs a header with columns 'file' and 'group'; "
+                              "found columns ['path', 'patient']")
+    _write_manifest(manifest, [["a/1.png", "P1"], ["a/2.png", ""], ["b/3.png", "P3"]])
+    with pytest.raises(DataFormatError, match=r"groups.csv: line 3 of the group manifest has an empty 'file' or 'group'"):
+        load_image_folder(tmp_path)
+
+
+def test_audio_folder_group_manifest_and_flat_fsdd_folder_manifest_replacing_speakers(tmp_path):
+    classes = tmp_path / "classes"
+    for i, name in enumerate(["cough/c1.wav", "cough/c2.WAV", "speech/s1.wav"]):
+        (classes / name).parent.mkdir(parents=True, exist_ok=True)
+        _wav(classes / name, 0.2 * np.sin(np.arange(2000) / (3.0 + i)), 8000)
+    _write_manifest(classes / "groups.csv", [["cough/c1.wav", "P1"], ["cough/c2.WAV", "P2"], ["speech/s1.wav", "P1"]])
+    data = load_audio_folder(classes)
+    assert data.groups.tolist() == ["P1", "P2", "P1"]
+    assert data.meta["summary"]["converted"] == {"group keys read from groups.csv": 3}
+    assert data.meta["summary"]["skipped"] == {}
+    # A flat folder of FSDD names: speakers by default; a manifest replaces them, record by record.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    names = ["0_anna_0.wav", "0_anna_7.wav", "1_bert_3.wav", "1_bert_12.wav", "1_anna_9.wav"]
+    for i, name in enumerate(names):
+        _wav(flat / name, 0.2 * np.sin(np.arange(2400) / (2.0 + i)), 8000)
+    speakers = load_audio_folder(flat)
+    assert sorted(speakers.groups.tolist()) == ["anna", "anna", "anna", "bert", "bert"]
+    keys = {name: f"patient-{i}" for i, name in enumerate(names)}
+    _write_manifest(flat / "groups.csv", [[name, key] for name, key in keys.items()])
+    data = load_audio_folder(flat)
+    # Each record's key is its own file's: the file found from the record id, computed by hand.
+    ids = {}
+    for name in names:
+        mono = read_wav(flat / name, 8000)
+        ids[_content_id("audio", hashlib.sha256(f"{mono.dtype.str}{mono.shape}".encode() + mono.tobytes()).digest())] = name
+    assert data.groups.tolist() == [keys[ids[r]] for r in data.record_ids]
+    assert sorted(data.groups.tolist()) == sorted(keys.values())
+    assert data.meta["summary"]["converted"] == {"group keys read from groups.csv": 5}
+    (flat / "groups.csv").write_text("file,group\n0_anna_0.wav,patient-0\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"0_anna_7.wav: no row in the group manifest .*groups.csv"):
+        load_audio_folder(flat)
+
+
+def test_npz_split_groups_become_str_keys_and_a_wrong_length_is_an_error(tmp_path):
+    images = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4)
+    path = tmp_path / "site.npz"
+    np.savez(path, train_images=images, train_labels=np.array([0, 1, 0, 1, 1]), train_groups=np.array([17, 3, 17, 8, 3]),
+             test_images=images[:2], test_labels=np.array([0, 1]))
+    data = load_local(path, "vision")
+    assert data.groups.tolist() == ["17", "3", "17", "8", "3"]
+    from shared_models.datasets import load_npz
+    splits = load_npz(path)
+    assert splits["test"].groups is None  # no test_groups: no keys
+    np.savez(path, train_images=images, train_labels=np.array([0, 1, 0, 1, 1]), train_groups=np.array(["a", "b", "c"]))
+    with pytest.raises(DataFormatError) as err:
+        load_npz(path)
+    assert str(err.value) == f"{path}: 'train_groups' has 3 rows, 'train_labels' 5"
+
+
+def test_summary_line_gives_the_number_of_groups_and_records_per_group(tmp_path):
+    def expected_line(keys):
+        sizes = sorted(Counter(keys).values())
+        median = statistics.median(sizes)
+        return (f"groups: {len(sizes)} (records per group: min {sizes[0]}, "
+                f"median {int(median) if median == int(median) else median}, max {sizes[-1]})")
+
+    rng = np.random.default_rng(4)
+    keys = [f"p{int(k)}" for k in rng.integers(0, 9, size=40)]
+    path = tmp_path / "notes.csv"
+    _patient_csv(path, [[f"note {i}", "a" if i % 2 else "b", k] for i, k in enumerate(keys)])
+    data = load_local(path, "text", LocalDataOptions(group_column="patient_id"))
+    assert summary_lines(data)[1] == expected_line(keys)  # right after the records per class
+    # An even number of groups whose middle sizes differ: a half-record median (1, 2, 3, 4 records: 2.5).
+    even = ["a"] + ["b"] * 2 + ["c"] * 3 + ["d"] * 4
+    _patient_csv(path, [[f"note {i}", "a" if i % 2 else "b", k] for i, k in enumerate(even)])
+    data = load_local(path, "text", LocalDataOptions(group_column="patient_id"))
+    assert summary_lines(data)[1] == expected_line(even) == "groups: 4 (records per group: min 1, median 2.5, max 4)"
+    assert not any(line.startswith("groups:") for line in summary_lines(load_local(path, "text")))
+
+
+def test_concat_keeps_groups_only_when_every_part_has_them():
+    from shared_models.records import concat
+
+    def part(n, groups):
+        return LabeledArrays(task="vision", x=np.zeros((n, 1, 2, 2), np.float32), y=np.zeros(n, np.int64),
+                             classes=["a", "b"], record_ids=[f"r{n}-{i}" for i in range(n)], groups=groups)
+
+    keyed = concat([part(2, np.array(["p1", "p2"])), part(1, np.array(["canary-0"]))])
+    assert keyed.groups.tolist() == ["p1", "p2", "canary-0"]
+    assert concat([part(2, np.array(["p1", "p2"])), part(1, None)]).groups is None
+
+
+def test_fsdd_named_dataset_has_speaker_groups(shared_data):
+    from shared_models.datasets.named import load_dataset
+
+    splits = load_dataset("fsdd", root=str(shared_data))
+    speakers = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
+    for split, takes in (("train", 45), ("test", 5)):
+        data = splits[split]
+        assert data.groups is not None and sorted(set(data.groups.tolist())) == speakers
+        # 10 digits x `takes` takes per speaker (FSDD's official split: takes 0-4 are test)
+        assert sorted(Counter(data.groups.tolist()).values()) == [10 * takes] * 6
+    line = summary_lines(splits["train"])[1]
+    assert line == "groups: 6 (records per group: min 450, median 450, max 450)"
+
+
+def test_group_flags_reach_the_run_config_and_the_node_config(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from client.config import _data_options
+    from client.supernode import node_config
+    from shared_models.run_config import TrainingPlan
+    from simulations.cli import build_parser
+    from simulations.cli_options import training_run_config
+
+    args = build_parser().parse_args(["simulate", "--dataset", str(tmp_path), "--task", "text",
+                                      "--group-column", "patient_id", "--group-manifest", "ids.csv"])
+    cfg = {**training_run_config(args, "text", tmp_path / "run"), "partition": "iid", "alpha": 0.5}
+    assert cfg["group-column"] == "patient_id" and cfg["group-manifest"] == "ids.csv"
+    assert TrainingPlan.from_run_config(cfg).data_options() == LocalDataOptions(group_column="patient_id",
+                                                                                group_manifest="ids.csv")
+    plain = build_parser().parse_args(["simulate", "--dataset", str(tmp_path), "--task", "text"])
+    assert TrainingPlan.from_run_config({**training_run_config(plain, "text", tmp_path / "run"), "partition": "iid",
+                                         "alpha": 0.5}).data_options() == LocalDataOptions()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["simulate", "--dataset", str(tmp_path), "--task", "text", "--group-column", "label"])
+    options = LocalDataOptions(group_column="patient id", group_manifest="/data/site 2/ids.csv")
+    text = node_config(node="h1", data=tmp_path, task="text", max_epsilon=8.0, delta=1e-5, state_dir=tmp_path,
+                       data_options=options)
+    assert _data_options(parse_config_args([text])) == options
+    assert _data_options(parse_config_args([node_config(node="h1", data=tmp_path, task="text", max_epsilon=8.0,
+                                                         delta=1e-5, state_dir=tmp_path)])) == LocalDataOptions()

@@ -27,6 +27,16 @@ training subset, without record ids) are adopted, never dropped: their histories
 the node's name and are charged to every record that node opens, now or later
 (`adopt_legacy`); the old files move to `ledgers/migrated/`.
 
+Patient-level (user-level) units: when a node trains with user-level DP-SGD
+(`privacy.user_level`), the unit is a group of records (a patient). Each group is kept
+under its own id (`group_unit_id`, a hash of the group key) with the group-level history,
+and the ledger remembers each record's group (`records.json` "groups"). A record's
+epsilon composes its own (record-level) history with its group's, since a guarantee about
+the whole group holds for each of its records: record-level queries stay complete. A
+group-level charge is declined when a record of the group has record-level spend or was
+charged in another group: that group's patient-level epsilon would need group privacy,
+which this ledger does not convert, so it never reports a figure it cannot prove.
+
 What a decline reveals: that some record of the training share has spent its budget. The
 set of records and their overlap with earlier runs is treated as public metadata, like the
 record count the node reports.
@@ -35,13 +45,14 @@ record count the node reports.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +80,8 @@ class LedgerEntry:
     epsilon_after: float
     declined: bool = False
     reason: str = ""
+    unit: str = "record"  # the privacy unit epsilon_after is about: "record", or a group unit ("patient", "user")
+    groups: int = 0  # groups charged (user-level DP); 0 for record-level charges
 
 
 @dataclass
@@ -85,9 +98,18 @@ class _State:
     cohorts: list[_Cohort] = field(default_factory=list)
     # node -> earlier-layout ledgers: {"file", "delta", "history", "charged": records charged so far}
     legacy: dict[str, list[dict]] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)  # record id -> the group id it was charged in
 
     def cohort_of(self) -> dict[str, int]:
         return {r: i for i, c in enumerate(self.cohorts) for r in c.records}
+
+
+def group_unit_id(key: str) -> str:
+    """The ledger id of a group (patient) key: "group-" + the first 128 bits of SHA-256, in hex.
+
+    Hashed so the ledger file holds no patient identifier; disjoint from record ids (hex only).
+    """
+    return "group-" + hashlib.sha256(b"fedpriv-group\0" + str(key).encode()).hexdigest()[:32]
 
 
 def _check_node(node: str) -> None:
@@ -167,32 +189,49 @@ class PrivacyLedger:
             return charged
 
     def charge(self, records: Sequence[str], *, node: str, delta: float, noise_multiplier: float,
-               sample_rate: float, steps: int, max_epsilon: float, run: str, round: int) -> LedgerEntry:
+               sample_rate: float, steps: int, max_epsilon: float, run: str, round: int,
+               groups: Mapping[str, Sequence[str]] | None = None, unit: str = "record") -> LedgerEntry:
         """Charge `steps` DP-SGD steps to every one of `records` if none passes `max_epsilon`.
 
-        Returns the entry written (epsilon_after: the largest over `records`). If some record
-        would pass `max_epsilon`, nothing is charged and a `declined=True` entry is recorded
-        and returned instead. Raises PrivacyBudgetError for an invalid charge or delta.
+        Record-level (groups None): sample_rate is over records and the budget is checked per
+        record. User-level: `groups` maps each trained group's id (`group_unit_id`) to its
+        record ids, sample_rate is over groups, and every group and every one of its records
+        is charged; `unit` names the group unit ("patient", "user"). Returns the entry written
+        (epsilon_after: the largest over the groups, else over `records`). If some unit would
+        pass `max_epsilon`, or a group's records carry spend the group does not (the module
+        docstring), nothing is charged and a `declined=True` entry is recorded and returned.
+        Raises PrivacyBudgetError for an invalid charge or delta.
         """
         _check_node(node)
-        if steps < 1 or noise_multiplier <= 0 or not 0 < sample_rate <= 1 or not records:
+        if steps < 1 or noise_multiplier <= 0 or not 0 < sample_rate <= 1 or not records or groups == {}:
             raise PrivacyBudgetError(f"invalid charge: steps={steps}, noise_multiplier={noise_multiplier}, "
-                                     f"sample_rate={sample_rate}, records={len(records)}")
+                                     f"sample_rate={sample_rate}, records={len(records)}, "
+                                     f"groups={None if groups is None else len(groups)}")
+        units = list(groups) if groups is not None else list(records)
+        keys = units + list(records) if groups is not None else units
         with self._locked():
             state = self._read()
             index = state.cohort_of()
-            spent = _worst(state, index, records, delta)[0]
-            after = _after_charge(state, index, records, delta, noise_multiplier, sample_rate, steps)
-            declined = after > max_epsilon + _BUDGET_SLACK
+            spent = _worst(state, index, units, delta)[0]
+            after = _after_charge(state, index, keys, delta, noise_multiplier, sample_rate, steps)
+            mixed = _mixed_group(state, index, groups) if groups is not None else ""
+            if groups is not None:
+                keys = units  # a record's group-level spend is its group's history (`_histories`)
+            declined = bool(mixed) or after > max_epsilon + _BUDGET_SLACK
             entry = LedgerEntry(
                 time=time.time(), node=node, run=run, round=round, steps=0 if declined else steps,
                 noise_multiplier=noise_multiplier, sample_rate=sample_rate, records=len(records),
-                epsilon_after=spent if declined else after, declined=declined,
-                reason=(f"training would reach epsilon={after:.3f} > max-epsilon={max_epsilon:g} "
-                        f"(spent so far {spent:.3f}, delta={delta:g})" if declined else ""),
+                epsilon_after=spent if declined else _after_charge(state, index, units, delta, noise_multiplier,
+                                                                   sample_rate, steps),
+                declined=declined,
+                reason=mixed or (f"training would reach epsilon={after:.3f} > max-epsilon={max_epsilon:g} "
+                                 f"(spent so far {spent:.3f}, delta={delta:g}, per {unit})" if declined else ""),
+                unit=unit if groups is not None else "record", groups=len(groups) if groups is not None else 0,
             )
             if not declined:
-                _charge_cohorts(state, set(records), delta, noise_multiplier, sample_rate, steps)
+                _charge_cohorts(state, set(keys), delta, noise_multiplier, sample_rate, steps)
+                for group, members in (groups or {}).items():
+                    state.groups.update(dict.fromkeys(members, group))
                 self._write(state)
             with open(self.events_path, "a", encoding="utf-8") as log:
                 log.write(json.dumps(asdict(entry)) + "\n")
@@ -219,6 +258,7 @@ class PrivacyLedger:
                 cohorts=[_Cohort(delta=float(c["delta"]), history=[(float(s), float(q), int(n)) for s, q, n in c["history"]],
                                  records=set(c["records"])) for c in raw["cohorts"]],
                 legacy={str(k): list(v) for k, v in raw.get("legacy", {}).items()},
+                groups={str(k): str(v) for k, v in raw.get("groups", {}).items()},
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise PrivacyBudgetError(f"privacy ledger {self.path} is unreadable ({err}); refusing to train") from err
@@ -229,6 +269,7 @@ class PrivacyLedger:
             "cohorts": [{"delta": c.delta, "history": [list(h) for h in c.history], "records": sorted(c.records)}
                         for c in state.cohorts],
             "legacy": state.legacy,
+            "groups": state.groups,
         }
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".records-", suffix=".tmp")
         try:
@@ -261,31 +302,57 @@ class PrivacyLedger:
             os.replace(path, self.folder / "migrated" / path.name)
 
 
-def _cohorts_of(state: _State, index: dict[str, int], records: Sequence[str], delta: float) -> set[int]:
-    hit = {index[r] for r in records if r in index}
-    for i in hit:
-        if not math.isclose(state.cohorts[i].delta, delta, rel_tol=1e-12):
-            raise PrivacyBudgetError(
-                f"records of this data were charged at delta={state.cohorts[i].delta}; node-config asks "
-                f"delta={delta}. A ledger's delta cannot change; use the original delta.")
-    return hit
+
+def _mixed_group(state: _State, index: dict[str, int], groups: Mapping[str, Sequence[str]]) -> str:
+    """Why a user-level charge must be declined because a group's records spent apart from it, or "".
+
+    A record with record-level history of its own, or already charged in another group,
+    would give the group a spend its own history does not show (group privacy).
+    """
+    for group, records in groups.items():
+        for r in records:
+            if r in index or state.groups.get(r, group) != group:
+                return ("records of a group were trained outside its patient-level ledger (at record level, or in "
+                        "another group); their group-level epsilon would need group privacy, which the ledger does "
+                        "not convert: declining rather than report a figure it cannot prove")
+    return ""
+
+
+def _histories(state: _State, index: dict[str, int], keys: Sequence[str], delta: float) -> list[list[HistoryEntry]]:
+    """The distinct full histories of `keys` (records or group ids), each key's own composed with
+    its group's for a record charged in a group; [] for a key never charged.
+
+    Raises PrivacyBudgetError when a cohort was kept at another delta.
+    """
+    pairs = {(index.get(k), index.get(state.groups[k]) if k in state.groups else None) for k in keys}
+    out = []
+    for own, group in pairs:
+        history: list[HistoryEntry] = []
+        for i in (own, group):
+            if i is None:
+                continue
+            if not math.isclose(state.cohorts[i].delta, delta, rel_tol=1e-12):
+                raise PrivacyBudgetError(
+                    f"records of this data were charged at delta={state.cohorts[i].delta}; node-config asks "
+                    f"delta={delta}. A ledger's delta cannot change; use the original delta.")
+            history += state.cohorts[i].history
+        out.append(history)
+    return out
 
 
 def _worst(state: _State, index: dict[str, int], records: Sequence[str], delta: float) -> tuple[float, list]:
     best: tuple[float, list] = (0.0, [])
-    for i in _cohorts_of(state, index, records, delta):
-        eps = epsilon_for_history(state.cohorts[i].history, delta)
+    for history in _histories(state, index, records, delta):
+        eps = epsilon_for_history(history, delta)
         if eps > best[0]:
-            best = (eps, list(state.cohorts[i].history))
+            best = (eps, history)
     return best
 
 
 def _after_charge(state: _State, index: dict[str, int], records: Sequence[str], delta: float,
                   noise_multiplier: float, sample_rate: float, steps: int) -> float:
-    histories = [state.cohorts[i].history for i in _cohorts_of(state, index, records, delta)]
-    if any(r not in index for r in records):
-        histories.append([])  # records never charged before
-    return max(epsilon_for_history(compose_history(h, noise_multiplier, sample_rate, steps), delta) for h in histories)
+    return max(epsilon_for_history(compose_history(h, noise_multiplier, sample_rate, steps), delta)
+               for h in _histories(state, index, records, delta))
 
 
 def _charge_cohorts(state: _State, records: set[str], delta: float, noise_multiplier: float, sample_rate: float,

@@ -9,6 +9,8 @@ file holds (a cut-off copy) is refused, never trained on as its first part.
 Defaults suit 8 kHz speech (FSDD): 32 ms windows (n_fft=256), 16 ms hop, 40 mel bands,
 64 frames (1.02 s; 99% of FSDD utterances are shorter). Longer clips are truncated, shorter
 ones zero-padded after normalisation (so padding is the utterance mean).
+Group keys (patient-level DP): FSDD's speaker, or an audio folder's manifest (`--group-manifest`
+or `groups.csv`, `shared_models.datasets.local.read_group_manifest`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import soundfile as sf
 
 from shared_models.records import DataFormatError, LabeledArrays, array_content, content_record_ids
 
-from .local import DataSummary, visible_entries
+from .local import DataSummary, manifest_groups, read_group_manifest, visible_entries
 
 FSDD_NAME = re.compile(r"^(?P<label>\d)_(?P<speaker>[A-Za-z]+)_(?P<take>\d+)\.wav$", re.IGNORECASE)
 
@@ -171,15 +174,20 @@ def load_fsdd(folder: str | Path, cfg: LogMelConfig = LogMelConfig(),
     return {"train": full.subset(np.flatnonzero(~test_mask)), "test": full.subset(np.flatnonzero(test_mask))}
 
 
-def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) -> LabeledArrays:
+def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig(), *,
+                      group_manifest: str | Path | None = None) -> LabeledArrays:
     """A hospital's audio folder: one subfolder per class holding WAV files (any rate, any channels).
 
     A flat folder of FSDD-named files (`{label}_{speaker}_{n}.wav`) is read the same way
     with the speaker as natural partition id. Returns x (N, cfg.frames, cfg.n_mels) float32.
     Extensions match in any case (`.wav`, `.WAV`); hidden files and folders (name starting
     with '.') and files that are not WAV are skipped and counted in `meta["summary"]`, with
-    the clips resampled to cfg.sample_rate Hz or downmixed to mono (`read_wav`). Raises
-    DataFormatError naming the folder or file at fault.
+    the clips resampled to cfg.sample_rate Hz or downmixed to mono (`read_wav`).
+    group_manifest: a CSV with columns `file,group` giving each clip's group key
+    (`read_group_manifest`; a relative path is taken from `folder`); without it a
+    `groups.csv` at the folder's root is read when present. With a manifest, `groups` is an
+    (N,) str array (replacing FSDD's speakers) and every clip needs a row. Raises
+    DataFormatError naming the folder or file at fault (a clip without a manifest row too).
     """
     folder = Path(folder)
     summary = DataSummary()
@@ -188,6 +196,7 @@ def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) ->
     if not class_dirs:
         wavs = [p for p in entries if is_wav(p)]
         if wavs and all(FSDD_NAME.match(p.name) for p in wavs):
+            manifest = read_group_manifest(folder, group_manifest)  # its errors before the costly features
             split = load_fsdd(folder, cfg)  # lists the folder again: its own summary
             train, test = split["train"], split["test"]
             both = np.concatenate([np.arange(len(train)), len(train) + np.arange(len(test))])
@@ -201,12 +210,22 @@ def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) ->
                 source=str(folder),
                 meta=dict(train.meta),
             )
+            if manifest is not None:
+                # load_fsdd's record order: train takes (5-49) then test takes (0-4), each in file order.
+                is_test = np.asarray([int(FSDD_NAME.match(p.name)["take"]) < 5 for p in wavs])
+                files = [wavs[i] for i in np.concatenate([np.flatnonzero(~is_test), np.flatnonzero(is_test)])]
+                found = merged.meta.get("summary", {})
+                fsdd_summary = DataSummary(Counter(found.get("converted", {})), Counter(found.get("skipped", {})))
+                merged.groups = manifest_groups(folder, files, manifest, fsdd_summary)
+                merged.meta = {**merged.meta, "summary": fsdd_summary.as_dict()}
             return merged.subset(both)
         raise DataFormatError(f"{folder}: expected one subfolder of WAV files per class")
+    manifest = read_group_manifest(folder, group_manifest)
     for entry in entries:
-        if not entry.is_dir():
+        # The manifest is read, not skipped: it sits at the root, beside the class folders.
+        if not entry.is_dir() and (manifest is None or entry.resolve() != manifest[0].resolve()):
             summary.skipped["file beside the class folders"] += 1
-    xs, ys, digests = [], [], []
+    xs, ys, digests, paths = [], [], [], []
     for label, class_dir in enumerate(class_dirs):
         wavs = []
         for entry in visible_entries(class_dir, summary):
@@ -221,12 +240,15 @@ def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig()) ->
             xs.append(log_mel_frames(samples, cfg))
             ys.append(label)
             digests.append(_sample_digest(samples))
+            paths.append(path)
+    groups = None if manifest is None else manifest_groups(folder, paths, manifest, summary)
     return LabeledArrays(
         task="speech",
         x=np.stack(xs),
         y=np.asarray(ys, dtype=np.int64),
         classes=[d.name for d in class_dirs],
         record_ids=content_record_ids(digests, "audio"),
+        groups=groups,
         source=str(folder),
         meta={"summary": summary.as_dict()},
     )

@@ -1,6 +1,7 @@
 """Images: MedMNIST-style .npz files, image folders, and the embedded digits set.
 
-All loaders return float32 (N, C, H, W) in [0, 1].
+All loaders return float32 (N, C, H, W) in [0, 1]. Group keys (patient-level DP): an .npz's
+`{split}_groups` arrays, an image folder's manifest (`--group-manifest` or `groups.csv`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sklearn.model_selection import train_test_split
 
 from shared_models.records import DataFormatError, LabeledArrays, array_content, content_record_ids
 
-from .local import DataSummary, visible_entries
+from .local import DataSummary, manifest_groups, read_group_manifest, visible_entries
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -67,9 +68,11 @@ def _to_nchw(images: np.ndarray, where: str) -> np.ndarray:
 def load_npz(path: str | Path, task: str = "vision", classes: list[str] | None = None) -> dict[str, LabeledArrays]:
     """A MedMNIST-style .npz: keys `{split}_images` and `{split}_labels` per split.
 
-    Returns {split: LabeledArrays} for each split present (train/val/test). Raises
-    DataFormatError naming the file and key when the archive is unreadable, a split lacks
-    its labels, or images and labels disagree in length.
+    Returns {split: LabeledArrays} for each split present (train/val/test). An optional
+    `{split}_groups` array ((N,) or (N, 1), e.g. `train_groups` of patient ids, strings or
+    integers) becomes that split's `groups`, as str keys. Raises DataFormatError naming the
+    file and key when the archive is unreadable, a split lacks its labels, images, labels or
+    groups disagree in length, or a group key is empty.
     """
     path = Path(path)
     try:
@@ -93,6 +96,8 @@ def load_npz(path: str | Path, task: str = "vision", classes: list[str] | None =
         if not np.issubdtype(labels.dtype, np.integer):
             raise DataFormatError(f"{path}: '{split}_labels' must be integers, got {labels.dtype}")
         raw[split] = (images, labels.astype(np.int64))
+    groups = {split: _npz_groups(archive, path, split, len(raw[split][1])) for split in raw
+              if f"{split}_groups" in keys}
     num_classes = int(max(labels.max(initial=0) for _, labels in raw.values())) + 1
     classes = classes or [str(c) for c in range(max(num_classes, 2))]
     # Ids over the whole archive, so a record repeated in two splits stays two records.
@@ -105,10 +110,35 @@ def load_npz(path: str | Path, task: str = "vision", classes: list[str] | None =
             y=labels,
             classes=classes,
             record_ids=ids[end - len(labels):end],
+            groups=groups.get(split),
             source=str(path),
         )
         for (split, (images, labels)), end in zip(raw.items(), ends)
     }
+
+
+def _npz_groups(archive, path: Path, split: str, n: int) -> np.ndarray:
+    """(n,) str group keys of an .npz's `{split}_groups` array. Raises DataFormatError naming the array."""
+    key = f"{split}_groups"
+    try:
+        groups = archive[key]
+    except ValueError as err:
+        # allow_pickle=False: an object array (e.g. Python strings saved as objects) is refused here.
+        raise DataFormatError(f"{path}: array '{key}' cannot be read without pickle ({err}); save the group keys "
+                              "as a string or integer array") from err
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise DataFormatError(f"{path}: array '{key}' is truncated or corrupt ({err})") from err
+    if groups.ndim == 2 and groups.shape[1] == 1:
+        groups = groups.reshape(-1)
+    if groups.ndim != 1:
+        raise DataFormatError(f"{path}: '{key}' must be shaped (N,) or (N, 1), got {groups.shape}")
+    if len(groups) != n:
+        raise DataFormatError(f"{path}: '{key}' has {len(groups)} rows, '{split}_labels' {n}")
+    keys = np.char.strip(groups.astype(str))
+    empty = np.flatnonzero(keys == "")
+    if len(empty):
+        raise DataFormatError(f"{path}: '{key}' has an empty group key at row {empty[0]}")
+    return keys
 
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
@@ -156,7 +186,8 @@ def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-def load_image_folder(folder: str | Path, size: int | tuple[int, int] | None = None) -> LabeledArrays:
+def load_image_folder(folder: str | Path, size: int | tuple[int, int] | None = None, *,
+                      group_manifest: str | Path | None = None) -> LabeledArrays:
     """A hospital's image folder: one subfolder per class. Images are read as greyscale.
 
     Returns x (N, 1, H, W) float32 in [0, 1] (`read_image`: 16-bit images keep their range).
@@ -165,9 +196,13 @@ def load_image_folder(folder: str | Path, size: int | tuple[int, int] | None = N
     share one. Extensions match in any case; hidden files and folders (name starting with
     '.', e.g. `.ipynb_checkpoints`) and non-image files are skipped and counted in
     `meta["summary"]`, as are resized images. Record ids come from the pixels after any
-    resize, so the same file and size give the same record every time. Raises
-    DataFormatError naming the file that is unreadable, or, for mixed sizes without
-    `size`, the common size and the files that differ from it.
+    resize, so the same file and size give the same record every time.
+    group_manifest: a CSV with columns `file,group` giving each image's group key
+    (`read_group_manifest`; a relative path is taken from `folder`); without it a
+    `groups.csv` at the folder's root is read when present. With a manifest, `groups` is an
+    (N,) str array and every image needs a row. Raises DataFormatError naming the file that
+    is unreadable or has no row in the manifest, or, for mixed sizes without `size`, the
+    common size and the files that differ from it.
     """
     folder = Path(folder)
     if isinstance(size, int):
@@ -177,8 +212,10 @@ def load_image_folder(folder: str | Path, size: int | tuple[int, int] | None = N
     class_dirs = [p for p in entries if p.is_dir()]
     if len(class_dirs) < 2:
         raise DataFormatError(f"{folder}: expected one subfolder of images per class (at least 2)")
+    manifest = read_group_manifest(folder, group_manifest)
     for entry in entries:
-        if not entry.is_dir():
+        # The manifest is read, not skipped: it sits at the root, beside the class folders.
+        if not entry.is_dir() and (manifest is None or entry.resolve() != manifest[0].resolve()):
             summary.skipped["file beside the class folders"] += 1
     xs, ys, paths = [], [], []
     for label, class_dir in enumerate(class_dirs):
@@ -211,12 +248,14 @@ def load_image_folder(folder: str | Path, size: int | tuple[int, int] | None = N
             f"{shapes[common]} images; {len(odd)} of {len(xs)} differ: {listed}{more}. Pass --image-size N "
             "(fedpriv node / fedpriv simulate) to resize every image to NxN"
         )
+    groups = None if manifest is None else manifest_groups(folder, paths, manifest, summary)
     return LabeledArrays(
         task="vision",
         x=np.stack(xs)[:, None, :, :],
         y=np.asarray(ys, dtype=np.int64),
         classes=[d.name for d in class_dirs],
         record_ids=image_record_ids(xs),
+        groups=groups,
         source=str(folder),
         meta={"summary": summary.as_dict()},
     )

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from shared_models.datasets.synthetic_patients import assign_synthetic_patients
+
 from shared_models.datasets import (
     DataFormatError,
     LabeledArrays,
@@ -66,14 +68,22 @@ def dataset_task(name_or_path: str, task: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=4)
 def load_dataset(name_or_path: str, task: str | None = None, root: str = "",
-                 options: LocalDataOptions | None = None) -> dict[str, LabeledArrays]:
+                 options: LocalDataOptions | None = None, synthetic_patients: bool = False) -> dict[str, LabeledArrays]:
     """{"train", "test"} splits of a named dataset or a local path (cached per process).
 
     root: folder of the named datasets (default `data_dir()`); Flower runs the apps from
     a copy of this project, so the simulation passes it explicitly in the run-config.
     options: format options for a local path (`LocalDataOptions`); named datasets ignore them.
+    synthetic_patients: give every split seeded pseudo-patient group keys
+    (`shared_models.datasets.synthetic_patients`; a dataset with its own groups is refused).
     Raises DataFormatError when a named dataset's files are missing or malformed.
     """
+    if synthetic_patients:
+        splits = load_dataset(name_or_path, task, root, options)
+        try:
+            return {split: assign_synthetic_patients(data, split) for split, data in splits.items()}
+        except ValueError as err:
+            raise DataFormatError(f"dataset {name_or_path!r}: --synthetic-patients: {err}") from err
     task = dataset_task(name_or_path, task)
     if name_or_path == "digits":
         return load_digits_embedded()

@@ -22,13 +22,24 @@ def partition_indices(
     alpha: float = 0.5,
     groups: np.ndarray | None = None,
     seed: int = 0,
+    whole_groups: bool = False,
 ) -> list[np.ndarray]:
     """Row indices (sorted int64 arrays) of each of `num_partitions` partitions.
 
     labels: (N,) class ids; groups: (N,) natural ids, needed for scheme "natural", whose
-    number of distinct values must equal num_partitions. Raises ValueError naming the bad
-    argument (unknown scheme, alpha <= 0, missing groups, empty partition).
+    number of distinct values must equal num_partitions. whole_groups: for "iid" and
+    "dirichlet", partition the groups (each labelled by its most frequent class) and give
+    each partition all its groups' rows, so no group is split across nodes (user-level DP).
+    Raises ValueError naming the bad argument (unknown scheme, alpha <= 0, missing groups,
+    empty partition).
     """
+    if whole_groups and scheme != "natural":
+        if groups is None:
+            raise ValueError("whole_groups needs group keys")
+        names, of = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        group_labels = np.array([np.bincount(labels[of == g]).argmax() for g in range(len(names))])
+        parts = partition_indices(group_labels, num_partitions, scheme, alpha=alpha, seed=seed)
+        return [np.sort(np.flatnonzero(np.isin(of, part))).astype(np.int64) for part in parts]
     if scheme not in PARTITIONS:
         raise ValueError(f"partition must be one of {list(PARTITIONS)}, got {scheme!r}")
     if num_partitions < 1 or num_partitions > len(labels):

@@ -1,5 +1,8 @@
 """Text: CSV (`text,label`) and the SMS Spam Collection TSV -> byte-level token ids (N, L).
 
+A CSV may also hold each record's group key (`--group-column`, e.g. `patient_id`): the privacy
+unit of patient-level DP, kept in `LabeledArrays.groups`. The TSV has no columns, so no keys.
+
 The tokenizer is data-independent on purpose: id = UTF-8 byte + 1, 0 = padding. A vocabulary
 built from one client's messages would put words from its records into the shared model.
 """
@@ -16,7 +19,7 @@ from sklearn.model_selection import train_test_split
 
 from shared_models.records import DataFormatError, LabeledArrays, content_record_ids
 
-from .local import CSV_DELIMITERS, MAX_BYTES, DataSummary
+from .local import CSV_DELIMITERS, MAX_BYTES, DataSummary, header_columns
 
 
 def encode_bytes(texts: list[str], max_len: int = MAX_BYTES) -> np.ndarray:
@@ -42,7 +45,8 @@ def _read_utf8(path: Path) -> str:
 
 
 def _build(texts: list[str], labels: list[str], path: Path, classes: list[str] | None,
-           max_len: int = MAX_BYTES, summary: DataSummary | None = None) -> LabeledArrays:
+           max_len: int = MAX_BYTES, summary: DataSummary | None = None,
+           groups: list[str] | None = None) -> LabeledArrays:
     if not texts:
         raise DataFormatError(f"{path}: no records")
     classes = classes or sorted(set(labels))
@@ -63,6 +67,7 @@ def _build(texts: list[str], labels: list[str], path: Path, classes: list[str] |
         classes=classes,
         # Ids from the text as a person wrote it (never cut): Unicode NFC, surrounding white space dropped.
         record_ids=content_record_ids((unicodedata.normalize("NFC", t.strip()).encode("utf-8") for t in texts), "text"),
+        groups=None if groups is None else np.asarray(groups, dtype=str),
         source=str(path),
         meta={"summary": summary.as_dict()},
     )
@@ -78,8 +83,7 @@ def _header(text: str, delimiter: str) -> list[str]:
 
 def _columns(header: list[str]) -> dict[str, int]:
     """{'text': index, 'label': index} of a header (names matched without case or surrounding spaces)."""
-    names = [name.strip().lower() for name in header]
-    return {col: names.index(col) for col in ("text", "label") if col in names}
+    return header_columns(header, ("text", "label"))
 
 
 def _pick_delimiter(text: str) -> tuple[str, str]:
@@ -100,16 +104,19 @@ def _pick_delimiter(text: str) -> tuple[str, str]:
 
 
 def load_text_csv(path: str | Path, classes: list[str] | None = None, *, max_len: int = MAX_BYTES,
-                  delimiter: str | None = None) -> LabeledArrays:
+                  delimiter: str | None = None, group_column: str | None = None) -> LabeledArrays:
     """A CSV with a header containing `text` and `label` columns (UTF-8, a byte-order mark allowed).
 
     Parsed by Python's `csv` module from the raw file: quoted fields keep their delimiters and
     newlines. delimiter: the field delimiter (`--csv-delimiter`); None sniffs it among `,` `;`
-    TAB `|`. Returns x (N, max_len) int64 byte ids (`encode_bytes`); texts longer than
-    max_len UTF-8 bytes are cut and counted in `meta["summary"]`. Raises DataFormatError
-    naming the file: for a header without `text` and `label` (with the columns found and the
-    delimiter), and naming the line for a record with an empty text or label or with more
-    fields than the header.
+    TAB `|`. group_column: the column holding each record's group key (`--group-column`, e.g.
+    `patient_id`; matched without case or surrounding spaces): the result's `groups` is then
+    an (N,) str array of the stripped keys; None leaves `groups` None. Returns x (N, max_len)
+    int64 byte ids (`encode_bytes`); texts longer than max_len UTF-8 bytes are cut and counted
+    in `meta["summary"]`. Raises DataFormatError naming the file: for a header without `text`
+    and `label`, or without the group column (with the columns found and the delimiter), and
+    naming the line for a record with an empty text, label or group key or with more fields
+    than the header.
     """
     path = Path(path)
     text = _read_utf8(path)
@@ -123,7 +130,13 @@ def load_text_csv(path: str | Path, classes: list[str] | None = None, *, max_len
         if len(columns) < 2:
             raise DataFormatError(f"{path}: expected a CSV header with columns 'text' and 'label'; found columns "
                                   f"{header} with delimiter {delimiter!r} ({how}; set --csv-delimiter to choose another)")
-        texts, labels, summary = [], [], DataSummary()
+        group_at = None
+        if group_column is not None:
+            group_at = header_columns(header, (group_column.strip().lower(),)).get(group_column.strip().lower())
+            if group_at is None:
+                raise DataFormatError(f"{path}: no group column {group_column!r} (--group-column); found columns "
+                                      f"{header} with delimiter {delimiter!r}")
+        texts, labels, groups, summary = [], [], [], DataSummary()
         for row in reader:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
@@ -133,6 +146,12 @@ def load_text_csv(path: str | Path, classes: list[str] | None = None, *, max_len
             cells = {name: row[i].strip() if i < len(row) else "" for name, i in columns.items()}
             if not cells["text"] or not cells["label"]:
                 raise DataFormatError(f"{path}: line {reader.line_num} has an empty 'text' or 'label'")
+            if group_at is not None:
+                key = row[group_at].strip() if group_at < len(row) else ""
+                if not key:
+                    raise DataFormatError(f"{path}: line {reader.line_num} has an empty group key in column "
+                                          f"{header[group_at].strip()!r} (--group-column)")
+                groups.append(key)
             texts.append(cells["text"])
             labels.append(cells["label"])
     except csv.Error as err:
@@ -140,7 +159,7 @@ def load_text_csv(path: str | Path, classes: list[str] | None = None, *, max_len
     if not texts:
         raise DataFormatError(f"{path}: expected a CSV header with columns 'text' and 'label' followed by records; "
                               f"found the header {header} (delimiter {delimiter!r}) and no records")
-    return _build(texts, labels, path, classes, max_len, summary)
+    return _build(texts, labels, path, classes, max_len, summary, groups if group_at is not None else None)
 
 
 def read_tsv(path: str | Path, classes: list[str] | None = None, *, max_len: int = MAX_BYTES) -> LabeledArrays:
