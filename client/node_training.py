@@ -107,7 +107,7 @@ def training_units(unit: str, data: NodeData) -> TrainingUnits:
     groups: dict[str, list[str]] = {gid: [] for gid in ids}
     for rid, g in zip(data.train.record_ids, group_of):
         groups[ids[g]].append(rid)
-    val = [] if data.val.groups is None else sorted({group_unit_id(k) for k in data.val.groups})
+    val = [] if data.val.groups is None else sorted({group_unit_id(k) for k in data.val.groups} - set(ids))
     return TrainingUnits(unit, ids, ids + val, groups, group_of)
 
 
