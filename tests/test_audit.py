@@ -216,6 +216,22 @@ def test_member_and_nonmember_groups_never_share_a_group():
         balanced_groups(np.array(["a"]), np.array([], dtype=str), seed=0)
 
 
+def test_groups_are_balanced_by_majority_label():
+    from simulations.audit.audit import balanced_groups, group_labels
+
+    groups = np.array(["p", "p", "p", "q", "q", "r", "s", "s"])
+    y = np.array([1, 1, 0, 0, 1, 2, 0, 0])  # q: a tie, the lowest label wins
+    assert group_labels(np.array(["s", "p", "q", "r"]), groups, y).tolist() == [0, 1, 0, 2]
+    with pytest.raises(ValueError, match="no record"):
+        group_labels(np.array(["zz"]), groups, y)
+    # 75% of member patients have label 1, 40% of the non-member ones: matched per label.
+    mem_keys, non_keys = np.array([f"m{i}" for i in range(40)]), np.array([f"n{i}" for i in range(20)])
+    mem_y, non_y = np.r_[np.zeros(10), np.ones(30)].astype(int), np.r_[np.zeros(12), np.ones(8)].astype(int)
+    mem, non = balanced_groups(mem_keys, non_keys, 0, None, mem_y, non_y)
+    label = {**dict(zip(mem_keys, mem_y)), **dict(zip(non_keys, non_y))}
+    assert sorted(label[k] for k in mem) == sorted(label[k] for k in non) == [0] * 10 + [1] * 8
+
+
 def test_held_out_records_of_a_trained_group_are_left_out():
     from simulations.audit.audit import stack, without_groups
 
@@ -445,6 +461,27 @@ def test_shadow_federations_train_like_the_run_on_different_data():
         train_shadow_federations(plan, pool, 1, seed=0, nodes=3, records_each=600)
 
 
+def test_user_level_shadows_draw_whole_groups_and_train_with_group_dp():
+    from shared_models.datasets.named import load_dataset
+    from simulations.audit.shadows import _shadow_subsets, train_shadow_federations
+
+    pool = load_dataset("digits", synthetic_patients=True)["train"]
+    sizes = dict(zip(*np.unique(pool.groups, return_counts=True)))
+    first, second = _shadow_subsets(pool, 2, seed=0, records_each=300, by_group=True)
+    for subset in (first, second):
+        keys, counts = np.unique(subset.groups, return_counts=True)
+        assert all(sizes[k] == c for k, c in zip(keys, counts))  # every drawn patient whole
+        assert 300 <= len(subset) < 300 + 8  # up to one patient (1-8 records) past the target
+    assert set(first.groups) != set(second.groups)
+    # Under DP each shadow node samples and clips patients (user-level DP-SGD).
+    plan = TrainingPlan.from_run_config({**_DIGITS_PLAN, "dp": True, "epsilon": 4.0, "num-server-rounds": 1,
+                                         "privacy-unit": "patient", "synthetic-patients": True})
+    messages = []
+    models = train_shadow_federations(plan, pool, 2, seed=0, nodes=2, records_each=300, by_group=True,
+                                      progress=messages.append)
+    assert len(models) == 2 and "groups) on 2 nodes" in messages[0] and "DP-SGD" in messages[0]
+
+
 # --- canaries ---------------------------------------------------------------------------------
 
 def test_canaries_are_deterministic_and_half_are_dealt_to_the_nodes():
@@ -514,6 +551,29 @@ def test_fedpriv_audit_on_a_dp_run(tmp_path):
     config = {**json.loads((run / "config.json").read_text()), "canaries": 0}
     trains, _ = node_records(config, TrainingPlan.from_run_config(config))
     assert report["sizes"]["training_records"] == sum(len(t) for t in trains)
+
+
+@pytest.mark.e2e
+def test_fedpriv_audit_of_a_patient_level_run_targets_whole_patients(tmp_path):
+    run = tmp_path / "run"
+    sim = _cli("simulate", "--dataset", "digits", "--synthetic-patients", "--privacy-unit", "patient", "--clients", "2",
+               "--rounds", "1", "--epsilon", "4", "--val-fraction", "0.2", "--no-secagg",
+               "--out", str(run), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    assert sim.returncode == 0, sim.stdout[-2000:] + sim.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["privacy_unit"] == "patient"
+    proc = _cli("audit", str(run), "--shadow-models", "2", cwd=tmp_path)  # the unit: the run's (patient)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "whole patients (unit: group)" in proc.stdout and "patient-level" in proc.stdout
+    report = json.loads((run / "audit.json").read_text())
+    sizes = report["sizes"]
+    assert report["unit"] == "group" and report["privacy_unit"] == report["bound"]["unit"] == "patient"
+    assert sizes["member_groups"] == sizes["nonmember_groups"] == sizes["members"] > 50
+    assert sizes["member_records"] > sizes["member_groups"]  # patients of 1-8 records
+    assert report["bound"]["epsilon"] == pytest.approx(summary["max_client_epsilon"]) and report["bound"]["epsilon"] <= 4
+    for a in report["attacks"].values():
+        assert a["members"] == sizes["member_groups"] and a["bound_violated"] is False
+    assert "user-level" in report["shadow_models"]["training"]
 
 
 @pytest.mark.e2e

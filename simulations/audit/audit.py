@@ -30,10 +30,11 @@ user-level DP-SGD, issue 19). Then the targets are whole groups (`LabeledArrays.
 member groups are those in the nodes' training shares, non-member groups those of the
 held-out records (validation shares, held-out splits not in `SHIFTED_SPLITS`) that no
 node trained on: a group with records on both sides is never a non-member
-(`member_and_nonmember_groups`). Member and non-member groups are balanced by count
-(seeded), each group is scored by the mean of its records' scores (`group_scores`,
-Kandpal et al. 2023), and the ROC is over groups. The shadow pool holds no record of a
-target group.
+(`member_and_nonmember_groups`). Member and non-member groups are balanced by count and
+by majority label (seeded, `balanced_groups`), each group is scored by the mean of its
+records' scores (`group_scores`, Kandpal et al. 2023), and the ROC is over groups. The
+shadow pool holds no record of a target group; for a run whose nodes trained on groups,
+the shadows do too (user-level DP-SGD, `shadows`).
 
 Bound (`privacy.audit.bounds`): the run's (epsilon, delta) = the largest per-node
 epsilon of the run's privacy unit (summary.json `max_client_epsilon`) at the run's delta.
@@ -71,6 +72,7 @@ from privacy.audit.membership import (
 from shared_models import build_model
 from shared_models.datasets import load_npz
 from shared_models.datasets.named import _RELATIVE_PATHS, data_dir, load_dataset
+from shared_models.datasets.synthetic_patients import assign_synthetic_patients
 from shared_models.records import LabeledArrays, concat
 from shared_models.run_config import ConfigError, TrainingPlan
 
@@ -99,8 +101,11 @@ def node_records(config: dict, plan) -> tuple[list[LabeledArrays], list[LabeledA
         raise AuditError("config.json: 'num-supernodes' must be >= 1 (only simulated runs can be audited)")
     trains, vals = [], []
     for pid in range(clients):
+        # The run-config's privacy-unit decides how a node splits validation (whole groups) and
+        # how the simulation partitions (whole groups), as `fedpriv simulate` made the nodes.
         node = NodeIdentity(name=f"node-{pid}", state_dir=Path("."), max_epsilon=1.0, delta=plan.delta,
-                            data_path=None, partition_id=pid, num_partitions=clients, val_fraction=plan.val_fraction)
+                            data_path=None, partition_id=pid, num_partitions=clients, val_fraction=plan.val_fraction,
+                            privacy_unit=str(config.get("privacy-unit", "record")))
         data = load_node_data(node, plan)
         trains.append(data.train)
         vals.append(data.val)
@@ -122,17 +127,20 @@ def held_out_records(plan, node_validation: list[LabeledArrays] = ()) -> Labeled
 
 def held_out_parts(plan, node_validation: list[LabeledArrays] = ()) -> list[LabeledArrays]:
     """`held_out_records` before stacking: one LabeledArrays per source, each with its own
-    group keys (or None: PneumoniaMNIST's official val split has none). Raises AuditError
-    when none remain.
+    group keys or None. With run-config `synthetic-patients` the held-out splits get their own
+    pseudo-patients, as the run's loader gives them ("synthetic-test-...", "synthetic-val-...":
+    never a training patient's key). Raises AuditError when none remain.
     """
     parts = [v for v in node_validation if len(v)]
     if (plan.dataset, "test") not in SHIFTED_SPLITS:
-        parts.append(load_dataset(plan.dataset, plan.task, plan.data_dir, plan.data_options())["test"])
+        parts.append(load_dataset(plan.dataset, plan.task, plan.data_dir, plan.data_options(),
+                                  plan.synthetic_patients)["test"])
     if plan.dataset == "pneumoniamnist":
         root = Path(plan.data_dir) if plan.data_dir else data_dir()
         splits = load_npz(root / _RELATIVE_PATHS["pneumoniamnist"], classes=parts[0].classes if parts else None)
         if "val" in splits:
-            parts.append(splits["val"])
+            val = splits["val"]
+            parts.append(assign_synthetic_patients(val, "val") if plan.synthetic_patients else val)
     if not parts:
         raise AuditError(f"{plan.dataset}: no held-out records of the training distribution (val-fraction 0?)")
     return parts
@@ -171,21 +179,37 @@ def member_and_nonmember_groups(trained_groups: np.ndarray, held_out_groups: np.
     return members, np.setdiff1d(np.unique(_keys(held_out_groups)), members)
 
 
+def group_labels(keys: np.ndarray, groups: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(G,) the most frequent label of each group in `keys` (ties: the lowest), over records
+    with (N,) `groups` keys and (N,) labels `y`. A synthetic patient has one label; a speaker
+    who says every digit equally often gets label 0, so speakers are balanced by count alone."""
+    names, of = np.unique(_keys(groups), return_inverse=True)
+    counts = np.zeros((len(names), int(np.max(y, initial=0)) + 1), dtype=np.int64)
+    np.add.at(counts, (of, np.asarray(y, dtype=np.int64)), 1)
+    where = np.searchsorted(names, _keys(keys))
+    if np.any(where >= len(names)) or np.any(names[np.minimum(where, len(names) - 1)] != _keys(keys)):
+        raise ValueError("a key has no record in `groups`")
+    return counts.argmax(axis=1)[where]
+
+
 def balanced_groups(member_keys: np.ndarray, nonmember_keys: np.ndarray, seed: int,
-                    max_targets: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    max_targets: int | None = None, member_labels: np.ndarray | None = None,
+                    nonmember_labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """As many member groups as non-member groups, drawn at random (seeded), capped at max_targets each.
 
-    By count only: a group has no single label to balance on (a speaker says every digit).
-    Returns two sorted str arrays of keys of equal length. Raises AuditError when either
-    side has no group.
+    With labels ((G,) per key, `group_labels`) also as many of each label on both sides, as
+    `balanced_targets` does for records (a class-prior shift would pass for memorisation);
+    without, by count only. Returns two sorted str arrays of keys of equal length. Raises
+    AuditError when either side has no group, or no label occurs on both sides.
     """
     if not len(member_keys) or not len(nonmember_keys):
         raise AuditError(f"a group-level audit needs member and non-member groups, got {len(member_keys)} "
                          f"and {len(nonmember_keys)} (non-members are the validation groups no node trained on: "
                          "is the run's val-fraction 0, or is it a record-level run whose validation split "
                          "cuts through every group?)")
-    mem, non = balanced_targets(np.zeros(len(member_keys), int), np.zeros(len(nonmember_keys), int), seed,
-                                max_targets)
+    mem, non = balanced_targets(np.zeros(len(member_keys), int) if member_labels is None else member_labels,
+                                np.zeros(len(nonmember_keys), int) if nonmember_labels is None else nonmember_labels,
+                                seed, max_targets)
     return np.sort(_keys(member_keys)[mem]), np.sort(_keys(nonmember_keys)[non])
 
 
@@ -399,7 +423,9 @@ def audit_run(run_dir: Path, shadow_models: int = 4, seed: int = 0, max_targets:
 
     if unit == "group":
         member_keys, nonmember_keys = member_and_nonmember_groups(members_all.groups, held_out.groups)
-        target_members, target_nonmembers = balanced_groups(member_keys, nonmember_keys, seed, max_targets)
+        target_members, target_nonmembers = balanced_groups(
+            member_keys, nonmember_keys, seed, max_targets, group_labels(member_keys, members_all.groups, members_all.y),
+            group_labels(nonmember_keys, held_out.groups, held_out.y))
         mem_idx = np.flatnonzero(np.isin(members_all.groups, target_members))
         non_idx = np.flatnonzero(np.isin(held_out.groups, target_nonmembers))
         n = len(target_members)
@@ -428,15 +454,21 @@ def audit_run(run_dir: Path, shadow_models: int = 4, seed: int = 0, max_targets:
         if unit == "group" and np.isin(pool.groups, targets.groups).any():
             raise RuntimeError("shadow pool holds records of a target group")  # OUT models must never see the group
         each = shadow_subset_size(len(pool), len(members_all))
+        # The run's nodes trained on groups (user-level DP-SGD, whole groups per node): so do the shadows.
+        by_group = str(config.get("privacy-unit", "record")) != "record" and pool.groups is not None
+        dp_kind = "user-level (groups sampled and clipped)" if by_group and plan.dp else "record-level"
         if shadow_training == "federated":
             models = train_shadow_federations(plan, pool, shadow_models, seed, nodes=len(trains), records_each=each,
-                                              secagg=bool(config.get("secagg", False)), progress=say)
+                                              secagg=bool(config.get("secagg", False)), by_group=by_group,
+                                              progress=say)
             how = (f"federated: {len(trains)} nodes ({plan.partition}), {plan.rounds} rounds x {plan.local_epochs} "
-                   "local epochs, privacy.dp_sgd.LocalTrainingSession with the run's settings, FedAvg")
+                   f"local epochs, privacy.dp_sgd.LocalTrainingSession with the run's settings ({dp_kind}), FedAvg")
         else:
             epochs = shadow_epochs or plan.rounds * plan.local_epochs
-            models = train_shadow_models_central(plan, pool, shadow_models, seed, epochs, each, progress=say)
-            how = f"centralised: {epochs} epochs, privacy.dp_sgd.LocalTrainingSession with the run's settings"
+            models = train_shadow_models_central(plan, pool, shadow_models, seed, epochs, each, by_group=by_group,
+                                                 progress=say)
+            how = (f"centralised: {epochs} epochs, privacy.dp_sgd.LocalTrainingSession with the run's settings "
+                   f"({dp_kind})")
         shadow_phi = np.stack([per_example_outputs(m, targets)[1] for m in models])
         scores["lira_offline"] = lira_offline_scores(phis, shadow_phi)
         shadow_info = {"count": shadow_models, "pool_records": len(pool), "records_each": each,
