@@ -54,7 +54,8 @@ def entry_for(reply: Message, request: Message, node: str) -> dict:
     `server-round`, else null), `message_type`, `fields` ({"record.key": bytes sent}),
     `bytes` (their sum), `metrics` (as sent), `epsilon` (after the round, or null),
     `declined`, `refused` (bools), `reason` (text the reply gave, or null), `error` (Flower
-    error reply, or null).
+    error reply, or null), `privacy_unit` (what `epsilon` is about: "record", "patient",
+    "user"; null when the reply did not say).
     """
     config = request.content.config_records.get("config") if request.has_content() else None
     server_round = config.get("server-round") if config is not None else None
@@ -66,7 +67,7 @@ def entry_for(reply: Message, request: Message, node: str) -> dict:
         "round": int(server_round) if server_round is not None else None,
         "message_type": request.metadata.message_type,
         "fields": {}, "metrics": {}, "epsilon": None, "declined": False, "refused": False, "reason": None,
-        "error": None,
+        "error": None, "privacy_unit": None,
     }
     if reply.has_error():
         entry["error"] = f"{reply.error.code}: {reply.error.reason}"
@@ -86,6 +87,8 @@ def entry_for(reply: Message, request: Message, node: str) -> dict:
                 entry["fields"][f"{record_name}.{key}"] = _value_size(value)
                 if key == "reason" and isinstance(value, str) and value:
                     entry["reason"] = value  # the node's own words, as sent
+                if key == "privacy-unit":
+                    entry["privacy_unit"] = str(value)
     metrics = entry["metrics"]
     entry["epsilon"] = metrics.get("epsilon")
     entry["declined"] = bool(metrics.get("declined", 0))
@@ -202,6 +205,7 @@ def _show(args: argparse.Namespace, console) -> int:
             else "declined: " + str(e.get("reason")) if e.get("declined") else "answered"
         table.add_row(e["time"], e["node"], str(e["run"]), "" if e.get("round") is None else str(e["round"]),
                       e["message_type"], ", ".join(sorted({k.split(".", 1)[0] for k in e.get("fields", {})})),
-                      str(e.get("bytes", 0)), "" if e.get("epsilon") is None else f"{e['epsilon']:.3f}", outcome)
+                      str(e.get("bytes", 0)), "" if e.get("epsilon") is None else
+                      f"{e['epsilon']:.3f}" + (f" per {e['privacy_unit']}" if e.get("privacy_unit") else ""), outcome)
     console.print(table)
     return 0

@@ -45,7 +45,7 @@ class NodeIdentity:
     metrics the node reports; 0 releases no validation metrics. privacy_unit: what the
     node's epsilon protects: "record", a group unit ("patient", "user": user-level DP-SGD,
     group keys required) or "auto" (a group unit when the data has group keys);
-    `client.node_training.privacy_unit` resolves it.
+    `privacy_unit` resolves it against the data.
     """
 
     name: str

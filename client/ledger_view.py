@@ -3,8 +3,9 @@
 The ledger (`privacy.accountants.ledger`, files under `STATE_DIR/ledgers/`: `records.json`
 and `events.jsonl`) is charged before each round trains; this command only reads it. One
 row per node name (a kit's node, i.e. one dataset) and run: rounds charged, rounds declined,
-and the largest per-record epsilon after the run's last charge (at the node's delta). The
-node's current spend is the largest over its rows, since a record's epsilon only grows.
+and the largest epsilon after the run's last charge (at the node's delta), per the run's
+privacy unit: a record, or a patient/user under user-level DP-SGD (issue 19). The node's
+current spend per unit is the largest over its rows, since an epsilon only grows.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from privacy.accountants.sample_level import PrivacyBudgetError
 
 
 def spend_by_run(state_dir: Path) -> list[dict]:
-    """Rows {"node", "run", "rounds_charged", "rounds_declined", "epsilon", "last"} from the ledger's
-    events, oldest run first; `epsilon` is the largest `epsilon_after` of the run (None when it
-    only declined), `last` the time (Unix seconds) of its last event.
+    """Rows {"node", "run", "unit", "rounds_charged", "rounds_declined", "epsilon", "last"} from the
+    ledger's events, oldest run first; `epsilon` is the largest `epsilon_after` of the run (None
+    when it only declined), about one `unit` ("record", "patient", "user"); `last` the time
+    (Unix seconds) of its last event.
 
     Raises PrivacyBudgetError (or TypeError/ValueError) for a damaged events file.
     """
-    rows: dict[tuple[str, str], dict] = {}
+    rows: dict[tuple[str, str, str], dict] = {}
     for event in PrivacyLedger(state_dir).events():
-        row = rows.setdefault((event.node, event.run), {"node": event.node, "run": event.run, "rounds_charged": 0,
-                                                         "rounds_declined": 0, "epsilon": None, "last": event.time})
+        row = rows.setdefault((event.node, event.run, event.unit), {
+            "node": event.node, "run": event.run, "unit": event.unit, "rounds_charged": 0, "rounds_declined": 0,
+            "epsilon": None, "last": event.time})
         row["last"] = max(row["last"], event.time)
         if event.declined:
             row["rounds_declined"] += 1
@@ -39,11 +42,12 @@ def spend_by_run(state_dir: Path) -> list[dict]:
     return sorted(rows.values(), key=lambda r: r["last"])
 
 
-def spend_by_node(rows: list[dict]) -> dict[str, float]:
-    """Node name -> the largest per-record epsilon it has spent so far (over its runs' rows)."""
-    spent: dict[str, float] = defaultdict(float)
+def spend_by_node(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """(node name, unit) -> the largest epsilon per that unit it has spent so far (over its runs' rows)."""
+    spent: dict[tuple[str, str], float] = defaultdict(float)
     for row in rows:
-        spent[row["node"]] = max(spent[row["node"]], row["epsilon"] or 0.0)
+        key = (row["node"], row.get("unit", "record"))
+        spent[key] = max(spent[key], row["epsilon"] or 0.0)
     return dict(spent)
 
 
@@ -73,13 +77,13 @@ def _show(args: argparse.Namespace, console) -> int:
             print(json.dumps(row, sort_keys=True))
         return 0
     table = Table(title=f"privacy ledger {state / 'ledgers'}")
-    for column in ("node (dataset)", "run", "rounds charged", "declined", "epsilon after", "last"):
+    for column in ("node (dataset)", "run", "rounds charged", "declined", "epsilon after", "per", "last"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row["node"], row["run"], str(row["rounds_charged"]), str(row["rounds_declined"]),
-                      "" if row["epsilon"] is None else f"{row['epsilon']:.3f}",
+                      "" if row["epsilon"] is None else f"{row['epsilon']:.3f}", row["unit"],
                       datetime.fromtimestamp(row["last"], timezone.utc).isoformat(timespec="seconds"))
     console.print(table)
-    for node, epsilon in spend_by_node(rows).items():
-        console.print(f"{node}: epsilon spent so far {epsilon:.3f} (largest over its records)")
+    for (node, unit), epsilon in spend_by_node(rows).items():
+        console.print(f"{node}: epsilon spent so far {epsilon:.3f} per {unit} (largest over its {unit}s)")
     return 0

@@ -177,12 +177,17 @@ def _load_local_node_data(data_path, task, val_fraction, canaries, options=None,
 def _load_simulated_node_data(partition_id, num_partitions, task, dataset, partition, alpha, seed, val_fraction,
                               data_dir, canaries, options=None, by_group=False, synthetic_patients=False) -> NodeData:
     train = load_dataset(dataset, task, data_dir, options, synthetic_patients)["train"]
+    # Patients stay whole on one node under a group unit, and always with synthetic patients
+    # (so record- and patient-level runs of them compare on the same node shares).
     parts = _simulation_partitions(dataset, task, data_dir, num_partitions, partition, alpha, seed, options,
-                                   by_group, synthetic_patients)
+                                   by_group or synthetic_patients, synthetic_patients)
     local_train, val = split_validation(train.subset(parts[partition_id]), val_fraction, by_group)
     if canaries:
         # Audit canaries (privacy.audit.canaries) join the training share only, never validation.
-        local_train = concat([local_train, node_canaries(train, canaries, seed, partition_id, num_partitions)])
+        inserted = node_canaries(train, canaries, seed, partition_id, num_partitions)
+        if local_train.groups is not None:  # under a group unit each canary is a patient of its own
+            inserted.groups = np.asarray(inserted.record_ids)
+        local_train = concat([local_train, inserted])
     return NodeData(train=local_train, val=val)
 
 

@@ -87,10 +87,10 @@ TEMPLATE = """<!DOCTYPE html>
   <tr data-node="{{ name }}">
     <td>{{ name }}</td>
     <td class="num" data-key="epsilon" data-value="{{ c.epsilon | exact }}">{{ c.epsilon | fmt('.3f') }}</td>
- <td data-key="privacy_unit">{{ c.get('privacy_unit') or '-' }}{% if c.get('num_groups') %} ({{ c.num_groups }} groups){% endif %}</td>
+    <td data-key="privacy_unit" data-value="{{ c.get('privacy_unit') | exact }}">{{ c.get('privacy_unit') or '-' }}</td>
     <td class="num" data-key="delta" data-value="{{ c.delta | exact }}">{{ c.delta | fmt('g') }}</td>
     <td class="num" data-key="max_epsilon" data-value="{{ c.max_epsilon | exact }}">{{ c.max_epsilon | fmt('g') }}</td>
-    <td class="num">{{ c.num_examples if c.num_examples is defined else '-' }}</td>
+    <td class="num">{{ c.num_examples if c.num_examples is defined else '-' }}{% if c.get('num_groups') %} ({{ c.num_groups }} groups){% endif %}</td>
     <td class="num">{{ c.rounds_trained | length }}</td>
     <td data-key="declined_rounds" data-value="{{ c.declined_rounds | exact }}">{{ c.declined_rounds | join(', ') or '-' }}</td>
     <td data-key="refused_rounds" data-value="{{ c.get('refused_rounds', []) | exact }}">{{ c.get('refused_rounds', []) | join(', ') or '-' }}</td>

@@ -165,6 +165,10 @@ def test_an_entry_lists_each_field_sent_with_its_size_and_the_epsilon_after():
     assert entry["bytes"] == 864 + 80 + 3 * 8 + 6 + 0
     assert (entry["round"], entry["run"], entry["flower_run"], entry["message_type"]) == (4, "r-7", 7, "train")
     assert entry["epsilon"] == 1.25 and not entry["declined"] and not entry["refused"]
+    assert entry["privacy_unit"] is None  # the reply did not say
+    patient = _reply(request, metrics=MetricRecord({"epsilon": 2.0, "num-groups": 40.0}),
+                     node=ConfigRecord({"name": "site-a", "reason": "", "privacy-unit": "patient"}))
+    assert audit_log.entry_for(patient, request, "site-a")["privacy_unit"] == "patient"
 
 
 def test_the_log_is_private_append_only_and_rotated(tmp_path):
@@ -237,8 +241,21 @@ def test_fedpriv_ledger_shows_each_datasets_spend_per_run(tmp_path, capsys):
     assert [(r["run"], r["rounds_charged"], r["rounds_declined"]) for r in rows] == \
         [("run-a", 2, 0), ("run-b", 1, 0), ("run-c", 0, 1)]
     assert rows[1]["epsilon"] == pytest.approx(expected, rel=1e-3) and rows[2]["epsilon"] is None
-    assert spend_by_node(rows) == {"site-a": pytest.approx(expected, rel=1e-3)}
+    assert spend_by_node(rows) == {("site-a", "record"): pytest.approx(expected, rel=1e-3)}
+    # A patient-level run on other records: its rows and spend say the unit (issue 19).
+    from privacy.accountants.ledger import group_unit_id
+
+    ledger.charge(["s1", "s2"], node="site-a", delta=1e-5, noise_multiplier=2.0, sample_rate=0.5, steps=20,
+                  max_epsilon=30.0, run="run-d", round=1, groups={group_unit_id("p1"): ["s1", "s2"]}, unit="patient")
+    accountant.history = [(2.0, 0.5, 20)]
+    per_patient = accountant.get_epsilon(delta=1e-5)
+    rows = spend_by_run(tmp_path)
+    assert [(r["run"], r["unit"]) for r in rows][-1] == ("run-d", "patient")
+    assert spend_by_node(rows)[("site-a", "patient")] == pytest.approx(per_patient, rel=1e-3)
     assert main(["ledger", "--state-dir", str(tmp_path), "--json"]) == 0
-    assert [json.loads(line)["run"] for line in capsys.readouterr().out.splitlines()] == ["run-a", "run-b", "run-c"]
+    assert [json.loads(line)["run"] for line in capsys.readouterr().out.splitlines()] == \
+        ["run-a", "run-b", "run-c", "run-d"]
     assert main(["ledger", "--state-dir", str(tmp_path)]) == 0
-    assert f"site-a: epsilon spent so far {expected:.3f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"site-a: epsilon spent so far {expected:.3f} per record" in out
+    assert f"site-a: epsilon spent so far {per_patient:.3f} per patient" in out

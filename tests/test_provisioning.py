@@ -170,6 +170,10 @@ def test_fedpriv_node_names_bad_local_data_and_a_delta_too_large_before_connecti
     assert "--delta 0.6 must be < 1/records = 0.5" in capsys.readouterr().out
     assert main(["node", "--kit", str(tmp_path / "fed" / "server"), "--data", str(small), "--task", "text"]) == 2
     assert "'server' kit, this command needs the 'node' kit" in capsys.readouterr().out
+    # A site that asks for patient-level DP does not start on data without group keys (issue 19).
+    assert main(["node", "--kit", str(kit), "--data", str(small), "--task", "text", "--delta", "0.1",
+                 "--privacy-unit", "patient"]) == 2
+    assert "privacy unit is 'patient' but its data has no group keys" in capsys.readouterr().out
 
 
 def test_loopback_names_enter_the_node_facing_certificate_only_when_asked(tmp_path):

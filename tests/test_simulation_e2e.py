@@ -63,6 +63,35 @@ def test_second_run_continues_each_nodes_epsilon_and_declines_past_the_budget(tm
     assert rows[1]["aggregated"] is False and rows[1]["test"]["accuracy"] == rows[0]["test"]["accuracy"]
 
 
+def test_patient_level_run_reports_the_patient_unit_and_its_epsilon_end_to_end(tmp_path):
+    """Issue 19 on the real path: Flower's engine, SecAgg+, the node's ledger, summary and report."""
+    import numpy as np
+
+    from client.config import NodeIdentity
+    from client.node_training import load_node_data
+    from shared_models.run_config import TrainingPlan
+
+    out, state = tmp_path / "patients", tmp_path / "state"
+    _simulate("--dataset", "digits", "--synthetic-patients", "--privacy-unit", "patient", "--clients", "2",
+              "--rounds", "2", "--epsilon", "3", "--batch-size", "16", "--out", str(out), "--state-dir", str(state),
+              cwd=tmp_path)
+    summary = _summary(out)
+    assert summary["privacy_unit"] == "patient" and summary["rounds_aggregated"] == 2
+    plan = TrainingPlan.from_run_config(json.loads((out / "config.json").read_text()))
+    for pid, name in enumerate(("node-0", "node-1")):
+        node = summary["clients"][name]
+        data = load_node_data(NodeIdentity(name=name, state_dir=state, max_epsilon=3, delta=1e-5, data_path=None,
+                                           partition_id=pid, num_partitions=2, val_fraction=plan.val_fraction,
+                                           privacy_unit="patient"), plan)
+        patients = len(np.unique(data.train.groups))  # counted here, from the node's own data
+        assert node["privacy_unit"] == "patient" and node["num_groups"] == patients < node["num_examples"]
+        assert node["sample_rate"] == 1.0 / -(-patients // 16) and 0 < node["epsilon"] <= 3.0
+        assert not set(data.train.groups) & set(data.val.groups)  # validation holds whole patients
+    events = [json.loads(line) for line in (state / "ledgers" / "events.jsonl").read_text().splitlines()]
+    assert len(events) == 4 and {(e["unit"], e["declined"]) for e in events} == {("patient", False)}
+    assert "| node-0 |" in (out / "report.md").read_text() and "| patient |" in (out / "report.md").read_text()
+
+
 def test_cli_rejects_bad_arguments_before_starting_flower(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "fsdd", "--task", "text"],
                           capture_output=True, text=True, cwd=tmp_path)
