@@ -8,10 +8,16 @@ within `round-timeout` seconds, sort them into trained / declined / failed, then
 - secure (`secagg`): the nodes kept their encoded updates; SecAgg+ stages
   (`server.secure_aggregation`) give the sum over the survivors, and the global model moves
   by its equal-weight mean; the client-level accountant is charged for the release.
-Then evaluate centrally on the test split, record every node's epsilon in the coordinator's
-ledger, and checkpoint. A round in which nothing could be aggregated keeps the global model
-unchanged; one node's failure never stops the run. A node whose owner's policy refuses the
-round (DP or SecAgg+ required) says why; the refusal is recorded and shown, not retried.
+The aggregate then goes through the server optimiser (`server.server_optimizer`: fedavg keeps
+it as it is; FedAvgM, FedAdam, FedYogi step along the pseudo-gradient aggregate - global), and,
+when `ema_decay` > 0, into an exponential moving average of the global model, which is what
+gets evaluated and released. Both are post-processing of the aggregate: no node's ledger
+changes. Then evaluate centrally on the test split, record every node's epsilon in the
+coordinator's ledger, and checkpoint (the optimiser's and the average's state included).
+A round in which nothing could be aggregated keeps the global model (and the optimiser's
+and the average's state) unchanged; one node's failure never stops the run. A node whose
+owner's policy refuses the round (DP or SecAgg+ required) says why; the refusal is recorded
+and shown, not retried.
 
 Client-level DP (secure rounds with client-level noise) is accounted as the server sees it:
 the server picks each round's sample itself, so no amplification by sampling is claimed
@@ -43,6 +49,7 @@ from server.robust_aggregation import AGGREGATIONS, aggregate_in_clear
 from server.messaging import exchange
 from server.secure_aggregation import secure_sum
 from server.run_folder import RunFolder
+from server.server_optimizer import ModelEMA, ServerOptimizer
 
 log = logging.getLogger("fedpriv.server")
 
@@ -72,6 +79,18 @@ class FederationSettings:
     # Without SecAgg+: how the updates the server sees are combined (server.robust_aggregation).
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2  # trimmed-mean: share cut at each end, per coordinate
+    # Post-processing of each round's aggregate (server.server_optimizer): costs no privacy.
+    server_optimizer: str = "fedavg"  # fedavg (the aggregate as it is), fedavgm, fedadam or fedyogi
+    server_lr: float = 1.0  # eta
+    server_momentum: float = 0.9  # beta1: FedAvgM's momentum, FedAdam/FedYogi's first-moment decay
+    server_beta2: float = 0.99  # FedAdam/FedYogi's second-moment decay
+    server_tau: float = 1e-3  # FedAdam/FedYogi's adaptivity
+    ema_decay: float = 0.0  # D of the global model's EMA, which is evaluated and released; 0 = off
+
+    def optimizer(self) -> ServerOptimizer:
+        """A fresh server optimiser with these settings (ValueError for out-of-range ones)."""
+        return ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum, self.server_beta2,
+                               self.server_tau)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -82,6 +101,13 @@ class FederationSettings:
                              "'clip-norm' bounds each node's influence) or turn secure aggregation off")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"run-config 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
+        try:
+            self.optimizer()
+        except ValueError as err:
+            raise ValueError(f"run-config 'server-optimizer'/'server-lr'/'server-momentum'/'server-beta2'/"
+                             f"'server-tau': {err}") from err
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"run-config 'ema-decay' must be in [0, 1) (0: off), got {self.ema_decay}")
 
 
 @dataclass
@@ -354,19 +380,29 @@ def run_federation(
     on_round_end: Callable[[RoundReport, ArrayRecord, dict], None] | None = None,
     resume: dict | None = None,
 ) -> tuple[ArrayRecord, list[RoundReport]]:
-    """Run rounds up to `settings.rounds`; returns (final global arrays, reports of rounds run).
+    """Run rounds up to `settings.rounds`; returns (the released model, reports of rounds run).
 
-    resume: {"round", "rng", "client_history"} from a checkpoint: continue after that round
-    with the same sampling RNG and client-level accountant. `on_round_end(report, arrays,
-    state)` receives that same state dict for the next checkpoint.
+    The released model is the final global arrays, or their EMA when `settings.ema_decay` > 0
+    (and some round was aggregated); `evaluate_fn` sees the same model each round.
+    resume: {"round", "rng", "client_history", and "server_optimizer" / "ema" where the
+    checkpoint has them} from a checkpoint: continue after that round with the same sampling
+    RNG, client-level accountant, server-optimiser moments and average. `on_round_end(report,
+    arrays, state)` receives that same state dict for the next checkpoint, with `arrays` the
+    global model the next round trains from (never the EMA).
     """
     rng = np.random.default_rng(settings.seed)
     client_accountant = ClientLevelAccountant(delta=settings.client_delta)
+    optimizer = settings.optimizer()
+    ema = ModelEMA(settings.ema_decay) if settings.ema_decay > 0 else None
     first_round = 1
     if resume:
         rng.bit_generator.state = resume["rng"]
         client_accountant.history = [tuple(h) for h in resume["client_history"]]
         first_round = int(resume["round"]) + 1
+        if "server_optimizer" in resume:  # a checkpoint written before server optimisers has none: fedavg's
+            optimizer.load_state_dict(resume["server_optimizer"])
+        if ema is not None and resume.get("ema") is not None:
+            ema.load_state_dict(resume["ema"])
     arrays, reports = initial, []
     known_names: dict[int, str] = {}  # node id -> the name it reported, for nodes that later go silent
     for server_round in range(first_round, settings.rounds + 1):
@@ -402,15 +438,22 @@ def run_federation(
         else:
             new_arrays = None
         if new_arrays is not None:
-            arrays, report.aggregated = new_arrays, True
+            arrays, report.aggregated = optimizer.step(arrays, new_arrays), True
+            if ema is not None:
+                ema.update(arrays)
+        released = _released(arrays, ema)
         report.val_accuracy = train.val_accuracy
-        report.test = evaluate_fn(arrays)
+        report.test = evaluate_fn(released)
+        # With the EMA on, the global model the nodes train from is evaluated too, for comparison.
+        test_global = evaluate_fn(arrays) if released is not arrays else None
         report.seconds = time.monotonic() - started
         reports.append(report)
         folder.append_metrics({
             "round": server_round,
             "seconds": report.seconds,
             "test": report.test,
+            "evaluated_model": "global" if released is arrays else "ema",  # what "test" (and the release) is
+            **({"test_global": test_global} if test_global is not None else {}),
             "val_accuracy_before_round": report.val_accuracy,
             "trained": report.trained,
             "declined": report.declined,
@@ -428,5 +471,13 @@ def run_federation(
         )
         if on_round_end:
             on_round_end(report, arrays, {"round": server_round, "rng": rng.bit_generator.state,
-                                          "client_history": [list(h) for h in client_accountant.history]})
-    return arrays, reports
+                                          "client_history": [list(h) for h in client_accountant.history],
+                                          "server_optimizer": optimizer.state_dict(),
+                                          "ema": None if ema is None else ema.state_dict()})
+    return _released(arrays, ema), reports
+
+
+def _released(arrays: ArrayRecord, ema: ModelEMA | None) -> ArrayRecord:
+    """The model evaluated and released: the EMA when on and something was averaged, else the global arrays."""
+    average = ema.arrays if ema is not None else None
+    return arrays if average is None else average

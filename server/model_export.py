@@ -1,8 +1,8 @@
 """The released model as a file that loads without fedpriv: a `torch.export` program.
 
-`final_model.pt2` in the run folder holds the final global model's graph and weights
-(torch.export, with the batch dimension dynamic), so a site or a user loads and runs it with
-torch alone:
+`final_model.pt2` in the run folder holds the released model's graph and weights (those of
+final_model.pt: the final global model, or its EMA with --ema-decay; torch.export, with the
+batch dimension dynamic), so a site or a user loads and runs it with torch alone:
 
     import torch
     model = torch.export.load("runs/.../final_model.pt2").module()

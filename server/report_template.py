@@ -124,6 +124,16 @@ TEMPLATE = """<!DOCTYPE html>
 <h2>Model quality</h2>
 <p id="released-model">The released model (<code>final_model.pt</code>; <code>final_model.pt2</code> loads with torch alone,
   <code>fedpriv predict</code> applies it to local data)
+  {% set optimizer = (s.get('server_optimizer') or {}).get('name', 'fedavg') %}
+  {% if s.get('released_model') == 'ema' %}is the moving average (EMA, decay
+  <span data-key="ema_decay" data-value="{{ s.ema_decay | exact }}">{{ s.ema_decay }}</span>) of the global model over the
+  aggregated rounds, and the test metrics are the average's; computed from the released aggregates alone
+  {% if optimizer != 'fedavg' %}(as is the server optimiser's step,
+  <span data-key="server_optimizer.name" data-value="{{ optimizer | exact }}">{{ optimizer }}</span>){% endif %}, it
+  {% elif optimizer != 'fedavg' %}was moved by the server optimiser
+  <span data-key="server_optimizer.name" data-value="{{ optimizer | exact }}">{{ optimizer }}</span> from the released
+  aggregates alone and
+  {% endif %}
   {% if s.dp %}carries each node's sample-level epsilon above: at most
   <span data-key="max_client_epsilon" data-value="{{ s.max_client_epsilon | exact }}">{{ s.max_client_epsilon | fmt('.3f') }}</span>
   at delta {{ s.delta }} for any node's records{% if client_level_on %}, and client-level epsilon

@@ -3,8 +3,8 @@
     config.json      resolved run configuration
     metrics.jsonl    one JSON object per round
     ledger.json      the coordinator's privacy ledger (per node and round)
-    checkpoint.pt    global model + round + ledger after the last complete round
-    final_model.pt   the final global model's state_dict
+    checkpoint.pt    global model + round + ledger (+ server-optimiser and EMA state) after the last complete round
+    final_model.pt   the released model's state_dict: the final global model, or its EMA (--ema-decay)
     summary.json     headline numbers (keys promised in issue 2; add, never rename)
     report.md        a short human-readable report
 

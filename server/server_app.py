@@ -24,6 +24,7 @@ from server.ledger import CoordinatorLedger
 from server.model_export import EXPORT_FILE, export_model
 from server.report import write_run_report
 from server.run_folder import RunFolder
+from server.server_optimizer import optimizer_config
 from server.summary import build_summary, write_report
 from server.tracking import make_tracker
 from shared_models import build_model
@@ -87,6 +88,7 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         if tracker is not None:
             tracker.close(failed=not finished)
+    # `final` is the released model: the global model's EMA when --ema-decay is on (run_federation).
     folder.write_torch("final_model.pt", final.to_torch_state_dict())
     final_validation = evaluate_on_nodes(grid, final, settings.round_timeout)
     folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})
@@ -111,6 +113,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def federation_settings(cfg: dict, plan: TrainingPlan, run_id: str) -> FederationSettings:
     """Round-loop settings from the run-config (keys as in pyproject's [tool.flwr.app.config])."""
+    optimizer = optimizer_config(cfg)
     return FederationSettings(
         rounds=plan.rounds,
         fraction_train=float(cfg.get("fraction-train", 1.0)),
@@ -131,4 +134,10 @@ def federation_settings(cfg: dict, plan: TrainingPlan, run_id: str) -> Federatio
         dropout_rate=float(cfg.get("dropout-rate", 0.0)),
         aggregation=str(cfg.get("aggregation", "fedavg")),
         trim_fraction=float(cfg.get("trim-fraction", 0.2)),
+        server_optimizer=optimizer["name"],
+        server_lr=optimizer["lr"],
+        server_momentum=optimizer["momentum"],
+        server_beta2=optimizer["beta2"],
+        server_tau=optimizer["tau"],
+        ema_decay=float(cfg.get("ema-decay", 0.0)),
     )

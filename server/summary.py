@@ -6,13 +6,17 @@ summary.json keys promised to users (issue 2; add keys, never rename): `rounds_c
 policy refused and why), and `client_level.assumption`; issue 15 adds `clients.<node>.declines`
 and the top-level `declines` (each declined round and the reason the node gave); issue 19
 adds `clients.<node>.privacy_unit` / `.num_groups` and the top-level `privacy_unit` (what
-`max_client_epsilon` is about: "record", a group unit such as "patient", or "mixed").
+`max_client_epsilon` is about: "record", a group unit such as "patient", or "mixed"); issue 14
+adds `server_optimizer` (its name and the hyper-parameters it uses), `ema_decay` and
+`released_model` ("ema" when `final` and final_model.pt are the global model's moving
+average, else "global").
 """
 
 from __future__ import annotations
 
 from server.ledger import CoordinatorLedger
 from server.run_folder import RunFolder
+from server.server_optimizer import ServerOptimizer, optimizer_config
 from shared_models import DEFAULT_MODELS
 from shared_models.run_config import TrainingPlan
 
@@ -64,6 +68,10 @@ def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: Coord
             **({"test_auc": last["auc"]} if "auc" in last else {}),
         },
         "majority_class_rate": majority_rate,
+        "server_optimizer": ServerOptimizer(**optimizer_config(cfg)).describe(),
+        "ema_decay": float(cfg.get("ema-decay", 0.0)),
+        # What `final` (and final_model.pt) is: the last round's evaluated model (rows of older runs: the global).
+        "released_model": rows[-1].get("evaluated_model", "global") if rows else "global",
         "secure_aggregation": bool(cfg.get("secagg", False)),
         "client_level": ledger.client_level or None,
         "secure_rounds_failed": [r["round"] for r in rows if (r.get("secure_aggregation") or {}).get("error")],
@@ -95,6 +103,12 @@ def run_privacy_unit(clients: dict[str, dict]) -> str | None:
     return None if not units else units.pop() if len(units) == 1 else "mixed"
 
 
+def _optimizer_line(described: dict) -> str:
+    """`server_optimizer` as text: "fedavg", "fedadam (lr 0.01, beta1 0.9, beta2 0.99, tau 0.001)"."""
+    params = ", ".join(f"{key} {value:g}" for key, value in described.items() if key != "name")
+    return described["name"] + (f" ({params})" if params else "")
+
+
 def write_report(folder: RunFolder, summary: dict) -> None:
     """A short Markdown report of the run beside summary.json."""
     final = summary["final"]
@@ -109,6 +123,10 @@ def write_report(folder: RunFolder, summary: dict) -> None:
         f"- secure aggregation: {'SecAgg+ (the server saw only sums)' if summary['secure_aggregation'] else 'off'}",
         f"- differential privacy: {'DP-SGD, target epsilon %g at delta %g per node' % (summary['target_epsilon'], summary['delta']) if summary['dp'] else 'off'}"
         + (f"; privacy unit: {summary['privacy_unit']}" if summary.get("privacy_unit") else ""),
+        f"- server: {_optimizer_line(summary.get('server_optimizer') or {'name': 'fedavg'})}; released model: "
+        + (f"the moving average (EMA, decay {summary['ema_decay']:g}) of the global model"
+           if summary.get("released_model") == "ema" else "the final global model")
+        + " (post-processing of the aggregates: no privacy cost)",
         *([f"- client-level DP: epsilon {summary['client_level']['epsilon']:.3g} at delta "
            f"{summary['client_level']['delta']:g} (noise multiplier {summary['client_level']['noise_multiplier']:g}, "
            f"{summary['client_level']['rounds']} released rounds)"] if (summary.get("client_level") or {}).get("enabled")

@@ -15,6 +15,7 @@ from rich.table import Table
 from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, SecAggParameterError,
                                        parameters_for)
 from server.robust_aggregation import AGGREGATIONS
+from server.server_optimizer import SERVER_OPTIMIZERS
 from server.tracking import TRACKERS, TrackingUnavailable, check_tracker
 from shared_models import TASKS, default_lr, model_names
 from shared_models.datasets.local import add_local_data_options
@@ -108,6 +109,25 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                              "krum (f = --corrupt-fraction of the round's nodes assumed Byzantine)")
     parser.add_argument("--trim-fraction", type=float, default=0.2,
                         help="--aggregation trimmed-mean: share of the values cut at each end, per coordinate")
+    post = parser.add_argument_group("server post-processing (costs no privacy: computed from the released "
+                                     "aggregates alone)")
+    post.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="fedavg",
+                      help="how the server steps along each round's pseudo-gradient (aggregate - global model), "
+                           "whatever produced the aggregate (FedAvg, a robust rule, the SecAgg+ mean): fedavg (take "
+                           "the aggregate), fedavgm (Hsu et al. 2019), fedadam, fedyogi (Reddi et al. 2021)")
+    post.add_argument("--server-lr", type=positive_float, default=1.0,
+                      help="server learning rate eta; fedadam/fedyogi move each coordinate by up to about eta a "
+                           "round, so give them about 0.01-0.1")
+    post.add_argument("--server-momentum", type=float, default=0.9,
+                      help="beta1: fedavgm's momentum, fedadam/fedyogi's first-moment decay, in [0, 1)")
+    post.add_argument("--server-beta2", type=float, default=0.99,
+                      help="fedadam/fedyogi's second-moment decay beta2, in [0, 1)")
+    post.add_argument("--server-tau", type=positive_float, default=1e-3,
+                      help="fedadam/fedyogi's adaptivity tau (added to sqrt(v); v starts at tau^2)")
+    post.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                      help="keep an exponential moving average of the global model, ema = D*ema + (1-D)*global "
+                           "after each aggregated round (starting from the first), and evaluate and release it "
+                           "(final_model.pt); in [0, 1), 0: off")
     local = parser.add_argument_group("local data formats (when --dataset is a path)")
     add_local_data_options(local)
     parser.add_argument("--track", choices=TRACKERS, default=None,
@@ -185,6 +205,10 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
             raise ValueError(str(err)) from err
     if not 0.0 <= args.trim_fraction < 0.5:
         raise ValueError(f"--trim-fraction must be in [0, 0.5), got {args.trim_fraction}")
+    for flag, value in (("--server-momentum", args.server_momentum), ("--server-beta2", args.server_beta2),
+                        ("--ema-decay", args.ema_decay)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{flag} must be in [0, 1), got {value}")
     if args.colluding_nodes < -1:
         raise ValueError(f"--colluding-nodes must be -1 (threshold - 1) or >= 0, got {args.colluding_nodes}")
     if args.client_noise_multiplier > 0 and args.clip_norm is None:
@@ -236,6 +260,12 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "colluding-nodes": args.colluding_nodes,
         "aggregation": args.aggregation,
         "trim-fraction": args.trim_fraction,
+        "server-optimizer": args.server_optimizer,
+        "server-lr": args.server_lr,
+        "server-momentum": args.server_momentum,
+        "server-beta2": args.server_beta2,
+        "server-tau": args.server_tau,
+        "ema-decay": args.ema_decay,
         "track": args.track or "",
         "image-size": args.image_size or 0,
         "max-text-bytes": args.max_text_bytes,
