@@ -15,7 +15,7 @@ from rich.table import Table
 from privacy.secagg.parameters import (DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, SecAggParameterError,
                                        parameters_for)
 from server.robust_aggregation import AGGREGATIONS
-from server.server_optimizer import SERVER_OPTIMIZERS
+from server.server_optimizer import DEFAULT_SERVER_LR, SERVER_OPTIMIZERS
 from server.tracking import TRACKERS, TrackingUnavailable, check_tracker
 from shared_models import TASKS, default_lr, model_names
 from shared_models.datasets.local import add_local_data_options
@@ -115,9 +115,9 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                       help="how the server steps along each round's pseudo-gradient (aggregate - global model), "
                            "whatever produced the aggregate (FedAvg, a robust rule, the SecAgg+ mean): fedavg (take "
                            "the aggregate), fedavgm (Hsu et al. 2019), fedadam, fedyogi (Reddi et al. 2021)")
-    post.add_argument("--server-lr", type=positive_float, default=1.0,
-                      help="server learning rate eta; fedadam/fedyogi move each coordinate by up to about eta a "
-                           "round, so give them about 0.01-0.1")
+    post.add_argument("--server-lr", type=positive_float, default=None,
+                      help="server learning rate eta (default 1.0 for fedavg/fedavgm, 0.01 for fedadam/fedyogi, "
+                           "which move each coordinate by up to about eta a round)")
     post.add_argument("--server-momentum", type=float, default=0.9,
                       help="beta1: fedavgm's momentum, fedadam/fedyogi's first-moment decay, in [0, 1)")
     post.add_argument("--server-beta2", type=float, default=0.99,
@@ -261,7 +261,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "aggregation": args.aggregation,
         "trim-fraction": args.trim_fraction,
         "server-optimizer": args.server_optimizer,
-        "server-lr": args.server_lr,
+        "server-lr": args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR[args.server_optimizer],
         "server-momentum": args.server_momentum,
         "server-beta2": args.server_beta2,
         "server-tau": args.server_tau,

@@ -336,6 +336,9 @@ def test_flags_reach_the_run_config_pyproject_defaults_and_the_summary(tmp_path)
     plain = training_run_config(parser.parse_args(["simulate"]), "vision", tmp_path / "run")
     for key in ("server-optimizer", "server-lr", "server-momentum", "server-beta2", "server-tau", "ema-decay"):
         assert defaults[key] == plain[key], key  # the flag's default is the run-config's
+    # Adaptive optimisers default to a small eta: at 1.0 they wreck the model (digits: chance accuracy).
+    adam = training_run_config(parser.parse_args(["simulate", "--server-optimizer", "fedadam"]), "vision", tmp_path)
+    assert adam["server-lr"] == 0.01
 
     plan = TrainingPlan.from_run_config(cfg)
     settings = federation_settings(cfg, plan, run_id="r")
