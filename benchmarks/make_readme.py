@@ -259,7 +259,7 @@ def audit_table(reports: dict[str, dict]) -> list[str]:
         b = r["bound"]
         bound = ("none (no DP)", "-") if b["vacuous"] else (
             f"{b['epsilon']:.3f}", f"{b['tpr_at_fpr']['0.001']:.4f} / {b['tpr_at_fpr']['0.01']:.4f}")
-        groups = [("natural", r["sizes"]["members"], r["attacks"])]
+        groups = [("patients" if r.get("unit") == "group" else "natural", r["sizes"]["members"], r["attacks"])]
         if r.get("canaries"):
             groups.append(("canaries", r["canaries"]["inserted"], r["canaries"]["attacks"]))
         for kind, n, attacks in groups:
@@ -271,6 +271,36 @@ def audit_table(reports: dict[str, dict]) -> list[str]:
                     f"| {name} | {_fmt(r['test_accuracy'], 3)} | {kind} {n}+{n} | {label} | {a['auc']:.4f} | "
                     f"{a['advantage']:.4f} | {a['tpr_at_fpr']['0.001']:.4f} | {a['tpr_at_fpr']['0.01']:.4f} | "
                     f"{a['epsilon_lower_bound']:.3g} | {bound[0]} | {bound[1]} | {'YES' if a['bound_violated'] else 'no'} |")
+    return lines
+
+
+def patient_level_table(result: dict) -> list[str]:
+    """Issue 19: patient-level (user-level) DP beside sample-level DP and no DP (`patient_level.py`)."""
+    lines = [
+        "## Patient-level DP (`patient_level.py`)",
+        "",
+        "One `fedpriv simulate` run per row (command in `results/patient_level.json`), delta 1e-5, no SecAgg+.",
+        "PneumoniaMNIST patients are **synthetic** (`--synthetic-patients`: a fixed seeded assignment of 1-8",
+        "records per pseudo-patient, one label each, kept whole on one node); FSDD's group is the speaker. Epsilon",
+        "per node is about the row's unit: one patient/user (all its records) or one record. `tune` rows were",
+        "picked on the test split (optimistic).",
+        "",
+        "| row | unit | test acc | AUC | majority | per node: epsilon, groups / records, q, sigma | minutes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        nodes = "; ".join(
+            f"{_fmt(n['epsilon'])}, {n['num_groups'] or '-'} / {n['num_examples']}, {_fmt(n['sample_rate'], 3)}, "
+            f"{_fmt(n['noise_multiplier'])}" for n in row.get("nodes", {}).values())
+        lines.append(f"| {row['row']} | {row.get('privacy_unit') or 'no DP'} | {_fmt(row.get('test_accuracy'), 3)} | "
+                     f"{_fmt(row.get('test_auc'), 3)} | {_fmt(row.get('majority_class_rate'), 3)} | {nodes} | "
+                     f"{row['seconds'] / 60:.1f} |")
+    bound = next((r["group_privacy_bound_for_an_8_record_patient"] for r in result["rows"]
+                  if "group_privacy_bound_for_an_8_record_patient" in r), None)
+    if bound:
+        lines += ["", f"What the `pn-record` row's epsilon 8 per record says about a patient with 8 records, by the "
+                      f"standard group-privacy bound (not a measurement): epsilon {bound['epsilon']:g} at delta "
+                      f"{bound['delta']:.3g}, i.e. nothing."]
     return lines
 
 
@@ -296,6 +326,7 @@ def main() -> None:
         "  DP + SecAgg+ + client-level DP training;",
         "- `bash benchmarks/gpu_run.sh` (on a CUDA machine, see its header): `dp_sgd_cost.py --device cuda` and",
         "  `gpu_utility_row.py`;",
+        "- `python benchmarks/patient_level.py`: patient-level (user-level) DP beside sample-level DP and no DP;",
         "- `python benchmarks/make_readme.py`: this file.",
         "",
         "The tables below were measured on a 2-core machine shared with other work (load averages are recorded",
@@ -314,6 +345,8 @@ def main() -> None:
         parts += [""] + scale_table(json.loads((results / "simulation_scale.json").read_text()))
     if (results / "utility_table.json").exists():
         parts += [""] + utility_tables(json.loads((results / "utility_table.json").read_text()))
+    if (results / "patient_level.json").exists():
+        parts += [""] + patient_level_table(json.loads((results / "patient_level.json").read_text()))
     audits = {p.name.removesuffix(".json").replace(".audit", ""): json.loads(p.read_text())
               for p in sorted((results / "audit").glob("*.audit*.json"))}
     if audits:
