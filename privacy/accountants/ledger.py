@@ -195,8 +195,9 @@ class PrivacyLedger:
 
         Record-level (groups None): sample_rate is over records and the budget is checked per
         record. User-level: `groups` maps each trained group's id (`group_unit_id`) to its
-        record ids, sample_rate is over groups, and every group and every one of its records
-        is charged; `unit` names the group unit ("patient", "user"). Returns the entry written
+        record ids, sample_rate is over groups, every group is charged and its records are
+        remembered as its members (their epsilon then includes the group's); `unit` names the
+        group unit ("patient", "user"). Returns the entry written
         (epsilon_after: the largest over the groups, else over `records`). If some unit would
         pass `max_epsilon`, or a group's records carry spend the group does not (the module
         docstring), nothing is charged and a `declined=True` entry is recorded and returned.
@@ -207,29 +208,25 @@ class PrivacyLedger:
             raise PrivacyBudgetError(f"invalid charge: steps={steps}, noise_multiplier={noise_multiplier}, "
                                      f"sample_rate={sample_rate}, records={len(records)}, "
                                      f"groups={None if groups is None else len(groups)}")
+        # The charged units: records, or groups (a record's group-level spend is its group's history).
         units = list(groups) if groups is not None else list(records)
-        keys = units + list(records) if groups is not None else units
         with self._locked():
             state = self._read()
             index = state.cohort_of()
             spent = _worst(state, index, units, delta)[0]
-            after = _after_charge(state, index, keys, delta, noise_multiplier, sample_rate, steps)
+            after = _after_charge(state, index, units, delta, noise_multiplier, sample_rate, steps)
             mixed = _mixed_group(state, index, groups) if groups is not None else ""
-            if groups is not None:
-                keys = units  # a record's group-level spend is its group's history (`_histories`)
             declined = bool(mixed) or after > max_epsilon + _BUDGET_SLACK
             entry = LedgerEntry(
                 time=time.time(), node=node, run=run, round=round, steps=0 if declined else steps,
                 noise_multiplier=noise_multiplier, sample_rate=sample_rate, records=len(records),
-                epsilon_after=spent if declined else _after_charge(state, index, units, delta, noise_multiplier,
-                                                                   sample_rate, steps),
-                declined=declined,
+                epsilon_after=spent if declined else after, declined=declined,
                 reason=mixed or (f"training would reach epsilon={after:.3f} > max-epsilon={max_epsilon:g} "
                                  f"(spent so far {spent:.3f}, delta={delta:g}, per {unit})" if declined else ""),
                 unit=unit if groups is not None else "record", groups=len(groups) if groups is not None else 0,
             )
             if not declined:
-                _charge_cohorts(state, set(keys), delta, noise_multiplier, sample_rate, steps)
+                _charge_cohorts(state, set(units), delta, noise_multiplier, sample_rate, steps)
                 for group, members in (groups or {}).items():
                     state.groups.update(dict.fromkeys(members, group))
                 self._write(state)
@@ -300,7 +297,6 @@ class PrivacyLedger:
                 state.legacy.setdefault(_LEGACY_FILE.match(path.name)["node"], []).append(old)
             self._write(state)  # recorded before the file moves: a crash in between only repeats the move
             os.replace(path, self.folder / "migrated" / path.name)
-
 
 
 def _mixed_group(state: _State, index: dict[str, int], groups: Mapping[str, Sequence[str]]) -> str:
