@@ -279,7 +279,10 @@ def train_round(
             steps=local_steps, max_epsilon=node.max_epsilon, run=run_id, round=server_round, groups=units.groups,
             unit=unit,
         )
-        epsilon, history = ledger.worst(units.held, node.delta)
+        held = units.held
+        if entry.unit != unit:  # declined: records spent outside their patients; only their own epsilon is proven
+            unit, held = entry.unit, data.record_ids
+        epsilon, history = ledger.worst(held, node.delta)
         metrics.update({
             "epsilon": epsilon, "delta": node.delta, "max-epsilon": node.max_epsilon,
             "noise-multiplier": sigma, "sample-rate": q, "steps-total": float(sum(h[2] for h in history)),

@@ -176,6 +176,8 @@ def test_a_record_epsilon_composes_its_own_spend_with_its_groups(tmp_path):
                              max_epsilon=50, run="c", round=1, groups={group_unit_id("p1"): ["r1", "r2"]},
                              unit="patient")
     assert declined.declined and "group privacy" in declined.reason
+    # It states the one figure it can prove there: the records' own epsilon, per record.
+    assert declined.unit == "record" and declined.epsilon_after == pytest.approx(ledger.epsilon(["r1", "r2"], 1e-5))
     # A record charged in p2 cannot move into another group unnoticed.
     moved = ledger.charge(["r3"], node="n", delta=1e-5, noise_multiplier=1.0, sample_rate=0.5, steps=1,
                           max_epsilon=50, run="c", round=1, groups={group_unit_id("p9"): ["r3"]}, unit="patient")
@@ -267,3 +269,14 @@ def test_training_units_name_groups_by_hash_and_count_validation_groups():
     assert units.groups[group_unit_id("p2")] == [train.record_ids[3]]
     assert units.held == units.trained  # p2's validation records belong to a trained group
     assert dataclasses.replace(units).group_of.tolist() == [0, 0, 1, 2]
+
+
+def test_a_node_whose_records_were_trained_at_record_level_declines_patient_level_and_says_per_record(tmp_path):
+    plan = TrainingPlan.from_run_config(PLAN)
+    data, state = _global(_node(tmp_path, unit="record"), plan)
+    first = train_round(_node(tmp_path, unit="record"), plan, data, state, 1, "run-a")
+    assert first.unit == "record" and not first.declined
+    then = train_round(_node(tmp_path, unit="patient"), plan, data, state, 1, "run-b")
+    assert then.declined and then.state is None and "group privacy" in then.reason
+    # No patient-level figure is reported for these patients: the records' own epsilon, per record.
+    assert then.unit == "record" and then.metrics["epsilon"] == pytest.approx(first.metrics["epsilon"])

@@ -200,7 +200,8 @@ class PrivacyLedger:
         group unit ("patient", "user"). Returns the entry written
         (epsilon_after: the largest over the groups, else over `records`). If some unit would
         pass `max_epsilon`, or a group's records carry spend the group does not (the module
-        docstring), nothing is charged and a `declined=True` entry is recorded and returned.
+        docstring), nothing is charged and a `declined=True` entry is recorded and returned;
+        in the latter case its unit is "record" and epsilon_after the records' largest.
         Raises PrivacyBudgetError for an invalid charge or delta.
         """
         _check_node(node)
@@ -216,6 +217,8 @@ class PrivacyLedger:
             spent = _worst(state, index, units, delta)[0]
             after = _after_charge(state, index, units, delta, noise_multiplier, sample_rate, steps)
             mixed = _mixed_group(state, index, groups) if groups is not None else ""
+            if mixed:  # no patient-level figure can be proven: state the records' own epsilon instead
+                spent = _worst(state, index, records, delta)[0]
             declined = bool(mixed) or after > max_epsilon + _BUDGET_SLACK
             entry = LedgerEntry(
                 time=time.time(), node=node, run=run, round=round, steps=0 if declined else steps,
@@ -223,7 +226,8 @@ class PrivacyLedger:
                 epsilon_after=spent if declined else after, declined=declined,
                 reason=mixed or (f"training would reach epsilon={after:.3f} > max-epsilon={max_epsilon:g} "
                                  f"(spent so far {spent:.3f}, delta={delta:g}, per {unit})" if declined else ""),
-                unit=unit if groups is not None else "record", groups=len(groups) if groups is not None else 0,
+                unit=unit if groups is not None and not mixed else "record",
+                groups=len(groups) if groups is not None else 0,
             )
             if not declined:
                 _charge_cohorts(state, set(units), delta, noise_multiplier, sample_rate, steps)
