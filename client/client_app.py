@@ -64,24 +64,26 @@ def train(msg: Message, context: Context) -> Message:
         }), reply_to=msg)
 
 
+def _refused(msg: Message, name: str, reason: str) -> Message:
+    """The reply of a site whose own policy refuses the round: `refused=1` and why; nothing trained or charged."""
+    return Message(content=RecordDict({
+        "metrics": MetricRecord({"refused": 1}),
+        "node": ConfigRecord({"name": name, "reason": reason}),
+    }), reply_to=msg)
+
+
 def _train(msg: Message, context: Context, plan: TrainingPlan, node) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
     secure = as_bool(config.get("secagg", False), "train message 'secagg'")
     refusal = policy_refusal(node, plan, secure)
     if refusal:  # the site's policy, not the coordinator's plan, decides: nothing is trained or charged
-        return Message(content=RecordDict({
-            "metrics": MetricRecord({"refused": 1}),
-            "node": ConfigRecord({"name": node.name, "reason": refusal}),
-        }), reply_to=msg)
+        return _refused(msg, node.name, refusal)
     data = load_node_data(node, plan)
     try:
         privacy_unit(node.privacy_unit, data.train)
     except ValueError as err:  # the owner asked for patient-level DP on data without group keys
-        return Message(content=RecordDict({
-            "metrics": MetricRecord({"refused": 1}),
-            "node": ConfigRecord({"name": node.name, "reason": str(err)}),
-        }), reply_to=msg)
+        return _refused(msg, node.name, str(err))
     global_state = msg.content["arrays"].to_torch_state_dict()
     run_cfg = context.run_config
     simulated = node.data_path is None  # fault and dropout injection are simulation aids only

@@ -249,9 +249,9 @@ class LocalTrainingSession:
         self.dp = noise_multiplier is not None
         self.num_records = len(train)
         self.batch_size = batch_size
-        self.user_level = groups is not None and self.dp
+        user_level = groups is not None and self.dp
         # The sampled unit: a record, or under user-level DP a group.
-        units = int(np.max(groups)) + 1 if self.user_level else len(train)
+        units = int(np.max(groups)) + 1 if user_level else len(train)
         self.steps_per_epoch = steps_per_epoch(units, batch_size)
         self.sample_rate = 1.0 / self.steps_per_epoch
         self.x, self.y = _tensors(train).tensors
@@ -269,7 +269,7 @@ class LocalTrainingSession:
             self.accountant = RDPAccountant()
             self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
             self.sampler = (GroupPoissonSampler(groups, self.sample_rate, self.steps_per_epoch, randomness,
-                                                max_records_per_group) if self.user_level else
+                                                max_records_per_group) if user_level else
                             PoissonBatchSampler(len(train), self.sample_rate, self.steps_per_epoch, randomness))
         else:
             self.model, self.optimizer = model, opt
