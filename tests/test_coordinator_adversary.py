@@ -178,6 +178,10 @@ def test_3_a_deployed_node_refuses_what_its_policy_forbids_whatever_the_run_conf
         reply = _ask_to_train(_site_context(data, state), {**run, "secagg": bool(config)}, **config)
         assert reply.content["metrics"]["refused"] == 1 and "arrays" not in reply.content
         assert str(reply.content["node"]["reason"]).startswith(reason), reply.content["node"]["reason"]
+    # An owner who set patient-level DP on data without group keys: refused, never trained per record.
+    reply = _ask_to_train(_site_context(data, state, **{"privacy-unit": "patient"}), {"secagg": True}, secagg=True)
+    assert reply.content["metrics"]["refused"] == 1 and "arrays" not in reply.content
+    assert "privacy unit is 'patient' but its data has no group keys" in str(reply.content["node"]["reason"])
     # Nothing was trained or charged.
     assert not (state / "ledgers" / "records.json").exists()
     # An owner who allows both gets a plain round (the control: the refusals were the policy's).
