@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import re
 import signal
 import socket
@@ -77,8 +78,34 @@ def flwr_env(home: Path) -> dict[str, str]:
                         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
 
 
+_LISTEN_PORTS = (20000, 32768)  # below Linux's default ephemeral range (32768-60999)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    """A TCP port free on 127.0.0.1 right now, outside the OS's ephemeral range where it can.
+
+    Why outside: a service restarted on its port (a coordinator after a crash) must find it
+    free again, and a port in the ephemeral range can meanwhile be taken as the local end of
+    any outgoing connection, even a node's own retry to that very port (TCP self-connect).
+    Falls back to a port the OS picks when none below the range is free.
+    """
+    low, high = _ephemeral_range()
+    candidates = [port for port in range(*_LISTEN_PORTS) if not low <= port <= high]
+    for port in random.sample(candidates, min(50, len(candidates))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

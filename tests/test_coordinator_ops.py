@@ -356,6 +356,24 @@ def gateway(tmp_path, nginx):
         upstream.close()
 
 
+def test_a_picked_listen_port_is_free_and_outside_the_ephemeral_range(monkeypatch):
+    # A coordinator restarted after a crash rebinds its port: one in the ephemeral range can be
+    # taken meanwhile as the local end of an outgoing connection (CI saw nginx fail on it).
+    import socket
+
+    from shared_models import flower_processes
+
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [flower_processes.free_port() for _ in range(20)]
+    assert all(not low <= port <= high for port in ports)
+    for port in ports[:3]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # really free
+    # When nothing below the range is free, the OS picks one (never an error).
+    monkeypatch.setattr(flower_processes, "_LISTEN_PORTS", (low, low + 1))
+    assert low <= flower_processes.free_port() <= high
+
+
 def test_raw_uri_forms_are_refused_by_real_nginx_and_never_reach_the_upstream(gateway):
     from server.fleet_gateway import FLEET_ROUTES
 

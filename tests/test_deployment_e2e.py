@@ -91,9 +91,11 @@ class Federation:
         """SIGKILL the SuperLink, the ServerApp under it and the gateway, as a machine crash would."""
         for process in self.coordinator.processes:
             parent = psutil.Process(process.pid)
-            for proc in [*parent.children(recursive=True), parent]:
+            procs = [*parent.children(recursive=True), parent]
+            for proc in procs:
                 proc.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
+            psutil.wait_procs(procs, timeout=30)  # nginx's workers too: they hold the port until gone
         self.coordinator.processes.clear()
 
     def start_node(self, node: str) -> None:
