@@ -339,10 +339,14 @@ class LocalTrainingSession:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: LabeledArrays, device: torch.device, batch_size: int = 512) -> dict[str, float]:
+def evaluate(model: nn.Module, data: LabeledArrays, device: torch.device, batch_size: int = 512,
+             balanced_accuracy: bool = False) -> dict[str, float]:
     """Loss (mean cross-entropy, nats), accuracy, and ROC AUC for binary tasks.
 
-    Returns {"loss", "accuracy"} plus "auc" when there are 2 classes and both occur.
+    Returns {"loss", "accuracy"} plus "auc" when there are 2 classes and both occur, plus
+    "balanced_accuracy" (the mean of the per-class recalls over the classes present, as
+    scikit-learn's `balanced_accuracy_score`) when asked: the coordinator asks on its test
+    split; a node's replies keep their listed releases (`privacy.releases`).
     """
     model.eval()
     loader = DataLoader(_tensors(data), batch_size=batch_size)
@@ -356,6 +360,10 @@ def evaluate(model: nn.Module, data: LabeledArrays, device: torch.device, batch_
     n = max(len(data), 1)
     out = {"loss": total_loss / n, "accuracy": correct / n}
     y_all = np.concatenate(labels) if labels else np.zeros(0)
+    if balanced_accuracy and len(y_all):
+        from sklearn.metrics import balanced_accuracy_score
+
+        out["balanced_accuracy"] = float(balanced_accuracy_score(y_all, np.concatenate(probs).argmax(1)))
     if data.num_classes == 2 and len(np.unique(y_all)) == 2:
         from sklearn.metrics import roc_auc_score
 

@@ -42,6 +42,10 @@ TEMPLATE = """<!DOCTYPE html>
 <div class="cards">
   <div class="card"><div class="label">final test accuracy</div>
     <div class="value" id="final-test-accuracy" data-key="final.test_accuracy" data-value="{{ final.test_accuracy | exact }}">{{ final.test_accuracy | fmt('.4f') }}</div></div>
+  {% if final.test_balanced_accuracy is defined %}
+  <div class="card"><div class="label">final test balanced accuracy</div>
+    <div class="value" id="final-test-balanced-accuracy" data-key="final.test_balanced_accuracy" data-value="{{ final.test_balanced_accuracy | exact }}">{{ final.test_balanced_accuracy | fmt('.4f') }}</div></div>
+  {% endif %}
   {% if final.test_auc is defined %}
   <div class="card"><div class="label">final test AUC</div>
     <div class="value" id="final-test-auc" data-key="final.test_auc" data-value="{{ final.test_auc | exact }}">{{ final.test_auc | fmt('.4f') }}</div></div>

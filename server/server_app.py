@@ -48,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model.to(dev), test, dev)
+        return evaluate(model.to(dev), test, dev, balanced_accuracy=True)
 
     settings = federation_settings(cfg, plan, run_id=f"{plan.run_name}-{context.run_id}")
     arrays, ledger, resume, initial_test = ArrayRecord(model.state_dict()), CoordinatorLedger(), None, None

@@ -66,6 +66,7 @@ def build_summary(plan: TrainingPlan, cfg: dict, rows: list[dict], ledger: Coord
             "test_accuracy": last.get("accuracy"),
             "test_loss": last.get("loss"),
             **({"test_auc": last["auc"]} if "auc" in last else {}),
+            **({"test_balanced_accuracy": last["balanced_accuracy"]} if "balanced_accuracy" in last else {}),
         },
         "majority_class_rate": majority_rate,
         "server_optimizer": ServerOptimizer(**optimizer_config(cfg)).describe(),
@@ -119,6 +120,7 @@ def write_report(folder: RunFolder, summary: dict) -> None:
         f"- rounds completed: {summary['rounds_completed']} of {summary['rounds_planned']}, "
         f"of which {summary['rounds_aggregated']} changed the model",
         f"- final test accuracy: **{final['test_accuracy']:.4f}** (majority class {summary['majority_class_rate']:.4f})"
+        + (f", balanced accuracy {final['test_balanced_accuracy']:.4f}" if "test_balanced_accuracy" in final else "")
         + (f", AUC {final['test_auc']:.4f}" if "test_auc" in final else ""),
         f"- secure aggregation: {'SecAgg+ (the server saw only sums)' if summary['secure_aggregation'] else 'off'}",
         f"- differential privacy: {'DP-SGD, target epsilon %g at delta %g per node' % (summary['target_epsilon'], summary['delta']) if summary['dp'] else 'off'}"

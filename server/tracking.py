@@ -2,7 +2,7 @@
 
 A run with tracking on also logs, inside its own run folder, the resolved run-config and per
 round (the step is the round number) these scalars:
-    test/accuracy, test/loss, test/auc         the global model on the coordinator's test split
+    test/accuracy, test/balanced_accuracy, test/loss, test/auc   the global model on the coordinator's test split
     epsilon/<node>                             each node's sample-level epsilon as it reported it
     client_level/epsilon                       client-level epsilon of the released aggregates
     nodes/trained, nodes/declined, nodes/refused, nodes/failed   how many nodes did what
@@ -102,11 +102,11 @@ def round_scalars(test: dict, epsilons: dict[str, float | None], client_epsilon:
                   counts: dict[str, int], seconds: float) -> dict[str, float]:
     """One round's scalars by name (module docstring); values not known yet are left out.
 
-    `test`: accuracy (fraction), loss, auc; `epsilons`: node name -> sample-level epsilon or None;
+    `test`: accuracy and balanced_accuracy (fractions), loss, auc; `epsilons`: node name -> sample-level epsilon or None;
     `counts`: trained/declined/refused/failed -> number of nodes; `seconds`: the round's wall time.
     """
     scalars: dict[str, float] = {}
-    for key in ("accuracy", "loss", "auc"):
+    for key in ("accuracy", "balanced_accuracy", "loss", "auc"):
         if test.get(key) is not None:
             scalars[f"test/{key}"] = float(test[key])
     for node, epsilon in sorted(epsilons.items()):

@@ -285,6 +285,8 @@ def print_summary(summary: dict, out: Path, console: Console, role: str = "simul
     """
     final = summary["final"]
     line = f"final test accuracy {final['test_accuracy']:.4f} (majority class {summary['majority_class_rate']:.4f})"
+    if "test_balanced_accuracy" in final:
+        line += f", balanced accuracy {final['test_balanced_accuracy']:.4f}"
     if "test_auc" in final:
         line += f", AUC {final['test_auc']:.4f}"
     console.print(f"[bold]{line}[/bold] after {summary['rounds_completed']} rounds")
