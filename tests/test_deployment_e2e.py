@@ -91,11 +91,13 @@ class Federation:
         """SIGKILL the SuperLink, the ServerApp under it and the gateway, as a machine crash would."""
         for process in self.coordinator.processes:
             parent = psutil.Process(process.pid)
-            procs = [*parent.children(recursive=True), parent]
+            # The parent first: an nginx master outliving one of its killed workers respawns it,
+            # and that new worker would hold the node-facing port after the "crash".
+            procs = [parent, *parent.children(recursive=True)]
             for proc in procs:
                 proc.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
-            psutil.wait_procs(procs, timeout=30)  # nginx's workers too: they hold the port until gone
+            psutil.wait_procs(procs, timeout=30)
         self.coordinator.processes.clear()
 
     def start_node(self, node: str) -> None:
