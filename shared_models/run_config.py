@@ -75,12 +75,15 @@ class TrainingPlan:
     max_records_per_group: int = 0
     group_column: str = ""  # a text CSV's group-key column (patient-level DP); "" = none
     group_manifest: str = ""  # an image/audio folder's file,group CSV; "" = its groups.csv if any
+    # Issue 14. What an audio clip becomes (`shared_models.datasets.audio.clip_features`): the
+    # model's input, so every node takes it from the run, whatever its own format options.
+    audio_features: str = "logmel"
 
     def data_options(self) -> LocalDataOptions:
         """The run's format options for a local-path dataset (the central test set, simulated nodes)."""
         return LocalDataOptions(image_size=self.image_size or None, max_text_bytes=self.max_text_bytes,
                                 csv_delimiter=self.csv_delimiter or None, group_column=self.group_column or None,
-                                group_manifest=self.group_manifest or None)
+                                group_manifest=self.group_manifest or None, audio_features=self.audio_features)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> TrainingPlan:
@@ -126,6 +129,7 @@ class TrainingPlan:
             max_records_per_group=get("max-records-per-group", int) if "max-records-per-group" in cfg else 0,
             group_column=get("group-column", str) if "group-column" in cfg else "",
             group_manifest=get("group-manifest", str) if "group-manifest" in cfg else "",
+            audio_features=get("audio-features", str) if "audio-features" in cfg else "logmel",
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -150,6 +154,12 @@ class TrainingPlan:
              "a column name other than 'text' and 'label', or empty for none"),
             (not plan.group_manifest or plan.group_manifest.strip(), "group-manifest",
              "a file path, or empty for none"),
+            (plan.audio_features in ("logmel", "scattering"), "audio-features", "'logmel' or 'scattering'"),
+            (plan.audio_features == "logmel" or plan.task == "speech", "audio-features",
+             f"'logmel' (the default) for a {plan.task} task: audio features are for speech"),
+            (plan.audio_features == "logmel" or plan.task != "speech" or plan.model == "linear", "audio-features",
+             f"'logmel' for the speech model {plan.model or 'conv (the default)'!r}: scattering gives one frame of "
+             "coefficients per clip, for model 'linear'"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -48,3 +48,22 @@ class SpeechConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.convs(x.transpose(1, 2)))
+
+
+class SpeechLinear(nn.Module):
+    """The time-average of fixed per-frame features + a linear classifier (DP-first speech model).
+
+    Made for the wavelet scattering front-end (`--audio-features scattering`: T = 1 frame of
+    336 log-scattering coefficients, each clip unit-norm), where only F x num_classes weights
+    and num_classes biases are trained: DP-SGD's noise is spread over few parameters
+    (Tramer & Boneh, ICLR 2021). Works on log-mel frames too (their time-average).
+
+    Input: features (B, T, F), any T >= 1. Output: logits (B, num_classes).
+    """
+
+    def __init__(self, n_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mean(dim=1))

@@ -89,7 +89,12 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default="",
-                        help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: ngram-linear, conv, lstm, gru)")
+                        help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru, linear; text: ngram-linear, "
+                             "conv, lstm, gru)")
+    parser.add_argument("--audio-features", choices=("logmel", "scattering"), default="logmel",
+                        help="speech: what each clip becomes, log-mel frames or wavelet scattering coefficients "
+                             "(kymatio Scattering1D, 336 per clip: suits --model linear); fixed per clip, nothing "
+                             "learnt from the data; every node follows the run")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of each simulated node's records kept for validation (chosen by record content); "
                              "a deployed node keeps the share its owner set with `fedpriv node --val-fraction`")
@@ -273,6 +278,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "max-records-per-group": args.max_records_per_group,
         "group-column": args.group_column or "",
         "group-manifest": args.group_manifest or "",
+        "audio-features": args.audio_features,
     }
 
 

@@ -65,7 +65,7 @@ def load_local(path: str | Path, task: str, options: LocalDataOptions | None = N
             return splits["train"]
         return load_image_folder(path, options.image_size, group_manifest=options.group_manifest)
     if task == "speech":
-        return load_audio_folder(path, group_manifest=options.group_manifest)
+        return load_audio_folder(path, group_manifest=options.group_manifest, features=options.audio_features)
     if path.suffix.lower() == ".csv":
         return load_text_csv(path, max_len=options.max_text_bytes, delimiter=options.csv_delimiter,
                              group_column=options.group_column)

@@ -1,4 +1,4 @@
-"""Audio: WAV files -> per-utterance-normalised log-mel frames (N, T, n_mels).
+"""Audio: WAV files -> per-utterance-normalised features: log-mel frames or wavelet scattering.
 
 WAV decoding by `soundfile` (libsndfile), the mel filterbank and spectrogram by `librosa`.
 Clips at another rate are resampled to the model's rate (`librosa.resample` with soxr's
@@ -9,12 +9,17 @@ file holds (a cut-off copy) is refused, never trained on as its first part.
 Defaults suit 8 kHz speech (FSDD): 32 ms windows (n_fft=256), 16 ms hop, 40 mel bands,
 64 frames (1.02 s; 99% of FSDD utterances are shorter). Longer clips are truncated, shorter
 ones zero-padded after normalisation (so padding is the utterance mean).
+Wavelet scattering (`features="scattering"`, issue 14): kymatio's Scattering1D (J=8, Q=12,
+averaged over T=8192 samples = 1.02 s at 8 kHz; orders 1 and 2, 336 coefficients), log,
+then each clip centred and scaled to unit norm by its own values: a fixed, data-independent
+front-end (Tramer & Boneh, ICLR 2021; Anden & Mallat 2014) that needs only a small trained head.
 Group keys (patient-level DP): FSDD's speaker, or an audio folder's manifest (`--group-manifest`
 or `groups.csv`, `shared_models.datasets.local.read_group_manifest`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import struct
@@ -36,6 +41,15 @@ FSDD_NAME = re.compile(r"^(?P<label>\d)_(?P<speaker>[A-Za-z]+)_(?P<take>\d+)\.wa
 def is_wav(path: Path) -> bool:
     """A WAV file by its extension, in any case (`.wav`, `.WAV`)."""
     return path.suffix.lower() == ".wav"
+
+
+AUDIO_FEATURES = ("logmel", "scattering")  # what a clip becomes; the run chooses (run-config `audio-features`)
+
+# Scattering1D settings (module docstring): samples per clip (zero-padded / cut), the
+# wavelet octaves J and wavelets per octave Q; with T = SCATTER_SAMPLES one time frame.
+SCATTER_SAMPLES, SCATTER_J, SCATTER_Q = 8192, 8, 12
+SCATTER_LOG_FLOOR = 1e-6  # log(S + floor): silent clips stay finite
+SCATTER_BATCH = 256  # clips per Scattering1D call (memory: ~ batch x 8192 x Q x 8 bytes x a few)
 
 
 @dataclass(frozen=True)
@@ -132,12 +146,63 @@ def log_mel_frames(samples: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _scattering():
+    # The 1-D torch front-end module itself: `kymatio.torch` also imports the 3-D one, which
+    # needs scipy's `sph_harm` (removed in scipy 1.17).
+    from kymatio.scattering1d.frontend.torch_frontend import ScatteringTorch1D
+
+    return ScatteringTorch1D(J=SCATTER_J, shape=SCATTER_SAMPLES, Q=SCATTER_Q, T=SCATTER_SAMPLES)
+
+
+def scattering_features(clips: list[np.ndarray]) -> np.ndarray:
+    """(N, 1, 336) float32 log wavelet-scattering coefficients of mono clips (module docstring).
+
+    clips: N float arrays of samples at 8 kHz (any length: cut or zero-padded to
+    SCATTER_SAMPLES). Each row depends on its own clip only: centred by its own mean and
+    scaled to unit L2 norm (nothing is estimated from other records). The order-0
+    coefficient (the clip's mean) is dropped.
+    """
+    import torch
+
+    if not clips:
+        return np.zeros((0, 1, 0), dtype=np.float32)
+    scattering = _scattering()
+    out = []
+    for start in range(0, len(clips), SCATTER_BATCH):
+        batch = np.zeros((len(clips[start:start + SCATTER_BATCH]), SCATTER_SAMPLES), dtype=np.float32)
+        for row, clip in enumerate(clips[start:start + SCATTER_BATCH]):
+            clip = np.asarray(clip, dtype=np.float32)[:SCATTER_SAMPLES]
+            batch[row, :len(clip)] = clip
+        with torch.no_grad():
+            coefficients = scattering(torch.from_numpy(batch))[:, 1:, 0].double().numpy()  # (B, 336)
+        z = np.log(coefficients + SCATTER_LOG_FLOOR)
+        z -= z.mean(axis=1, keepdims=True)
+        z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        out.append(z.astype(np.float32))
+    return np.concatenate(out)[:, None, :]
+
+
+def clip_features(clips: list[np.ndarray], cfg: LogMelConfig, features: str) -> np.ndarray:
+    """(N, T, F) float32 features of mono clips at cfg.sample_rate: "logmel" (cfg.frames,
+    cfg.n_mels) or "scattering" (1, 336; needs 8 kHz). Raises ValueError for another name."""
+    if features == "logmel":
+        return np.stack([log_mel_frames(clip, cfg) for clip in clips]) if clips else \
+            np.zeros((0, cfg.frames, cfg.n_mels), dtype=np.float32)
+    if features == "scattering":
+        if cfg.sample_rate != 8000:
+            raise ValueError(f"scattering features are set for 8 kHz audio, got sample rate {cfg.sample_rate}")
+        return scattering_features(clips)
+    raise ValueError(f"audio features must be one of {list(AUDIO_FEATURES)}, got {features!r}")
+
+
 def load_fsdd(folder: str | Path, cfg: LogMelConfig = LogMelConfig(),
-              summary: DataSummary | None = None) -> dict[str, LabeledArrays]:
+              summary: DataSummary | None = None, features: str = "logmel") -> dict[str, LabeledArrays]:
     """The Free Spoken Digit Dataset from its `recordings/` folder (or the folder above it).
 
     Returns {"train": takes 5-49, "test": takes 0-4} (FSDD's official split), with the
-    speaker as the natural partition id; x is (N, cfg.frames, cfg.n_mels) float32. WAV
+    speaker as the natural partition id; x is (N, cfg.frames, cfg.n_mels) float32 log-mel
+    frames, or (N, 1, 336) with features="scattering" (`clip_features`). WAV
     extensions match in any case; hidden files are skipped (counted in `summary`). Raises
     DataFormatError for a missing folder, a file name not of the form
     `{digit}_{speaker}_{take}.wav`, or an unreadable or truncated WAV.
@@ -155,14 +220,14 @@ def load_fsdd(folder: str | Path, cfg: LogMelConfig = LogMelConfig(),
         if not match:
             raise DataFormatError(f"{path}: FSDD file names must look like '7_george_12.wav'")
         samples = read_wav(path, cfg.sample_rate, summary)
-        xs.append(log_mel_frames(samples, cfg))
+        xs.append(samples)
         ys.append(int(match["label"]))
         speakers.append(match["speaker"])
         digests.append(_sample_digest(samples))
         is_test.append(int(match["take"]) < 5)
     full = LabeledArrays(
         task="speech",
-        x=np.stack(xs),
+        x=clip_features(xs, cfg, features),
         y=np.asarray(ys, dtype=np.int64),
         classes=[str(d) for d in range(10)],
         record_ids=content_record_ids(digests, "audio"),
@@ -175,11 +240,12 @@ def load_fsdd(folder: str | Path, cfg: LogMelConfig = LogMelConfig(),
 
 
 def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig(), *,
-                      group_manifest: str | Path | None = None) -> LabeledArrays:
+                      group_manifest: str | Path | None = None, features: str = "logmel") -> LabeledArrays:
     """A hospital's audio folder: one subfolder per class holding WAV files (any rate, any channels).
 
     A flat folder of FSDD-named files (`{label}_{speaker}_{n}.wav`) is read the same way
-    with the speaker as natural partition id. Returns x (N, cfg.frames, cfg.n_mels) float32.
+    with the speaker as natural partition id. Returns x (N, cfg.frames, cfg.n_mels) float32
+    (features="scattering": (N, 1, 336), `clip_features`).
     Extensions match in any case (`.wav`, `.WAV`); hidden files and folders (name starting
     with '.') and files that are not WAV are skipped and counted in `meta["summary"]`, with
     the clips resampled to cfg.sample_rate Hz or downmixed to mono (`read_wav`).
@@ -197,7 +263,7 @@ def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig(), *,
         wavs = [p for p in entries if is_wav(p)]
         if wavs and all(FSDD_NAME.match(p.name) for p in wavs):
             manifest = read_group_manifest(folder, group_manifest)  # its errors before the costly features
-            split = load_fsdd(folder, cfg)  # lists the folder again: its own summary
+            split = load_fsdd(folder, cfg, features=features)  # lists the folder again: its own summary
             train, test = split["train"], split["test"]
             both = np.concatenate([np.arange(len(train)), len(train) + np.arange(len(test))])
             merged = LabeledArrays(
@@ -237,14 +303,14 @@ def load_audio_folder(folder: str | Path, cfg: LogMelConfig = LogMelConfig(), *,
             raise DataFormatError(f"{class_dir}: class folder holds no .wav files")
         for path in wavs:
             samples = read_wav(path, cfg.sample_rate, summary)
-            xs.append(log_mel_frames(samples, cfg))
+            xs.append(samples)
             ys.append(label)
             digests.append(_sample_digest(samples))
             paths.append(path)
     groups = None if manifest is None else manifest_groups(folder, paths, manifest, summary)
     return LabeledArrays(
         task="speech",
-        x=np.stack(xs),
+        x=clip_features(xs, cfg, features),
         y=np.asarray(ys, dtype=np.int64),
         classes=[d.name for d in class_dirs],
         record_ids=content_record_ids(digests, "audio"),

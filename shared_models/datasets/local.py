@@ -48,6 +48,9 @@ class LocalDataOptions:
     group_manifest: a CSV with columns `file,group` giving each image/audio file's group key
        (a relative path is taken from the data folder); None reads `groups.csv` at the data
        folder's root when there is one.
+    audio_features: what an audio clip becomes, "logmel" or "scattering"
+       (`shared_models.datasets.audio.clip_features`); a model choice of the run, so a deployed
+       node takes it from the run-config, not from its own options.
     """
 
     image_size: int | None = None
@@ -55,6 +58,7 @@ class LocalDataOptions:
     csv_delimiter: str | None = None
     group_column: str | None = None
     group_manifest: str | None = None
+    audio_features: str = "logmel"
 
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size < 1:
@@ -68,6 +72,8 @@ class LocalDataOptions:
             check_group_column(self.group_column)
         if self.group_manifest is not None and not self.group_manifest.strip():
             raise ValueError("group manifest must be a file path, got an empty one")
+        if self.audio_features not in ("logmel", "scattering"):  # audio.AUDIO_FEATURES (audio imports this module)
+            raise ValueError(f"audio features must be 'logmel' or 'scattering', got {self.audio_features!r}")
 
 
 @dataclass

@@ -73,7 +73,8 @@ def load_dataset(name_or_path: str, task: str | None = None, root: str = "",
 
     root: folder of the named datasets (default `data_dir()`); Flower runs the apps from
     a copy of this project, so the simulation passes it explicitly in the run-config.
-    options: format options for a local path (`LocalDataOptions`); named datasets ignore them.
+    options: format options for a local path (`LocalDataOptions`); named datasets ignore them,
+    except FSDD which takes its `audio_features`.
     synthetic_patients: give every split seeded pseudo-patient group keys
     (`shared_models.datasets.synthetic_patients`; a dataset with its own groups is refused).
     Raises DataFormatError when a named dataset's files are missing or malformed.
@@ -95,7 +96,8 @@ def load_dataset(name_or_path: str, task: str | None = None, root: str = "",
                 "FEDPRIV_DATA_DIR to the folder holding fsdd/, pneumoniamnist/ and sms_spam/."
             )
         if name_or_path == "fsdd":
-            return _cached_features(path, lambda: load_fsdd(path))
+            features = (options or LocalDataOptions()).audio_features
+            return _cached_features(path, lambda: load_fsdd(path, features=features), features)
         if name_or_path == "pneumoniamnist":
             splits = load_npz(path, classes=["normal", "pneumonia"])
             return {"train": splits["train"], "test": splits["test"]}
@@ -119,14 +121,15 @@ def _split_local(data: LabeledArrays, test_fraction: float = 0.2) -> dict[str, L
     return {"train": data.subset(np.sort(train_idx)), "test": data.subset(np.sort(test_idx))}
 
 
-def _cached_features(folder: Path, compute) -> dict[str, LabeledArrays]:
-    """Log-mel features are costly (~20 s for FSDD): keep them on disk, keyed by the files."""
+def _cached_features(folder: Path, compute, features: str = "logmel") -> dict[str, LabeledArrays]:
+    """Audio features are costly (FSDD: log-mel ~20 s, scattering ~2 min on 2 cores): keep
+    them on disk, keyed by the files and the kind of features."""
     files = sorted(folder.glob("*.wav"))
     key = hashlib.sha256()
     for f in files:
         st = f.stat()
         key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    key.update(b"logmel-v1/content-ids")
+    key.update(b"logmel-v1/content-ids" if features == "logmel" else f"{features}-v1/content-ids".encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedpriv" / f"fsdd-{key.hexdigest()[:16]}.npz"
     if cache.exists():
         try:
