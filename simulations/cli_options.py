@@ -78,7 +78,7 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--batch-size", type=positive_int, default=64, help="(expected, under Poisson sampling) batch size")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv under DP, 0.05 without, "
-                             "8 ngram-linear; 0.002 for adam)")
+                             "8 ngram-linear and ngram-wordchar; 0.002 for adam)")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--momentum", type=float, default=0.0,
                         help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
@@ -89,7 +89,7 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default="",
-                        help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: ngram-linear, conv, lstm, gru)")
+                        help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru; text: ngram-linear, ngram-wordchar, conv, lstm, gru)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of each simulated node's records kept for validation (chosen by record content); "
                              "a deployed node keeps the share its owner set with `fedpriv node --val-fraction`")
