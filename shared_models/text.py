@@ -106,7 +106,7 @@ class TextHashedWordChar(nn.Module):
     fitted and there is no vocabulary, so they carry nothing of any other record or node and
     cost no privacy; only the Linear head (`buckets` x `num_classes` + bias) is trained by
     DP-SGD, and since each feature vector has L2 norm <= 1, each example's gradient norm is
-    bounded by ~sqrt(2) (clipping discards little).
+    bounded (weight part <= sqrt(2), with the bias <= 2), so clipping discards little.
 
     What is hashed, over the UTF-8 bytes lower-cased in ASCII (A-Z -> a-z; other bytes kept):
     - words: maximal runs of bytes that are not separators (ASCII white space, ASCII
@@ -124,6 +124,16 @@ class TextHashedWordChar(nn.Module):
     (`shared_models.datasets.text.encode_bytes`), any L >= 1; padding may sit anywhere.
     Output: logits (B, num_classes). `features(tokens)`: (B, buckets) float32.
     Vectorised over records (loops over n only); nothing is learnt or stored but the head.
+
+    Buckets default to 2**14, not the issue's 2**16: Opacus materialises (B, num_classes,
+    buckets) per-sample gradients, and at batch 128 a DP step cost ~115 ms at 2**14 against
+    ~365 ms at 2**16 (plain step 28 / 80 ms; 2 shared CPUs). Measured on SMS Spam (5
+    Dirichlet(0.5) nodes, 15 rounds x 2 local epochs, batch 128, lr 8, SecAgg+, one run each),
+    test accuracy (AUC): epsilon 8: 2**14 0.956 (0.970), 2**16 0.943 (0.968), 2**16 at batch
+    256 lr 16 0.960 (0.967); epsilon 3: 2**14 0.908 (0.897), 2**16 0.921 (0.934): mixed, so
+    the cheaper width. `ngram-linear` (byte 1-3-grams, 4096 buckets) reached 0.963 (0.989)
+    and 0.948 (0.970) in the same settings, so it stays the default. Raw counts (the issue's
+    prototype) were not tried here.
     """
 
     PRIME = 2_147_483_647  # 2**31 - 1: products of two residues fit in int64
@@ -132,7 +142,7 @@ class TextHashedWordChar(nn.Module):
     MIX = 1_103_515_245  # final multiplier before the bucket
     SALTS = {"word1": 11, "word2": 22, 3: 33, 4: 44, 5: 55}
 
-    def __init__(self, num_classes: int, buckets: int = 2**16, char_ngrams: tuple[int, ...] = (3, 4, 5)) -> None:
+    def __init__(self, num_classes: int, buckets: int = 2**14, char_ngrams: tuple[int, ...] = (3, 4, 5)) -> None:
         super().__init__()
         if not set(char_ngrams) <= {3, 4, 5}:
             raise ValueError(f"char n-grams must be among (3, 4, 5), got {char_ngrams}")

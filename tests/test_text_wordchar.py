@@ -29,7 +29,7 @@ def _tokens(*texts, length=None):
     return torch.from_numpy(encode_bytes(list(texts), length))
 
 
-def _reference_counts(text: str, buckets: int = 2**16, chars=(3, 4, 5)) -> Counter:
+def _reference_counts(text: str, buckets: int, chars=(3, 4, 5)) -> Counter:
     """Bucket -> count, computed per n-gram in plain Python ints."""
     raw = bytes(c + 32 if 65 <= c <= 90 else c for c in text.encode("utf-8"))
 
@@ -50,7 +50,7 @@ def _reference_counts(text: str, buckets: int = 2**16, chars=(3, 4, 5)) -> Count
     return counts
 
 
-def _dense(counts: Counter, buckets: int = 2**16) -> torch.Tensor:
+def _dense(counts: Counter, buckets: int) -> torch.Tensor:
     out = torch.zeros(buckets)
     for k, v in counts.items():
         out[k] = v
@@ -63,10 +63,11 @@ def test_features_of_a_record_do_not_depend_on_the_other_records_or_padding():
     alone = model.features(_tokens(text))
     others = ["ok lar...", "U dun say so early hor... U c already then say...", "", "WINNER!! As a valued network customer"]
     batch = model.features(_tokens(others[0], text, *others[1:], length=120))
-    assert alone.shape == (1, 2**16) and batch.shape == (5, 2**16)
+    buckets = model.buckets
+    assert alone.shape == (1, buckets) and batch.shape == (5, buckets)
     assert torch.equal(alone[0] > 0, batch[1] > 0)
     torch.testing.assert_close(alone[0], batch[1], rtol=0, atol=1e-7)
-    assert torch.equal(batch[3], torch.zeros(2**16))  # an empty record has no n-gram
+    assert torch.equal(batch[3], torch.zeros(buckets))  # an empty record has no n-gram
     # Padding inside a record (as after a cut) ends words and n-grams; never hashed as bytes.
     padded = _tokens(text, length=80)
     assert torch.equal(model.features(padded) > 0, alone > 0)
@@ -76,7 +77,11 @@ def test_features_of_a_record_do_not_depend_on_the_other_records_or_padding():
                                   "a", "ab", "x  y\tz\nw"])
 def test_features_match_an_independent_python_computation(text):
     model = TextHashedWordChar(num_classes=2)
-    torch.testing.assert_close(model.features(_tokens(text))[0], _dense(_reference_counts(text)),
+    expected = _dense(_reference_counts(text, model.buckets), model.buckets)
+    torch.testing.assert_close(model.features(_tokens(text))[0], expected, rtol=1e-6, atol=1e-7)
+    # The same with the issue's 2**16 buckets.
+    wide = TextHashedWordChar(num_classes=2, buckets=2**16)
+    torch.testing.assert_close(wide.features(_tokens(text))[0], _dense(_reference_counts(text, 2**16), 2**16),
                                rtol=1e-6, atol=1e-7)
 
 
@@ -143,6 +148,6 @@ def test_registered_for_text_with_its_learning_rates():
     out = model(torch.randint(0, 257, (3, 200)))
     assert out.shape == (3, 2) and torch.isfinite(out).all()
     assert [n for n, _ in model.named_parameters()] == ["linear.weight", "linear.bias"]
-    assert model.linear.in_features == 2**16
+    assert model.linear.in_features == model.buckets == 2**14
     assert build_model("text", "ngram-wordchar", (5,), 4)(torch.randint(0, 257, (2, 5))).shape == (2, 4)
     assert default_lr("text", "ngram-wordchar", "sgd") > 0 and default_lr("text", "ngram-wordchar", "sgd", dp=False) > 0
