@@ -78,7 +78,7 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--batch-size", type=positive_int, default=64, help="(expected, under Poisson sampling) batch size")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv under DP, 0.05 without, "
-                             "8 ngram-linear; 0.002 for adam)")
+                             "8 ngram-linear and ngram-wordchar; 0.002 for adam)")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--momentum", type=float, default=0.0,
                         help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
@@ -90,7 +90,7 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default="",
                         help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru, linear; text: ngram-linear, "
-                             "conv, lstm, gru)")
+                             "ngram-wordchar, conv, lstm, gru)")
     parser.add_argument("--audio-features", choices=("logmel", "scattering"), default="logmel",
                         help="speech: what each clip becomes, log-mel frames or wavelet scattering coefficients "
                              "(kymatio Scattering1D, 336 per clip: suits --model linear); fixed per clip, nothing "
