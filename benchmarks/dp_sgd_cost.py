@@ -1,8 +1,9 @@
 """Benchmark: cost of one DP-SGD training step per model, plain torch vs Opacus, in one run.
 
-For every model of `shared_models` (vision cnn; speech conv, conv-lstm, conv-gru; text
-ngram-linear, conv, lstm, gru) on random inputs of the named datasets' shapes (vision
-1x28x28 as PneumoniaMNIST, speech 64x40 log-mel as FSDD, text 200 byte ids as SMS Spam),
+For every model of `shared_models` (vision cnn; speech conv, conv-lstm, conv-gru, linear; text
+ngram-linear, ngram-wordchar, conv, lstm, gru) on random inputs of the named datasets' shapes
+(vision 1x28x28 as PneumoniaMNIST, speech 64x40 log-mel as FSDD or 1x336 scattering
+coefficients for `linear`, text 200 byte ids as SMS Spam),
 with the same batch for every mode, it times one training step (forward + backward +
 optimizer step; `--warmup` steps, then the median of up to `--steps` timed steps, stopping
 early once `--budget-s` seconds are spent but never below 3) and the step's peak memory:
@@ -48,7 +49,9 @@ MODELS = [
     ("speech", "conv", (64, 40), 10),
     ("speech", "conv-lstm", (64, 40), 10),
     ("speech", "conv-gru", (64, 40), 10),
+    ("speech", "linear", (1, 336), 10),  # on FSDD's scattering features (--audio-features scattering)
     ("text", "ngram-linear", (200,), 2),
+    ("text", "ngram-wordchar", (200,), 2),
     ("text", "conv", (200,), 2),
     ("text", "lstm", (200,), 2),
     ("text", "gru", (200,), 2),

