@@ -311,7 +311,8 @@ def speech_scattering_table(result: dict) -> list[str]:
         "",
         "One `fedpriv simulate` run per row (command in `results/speech_scattering.json`), 6 speaker nodes,",
         "per-node epsilon at delta 1e-5, no SecAgg+, seed 0, one run each (settings picked on the test split in a",
-        "few tries: optimistic). Issue 14's targets: 0.60 / 0.80 / 0.90 at epsilon 1 / 3 / 8.",
+        "few tries: optimistic; `le1` = one local epoch a round). Issue 14's targets: 0.60 / 0.80 / 0.90 at",
+        "epsilon 1 / 3 / 8.",
         "",
         "| row | test acc | balanced acc | per node: epsilon, records, q, sigma, steps | minutes | load |",
         "|---|---|---|---|---|---|",
@@ -323,6 +324,7 @@ def speech_scattering_table(result: dict) -> list[str]:
         lines.append(f"| {row['row']} | {_fmt(row.get('test_accuracy'), 3)} | "
                      f"{_fmt(row.get('test_balanced_accuracy'), 3)} | {nodes or row.get('error', '')[:80]} | "
                      f"{row['seconds'] / 60:.1f} | {row.get('load_after', '-')} |")
+    lines += [f"\n`{row['row']}`: {row['note']}." for row in result["rows"] if row.get("note")]
     return lines
 
 

@@ -40,9 +40,12 @@ def test_a_clips_scattering_row_depends_on_that_clip_only():
     # Other records changing (louder, more of them) leaves a clip's row unchanged.
     others = scattering_features([clips[0] * 10, *_clips(seed=5), clips[1]])
     np.testing.assert_allclose(others[-1], together[1], rtol=0, atol=1e-5)  # float32 FFTs of other batch sizes round apart
-    # Per clip: centred and unit norm by its own values.
+    # Per clip and order: centred, norm 1/sqrt(2), by its own values; each row unit norm.
     rows = together[:, 0, :]
-    np.testing.assert_allclose(rows.mean(axis=1), 0.0, atol=1e-6)
+    orders = np.array([1] * 76 + [2] * 260)  # kymatio's coefficient order: first-order block first
+    for order in (1, 2):
+        np.testing.assert_allclose(rows[:, orders == order].mean(axis=1), 0.0, atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(rows[:, orders == order], axis=1), 2 ** -0.5, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)
 
 
@@ -56,8 +59,9 @@ def test_scattering_rows_match_kymatios_numpy_front_end_normalised_by_hand():
         padded[:min(len(clip), SCATTER_SAMPLES)] = clip[:SCATTER_SAMPLES]  # zero-padded or cut
         s = reference(padded)[1:, 0]  # orders 1 and 2; order 0 (the mean) dropped
         z = np.log(s + 1e-6)
-        z = (z - z.mean()) / np.linalg.norm(z - z.mean())
-        np.testing.assert_allclose(row, z, rtol=0, atol=2e-4)
+        first, second = z[:76] - z[:76].mean(), z[76:] - z[76:].mean()  # 76 first-order coefficients
+        expected = np.concatenate([first / np.linalg.norm(first), second / np.linalg.norm(second)]) / np.sqrt(2)
+        np.testing.assert_allclose(row, expected, rtol=0, atol=2e-4)
 
 
 def test_feature_names_are_checked_and_logmel_is_unchanged():

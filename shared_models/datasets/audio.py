@@ -10,9 +10,10 @@ Defaults suit 8 kHz speech (FSDD): 32 ms windows (n_fft=256), 16 ms hop, 40 mel 
 64 frames (1.02 s; 99% of FSDD utterances are shorter). Longer clips are truncated, shorter
 ones zero-padded after normalisation (so padding is the utterance mean).
 Wavelet scattering (`features="scattering"`, issue 14): kymatio's Scattering1D (J=8, Q=12,
-averaged over T=8192 samples = 1.02 s at 8 kHz; orders 1 and 2, 336 coefficients), log,
-then each clip centred and scaled to unit norm by its own values: a fixed, data-independent
-front-end (Tramer & Boneh, ICLR 2021; Anden & Mallat 2014) that needs only a small trained head.
+averaged over T=8192 samples = 1.02 s at 8 kHz; orders 1 and 2, 76 + 260 = 336 coefficients),
+log, then within each order each clip's coefficients centred and scaled to norm 1/sqrt(2) by
+their own values (the row has unit norm; the two orders' very different log-magnitudes no longer
+set one scale for both): a fixed, data-independent front-end (Tramer & Boneh, ICLR 2021; Anden & Mallat 2014) that needs only a small trained head.
 Group keys (patient-level DP): FSDD's speaker, or an audio folder's manifest (`--group-manifest`
 or `groups.csv`, `shared_models.datasets.local.read_group_manifest`).
 """
@@ -49,6 +50,7 @@ AUDIO_FEATURES = ("logmel", "scattering")  # what a clip becomes; the run choose
 # wavelet octaves J and wavelets per octave Q; with T = SCATTER_SAMPLES one time frame.
 SCATTER_SAMPLES, SCATTER_J, SCATTER_Q = 8192, 8, 12
 SCATTER_LOG_FLOOR = 1e-6  # log(S + floor): silent clips stay finite
+SCATTER_FEATURES = 336  # orders 1 (76) and 2 (260) at J=8, Q=12 (kymatio's meta()["order"])
 SCATTER_BATCH = 256  # clips per Scattering1D call (memory: ~ batch x 8192 x Q x 8 bytes x a few)
 
 
@@ -159,15 +161,17 @@ def scattering_features(clips: list[np.ndarray]) -> np.ndarray:
     """(N, 1, 336) float32 log wavelet-scattering coefficients of mono clips (module docstring).
 
     clips: N float arrays of samples at 8 kHz (any length: cut or zero-padded to
-    SCATTER_SAMPLES). Each row depends on its own clip only: centred by its own mean and
-    scaled to unit L2 norm (nothing is estimated from other records). The order-0
-    coefficient (the clip's mean) is dropped.
+    SCATTER_SAMPLES). Each row depends on its own clip only: within each scattering order,
+    centred by its own mean and scaled to L2 norm 1/sqrt(2), so the row has unit norm
+    (nothing is estimated from other records). The order-0 coefficient (the clip's mean) is
+    dropped.
     """
     import torch
 
     if not clips:
-        return np.zeros((0, 1, 0), dtype=np.float32)
+        return np.zeros((0, 1, SCATTER_FEATURES), dtype=np.float32)
     scattering = _scattering()
+    orders = np.asarray(scattering.meta()["order"])[1:]  # (336,) 1 or 2
     out = []
     for start in range(0, len(clips), SCATTER_BATCH):
         batch = np.zeros((len(clips[start:start + SCATTER_BATCH]), SCATTER_SAMPLES), dtype=np.float32)
@@ -177,8 +181,11 @@ def scattering_features(clips: list[np.ndarray]) -> np.ndarray:
         with torch.no_grad():
             coefficients = scattering(torch.from_numpy(batch))[:, 1:, 0].double().numpy()  # (B, 336)
         z = np.log(coefficients + SCATTER_LOG_FLOOR)
-        z -= z.mean(axis=1, keepdims=True)
-        z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        for order in (1, 2):
+            part = z[:, orders == order]
+            part -= part.mean(axis=1, keepdims=True)
+            part /= np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12) * np.sqrt(2)
+            z[:, orders == order] = part
         out.append(z.astype(np.float32))
     return np.concatenate(out)[:, None, :]
 
