@@ -24,18 +24,11 @@ printed beside the record row, labelled as that standard bound, not as a measure
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import platform
-import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from simulate_rows import run_rows, simulate_row
+
 
 PN = ["--dataset", "pneumoniamnist", "--synthetic-patients", "--clients", "5", "--partition", "dirichlet",
       "--alpha", "0.5", "--model", "cnn", "--rounds", "15", "--local-epochs", "2", "--batch-size", "128",
@@ -61,17 +54,9 @@ def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
 
 
 def run_row(name: str, work: Path) -> dict:
-    out, state = work / name, work / f"state-{name}"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", *ROWS[name], "--no-secagg",
-           "--out", str(out), "--state-dir", str(state)]
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    row = {"row": name, "command": shlex.join(["fedpriv", *cmd[3:]]), "seconds": round(time.time() - start, 1),
-           "returncode": proc.returncode}
-    if not (out / "summary.json").exists():
-        row["error"] = proc.stdout[-2000:] + proc.stderr[-2000:]
+    row, summary = simulate_row(name, ROWS[name], work)
+    if summary is None:
         return row
-    summary = json.loads((out / "summary.json").read_text())
     row.update({
         "test_accuracy": summary["final"]["test_accuracy"], "test_auc": summary["final"].get("test_auc"),
         "majority_class_rate": summary["majority_class_rate"], "privacy_unit": summary.get("privacy_unit"),
@@ -86,24 +71,7 @@ def run_row(name: str, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    parser.add_argument("--merge", type=Path, default=None, help="keep the rows of this earlier JSON not run now")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fedpriv-patient-level"))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "patient_level.json")
-    args = parser.parse_args(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "patient_level", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                        "load_before": os.getloadavg()[0]},
-              "delta": 1e-5, "rows": []}
-    if args.merge:
-        result["rows"] = [r for r in json.loads(args.merge.read_text())["rows"] if r["row"] not in args.rows]
-    for name in args.rows:
-        result["rows"].append(run_row(name, args.work_dir))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")  # after every row: an interrupted run keeps JSON
-        print(json.dumps(result["rows"][-1]), flush=True)
-    return 0
+    return run_rows("patient_level", __doc__.split("\n")[0], list(ROWS), run_row, argv, {"delta": 1e-5})
 
 
 if __name__ == "__main__":

@@ -21,17 +21,11 @@ after the first computation (~5 min on 2 quiet cores; the first row pays it).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from simulate_rows import run_rows, simulate_row
+
 
 FSDD = ["--dataset", "fsdd", "--clients", "6", "--partition", "natural", "--val-fraction", "0"]
 SCATTER = FSDD + ["--audio-features", "scattering", "--model", "linear", "--rounds", "40", "--local-epochs", "2",
@@ -52,17 +46,10 @@ ROWS = {
 
 def run_row(name: str, work: Path) -> dict:
     """Run one row's `fedpriv simulate`; its figures from summary.json (or the error)."""
-    out, state = work / name, work / f"state-{name}"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", *ROWS[name], "--no-secagg",
-           "--out", str(out), "--state-dir", str(state)]
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    row = {"row": name, "command": shlex.join(["fedpriv", *cmd[3:]]), "seconds": round(time.time() - start, 1),
-           "returncode": proc.returncode, "load_after": round(os.getloadavg()[0], 2)}
-    if not (out / "summary.json").exists():
-        row["error"] = proc.stdout[-2000:] + proc.stderr[-2000:]
+    row, summary = simulate_row(name, ROWS[name], work)
+    row["load_after"] = round(os.getloadavg()[0], 2)
+    if summary is None:
         return row
-    summary = json.loads((out / "summary.json").read_text())
     row.update({
         "test_accuracy": summary["final"]["test_accuracy"],
         "test_balanced_accuracy": summary["final"].get("test_balanced_accuracy"),
@@ -74,24 +61,8 @@ def run_row(name: str, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    parser.add_argument("--merge", type=Path, default=None, help="keep the rows of this earlier JSON not run now")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fedpriv-speech-scattering"))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speech_scattering.json")
-    args = parser.parse_args(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "speech_scattering", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                            "load_before": os.getloadavg()[0]},
-              "delta": 1e-5, "seed": 0, "rows": []}
-    if args.merge:
-        result["rows"] = [r for r in json.loads(args.merge.read_text())["rows"] if r["row"] not in args.rows]
-    for name in args.rows:
-        result["rows"].append(run_row(name, args.work_dir))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")  # after every row: an interrupted run keeps JSON
-        print(json.dumps({k: v for k, v in result["rows"][-1].items() if k != "nodes"}), flush=True)
-    return 0
+    return run_rows("speech_scattering", __doc__.split("\n")[0], list(ROWS), run_row, argv,
+                    {"delta": 1e-5, "seed": 0}, printed=lambda row: {k: v for k, v in row.items() if k != "nodes"})
 
 
 if __name__ == "__main__":

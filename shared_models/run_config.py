@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shared_models.datasets.local import MAX_BYTES, TEXT_COLUMNS, LocalDataOptions
+from shared_models.datasets.local import AUDIO_FEATURES, MAX_BYTES, TEXT_COLUMNS, LocalDataOptions
 
 
 # Ranges a node accepts from the coordinator's run-config. Outside them DP-SGD's arithmetic
@@ -154,7 +154,7 @@ class TrainingPlan:
              "a column name other than 'text' and 'label', or empty for none"),
             (not plan.group_manifest or plan.group_manifest.strip(), "group-manifest",
              "a file path, or empty for none"),
-            (plan.audio_features in ("logmel", "scattering"), "audio-features", "'logmel' or 'scattering'"),
+            (plan.audio_features in AUDIO_FEATURES, "audio-features", "'logmel' or 'scattering'"),
             (plan.audio_features == "logmel" or plan.task == "speech", "audio-features",
              f"'logmel' (the default) for a {plan.task} task: audio features are for speech"),
             (plan.audio_features == "logmel" or plan.task != "speech" or plan.model == "linear", "audio-features",

@@ -18,7 +18,7 @@ from server.robust_aggregation import AGGREGATIONS
 from server.server_optimizer import DEFAULT_SERVER_LR, SERVER_OPTIMIZERS
 from server.tracking import TRACKERS, TrackingUnavailable, check_tracker
 from shared_models import TASKS, default_lr, model_names
-from shared_models.datasets.local import add_local_data_options
+from shared_models.datasets.local import AUDIO_FEATURES, add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.run_config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
 from simulations.ray_cluster import parse_ray_address
@@ -91,7 +91,7 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--model", default="",
                         help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru, linear; text: ngram-linear, "
                              "ngram-wordchar, conv, lstm, gru)")
-    parser.add_argument("--audio-features", choices=("logmel", "scattering"), default="logmel",
+    parser.add_argument("--audio-features", choices=AUDIO_FEATURES, default="logmel",
                         help="speech: what each clip becomes, log-mel frames or wavelet scattering coefficients "
                              "(kymatio Scattering1D, 336 per clip: suits --model linear); fixed per clip, nothing "
                              "learnt from the data; every node follows the run")

@@ -34,7 +34,7 @@ import soundfile as sf
 
 from shared_models.records import DataFormatError, LabeledArrays, array_content, content_record_ids
 
-from .local import DataSummary, manifest_groups, read_group_manifest, visible_entries
+from .local import AUDIO_FEATURES, DataSummary, manifest_groups, read_group_manifest, visible_entries
 
 FSDD_NAME = re.compile(r"^(?P<label>\d)_(?P<speaker>[A-Za-z]+)_(?P<take>\d+)\.wav$", re.IGNORECASE)
 
@@ -43,8 +43,6 @@ def is_wav(path: Path) -> bool:
     """A WAV file by its extension, in any case (`.wav`, `.WAV`)."""
     return path.suffix.lower() == ".wav"
 
-
-AUDIO_FEATURES = ("logmel", "scattering")  # what a clip becomes; the run chooses (run-config `audio-features`)
 
 # Scattering1D settings (module docstring): samples per clip (zero-padded / cut), the
 # wavelet octaves J and wavelets per octave Q; with T = SCATTER_SAMPLES one time frame.

@@ -33,6 +33,11 @@ GROUP_MANIFEST = "groups.csv"  # read without --group-manifest when it sits at a
 TEXT_COLUMNS = ("text", "label")
 
 
+# What an audio clip becomes (`shared_models.datasets.audio.clip_features`); the run chooses
+# (run-config `audio-features`). Here, not in audio.py, since audio.py imports this module.
+AUDIO_FEATURES = ("logmel", "scattering")
+
+
 @dataclass(frozen=True)
 class LocalDataOptions:
     """Format options for a node's local data (hashable: loaders are cached on it).
@@ -72,7 +77,7 @@ class LocalDataOptions:
             check_group_column(self.group_column)
         if self.group_manifest is not None and not self.group_manifest.strip():
             raise ValueError("group manifest must be a file path, got an empty one")
-        if self.audio_features not in ("logmel", "scattering"):  # audio.AUDIO_FEATURES (audio imports this module)
+        if self.audio_features not in AUDIO_FEATURES:
             raise ValueError(f"audio features must be 'logmel' or 'scattering', got {self.audio_features!r}")
 
 

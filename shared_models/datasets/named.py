@@ -122,7 +122,7 @@ def _split_local(data: LabeledArrays, test_fraction: float = 0.2) -> dict[str, L
 
 
 def _cached_features(folder: Path, compute, features: str = "logmel") -> dict[str, LabeledArrays]:
-    """Audio features are costly (FSDD: log-mel ~20 s, scattering ~2 min on 2 cores): keep
+    """Audio features are costly (FSDD: log-mel ~20 s, scattering ~5 min on 2 cores): keep
     them on disk, keyed by the files and the kind of features."""
     files = sorted(folder.glob("*.wav"))
     key = hashlib.sha256()
