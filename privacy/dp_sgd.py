@@ -63,18 +63,27 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
                         "module outputs", category=UserWarning)
 
 
-def steps_per_epoch(num_records: int, batch_size: int) -> int:
-    """DP-SGD steps in one (expected) pass over the data: ceil(N / B), in integers.
+# batch_size 0 = full batch: every step uses the whole training share (q = 1, one step per
+# epoch: DP gradient descent). It wins for small heads on fixed features (issue 14), where the
+# noise on the mean gradient, sigma*C/(N q), is what limits accuracy.
+FULL_BATCH = 0
 
-    Raises ValueError unless both are >= 1.
+
+def steps_per_epoch(num_records: int, batch_size: int) -> int:
+    """DP-SGD steps in one (expected) pass over the data: ceil(N / B), in integers; 1 for
+    batch_size FULL_BATCH (0).
+
+    Raises ValueError unless num_records >= 1 and batch_size >= 0.
     """
-    if num_records < 1 or batch_size < 1:
-        raise ValueError(f"need num_records >= 1 and batch_size >= 1, got {num_records}, {batch_size}")
+    if num_records < 1 or batch_size < 0:
+        raise ValueError(f"need num_records >= 1 and batch_size >= 0 (0: full batch), got {num_records}, {batch_size}")
+    if batch_size == FULL_BATCH:
+        return 1
     return -(-num_records // batch_size)
 
 
 def poisson_sample_rate(num_records: int, batch_size: int) -> float:
-    """Sampling rate q = 1 / ceil(N / B): the expected batch is N*q <= B records."""
+    """Sampling rate q = 1 / ceil(N / B): the expected batch is N*q <= B records (q = 1 for FULL_BATCH)."""
     return 1.0 / steps_per_epoch(num_records, batch_size)
 
 
@@ -217,7 +226,7 @@ class LocalTrainingSession:
 
     model: built by `shared_models.build_model`; train: the node's training share (N records).
     With `noise_multiplier=None` training is plain minibatch SGD/Adam (shuffled batches of
-    `batch_size`); otherwise DP-SGD as described in the module docstring, with every noise
+    `batch_size`; FULL_BATCH = 0: all N records in one step); otherwise DP-SGD as described in the module docstring, with every noise
     and sampling draw from the `SecretRandom` given to `train_epochs`. proximal_mu > 0 adds
     FedProx's term, anchored at each round's global weights (`Proximal`; under DP after
     clipping and noise). groups: (N,) int64 group index of each record (0..G-1) for
@@ -302,7 +311,7 @@ class LocalTrainingSession:
             yield from self.sampler
             return
         order = torch.randperm(self.num_records)
-        yield from torch.split(order, self.batch_size)
+        yield from torch.split(order, self.batch_size or self.num_records)  # 0: full batch
 
     def train_epochs(self, epochs: int, randomness: SecretRandom | None = None) -> RoundResult:
         """Run `epochs` passes (DP: exactly `epochs * ceil(N/B)` Poisson steps, N the records or

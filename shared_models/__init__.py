@@ -5,7 +5,7 @@ so the server's global model and each client's local model have identical parame
 and shapes. Every model here passes Opacus `ModuleValidator.validate` (no BatchNorm, DP
 recurrent layers) and holds no integer buffers (they break update clipping in Flower).
 
-Also owns the record type (`shared_models.records`), the run-config schema
+Also owns the recommended models and their measured settings (`shared_models.recipes`), the record type (`shared_models.records`), the run-config schema
 (`shared_models.run_config`), the data both roles read (`shared_models.datasets`: local
 formats, named datasets, partitions), starting/stopping Flower's processes
 (`shared_models.flower_processes`) and the app bundle both roles hash (`shared_models.app_bundle`).
@@ -49,6 +49,9 @@ _MODELS: dict[str, dict[str, Callable[[Sequence[int], int, str], nn.Module]]] = 
 # convolution-only model beat Conv+LSTM under DP-SGD at 2-3x less cost; for text the fixed
 # hashed n-gram features + linear head reached 0.96 on SMS Spam after 3 epochs at noise 0.8
 # where the byte-level Conv1d still predicted the majority class (0.866), at ~1/100 the cost.
+# What a run-config's `model = ""` builds: fixed, as run folders written before the CLIs
+# recorded the resolved name rely on it. What a CLI trains by default is
+# `shared_models.recipes.RECOMMENDED_MODELS` (issue 14: speech moved to `linear` on scattering).
 DEFAULT_MODELS = {"vision": "cnn", "speech": "conv", "text": "ngram-linear"}
 
 # Plain-SGD learning rates that worked under DP-SGD here (clipping norm 1, no momentum).

@@ -42,11 +42,11 @@ class TrainingPlan:
 
     task: str
     dataset: str
-    model: str  # "" = the task's DP default
+    model: str  # "" = DEFAULT_MODELS[task] (what "" always meant; the CLIs write the resolved name)
     activation: str  # "tanh" (DP-friendly default) or "relu"
     rounds: int
     local_epochs: int
-    batch_size: int
+    batch_size: int  # expected records (or groups) per DP-SGD step; 0 = full batch (privacy.dp_sgd.FULL_BATCH)
     lr: float
     optimizer: str
     momentum: float  # SGD momentum
@@ -134,7 +134,7 @@ class TrainingPlan:
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
             (plan.local_epochs >= 1, "local-epochs", "an integer >= 1"),
-            (plan.batch_size >= 1, "batch-size", "an integer >= 1"),
+            (plan.batch_size >= 0, "batch-size", "an integer >= 1, or 0 for full batch"),
             (0 < plan.lr < math.inf, "lr", "a finite number > 0"),
             (plan.optimizer in ("sgd", "adam"), "optimizer", "'sgd' or 'adam'"),
             (0 <= plan.momentum < 1, "momentum", "in [0, 1)"),

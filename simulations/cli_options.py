@@ -20,6 +20,7 @@ from server.tracking import TRACKERS, TrackingUnavailable, check_tracker
 from shared_models import TASKS, default_lr, model_names
 from shared_models.datasets.local import AUDIO_FEATURES, add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
+from shared_models.recipes import recipe_for, recommended_model
 from shared_models.run_config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
 from simulations.ray_cluster import parse_ray_address
 
@@ -52,6 +53,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def batch_size_arg(text: str) -> int:
+    """argparse type: an integer >= 1, or 0 for full batch (ArgumentTypeError otherwise)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 1, or 0 for full batch, got {text}")
+    return value
+
+
 def ray_address(text: str) -> str:
     """argparse type: a Ray cluster address, `HOST:PORT`, `ray://HOST:PORT` or `auto` (ArgumentTypeError
     saying what was expected otherwise; `simulations.ray_cluster.parse_ray_address`)."""
@@ -75,7 +84,10 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--no-dp", action="store_true", help="train without differential privacy (for comparison)")
     parser.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="DP-SGD per-sample clipping norm C")
     parser.add_argument("--local-epochs", type=positive_int, default=1, help="passes over local data per round")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="(expected, under Poisson sampling) batch size")
+    parser.add_argument("--batch-size", type=batch_size_arg, default=None,
+                        help="(expected, under Poisson sampling) batch size; 0: full batch (sampling rate 1, DP "
+                             "gradient descent). Default: the model's measured setting, 0 for speech linear, 64 "
+                             "for the others")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv under DP, 0.05 without, "
                              "8 ngram-linear and ngram-wordchar; 0.002 for adam)")
@@ -88,13 +100,16 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                              "(0: FedAvg)")
     parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
-    parser.add_argument("--model", default="",
-                        help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru, linear; text: ngram-linear, "
-                             "ngram-wordchar, conv, lstm, gru)")
-    parser.add_argument("--audio-features", choices=AUDIO_FEATURES, default="logmel",
+    parser.add_argument("--model", default=None,
+                        help="model name (vision: cnn; speech: linear, conv, conv-lstm, conv-gru; text: ngram-linear, "
+                             "ngram-wordchar, conv, lstm, gru). Default: the first named, measured best under DP "
+                             "(speech: conv when --audio-features logmel); every flag left unset then takes that "
+                             "model's measured setting (shared_models.recipes), written into the run's config")
+    parser.add_argument("--audio-features", choices=AUDIO_FEATURES, default=None,
                         help="speech: what each clip becomes, log-mel frames or wavelet scattering coefficients "
-                             "(kymatio Scattering1D, 336 per clip: suits --model linear); fixed per clip, nothing "
-                             "learnt from the data; every node follows the run")
+                             "(kymatio Scattering1D, 336 per clip, for --model linear); fixed per clip, nothing "
+                             "learnt from the data; every node follows the run. Default: scattering for speech "
+                             "linear, logmel otherwise")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of each simulated node's records kept for validation (chosen by record content); "
                              "a deployed node keeps the share its owner set with `fedpriv node --val-fraction`")
@@ -116,10 +131,11 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                         help="--aggregation trimmed-mean: share of the values cut at each end, per coordinate")
     post = parser.add_argument_group("server post-processing (costs no privacy: computed from the released "
                                      "aggregates alone)")
-    post.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="fedavg",
+    post.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default=None,
                       help="how the server steps along each round's pseudo-gradient (aggregate - global model), "
                            "whatever produced the aggregate (FedAvg, a robust rule, the SecAgg+ mean): fedavg (take "
-                           "the aggregate), fedavgm (Hsu et al. 2019), fedadam, fedyogi (Reddi et al. 2021)")
+                           "the aggregate), fedavgm (Hsu et al. 2019), fedadam, fedyogi (Reddi et al. 2021). "
+                           "Default: the model's measured setting, fedavgm for speech linear, fedavg for the others")
     post.add_argument("--server-lr", type=positive_float, default=None,
                       help="server learning rate eta (default 1.0 for fedavg/fedavgm, 0.01 for fedadam/fedyogi, "
                            "which move each coordinate by up to about eta a round)")
@@ -129,10 +145,11 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                       help="fedadam/fedyogi's second-moment decay beta2, in [0, 1)")
     post.add_argument("--server-tau", type=positive_float, default=1e-3,
                       help="fedadam/fedyogi's adaptivity tau (added to sqrt(v); v starts at tau^2)")
-    post.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+    post.add_argument("--ema-decay", type=float, default=None, metavar="D",
                       help="keep an exponential moving average of the global model, ema = D*ema + (1-D)*global "
                            "after each aggregated round (starting from the first), and evaluate and release it "
-                           "(final_model.pt); in [0, 1), 0: off")
+                           "(final_model.pt); in [0, 1), 0: off. Default: the model's measured setting, 0.9 for "
+                           "speech linear, 0 for the others")
     local = parser.add_argument_group("local data formats (when --dataset is a path)")
     add_local_data_options(local)
     parser.add_argument("--track", choices=TRACKERS, default=None,
@@ -166,6 +183,25 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                      help="surviving nodes that may collude with the server against client-level DP: each node's "
                           "share of the client-level noise is sized so that the others alone carry sigma*C "
                           "(-1, and any value above: threshold - 1, the most SecAgg+ tolerates)")
+
+
+def resolved_training_options(args: argparse.Namespace, task: str) -> dict:
+    """The model and the settings that follow from it, for the flags the user left unset (None).
+
+    Returns {"model", "audio_features", "batch_size", "server_optimizer", "ema_decay", "lr"}:
+    the user's value where set, else the model's measured setting (`shared_models.recipes`).
+    """
+    model = args.model or recommended_model(task, args.audio_features)
+    recipe = recipe_for(task, model)
+    dp = not args.no_dp
+    return {
+        "model": model,
+        "audio_features": args.audio_features or recipe.audio_features,
+        "batch_size": recipe.batch_size if args.batch_size is None else args.batch_size,
+        "server_optimizer": args.server_optimizer or recipe.server_optimizer,
+        "ema_decay": recipe.ema_decay if args.ema_decay is None else args.ema_decay,
+        "lr": args.lr if args.lr is not None else default_lr(task, model, args.optimizer, dp=dp),
+    }
 
 
 def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str = "--clients") -> str:
@@ -211,7 +247,7 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
     if not 0.0 <= args.trim_fraction < 0.5:
         raise ValueError(f"--trim-fraction must be in [0, 0.5), got {args.trim_fraction}")
     for flag, value in (("--server-momentum", args.server_momentum), ("--server-beta2", args.server_beta2),
-                        ("--ema-decay", args.ema_decay)):
+                        ("--ema-decay", resolved_training_options(args, task)["ema_decay"])):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{flag} must be in [0, 1), got {value}")
     if args.colluding_nodes < -1:
@@ -231,15 +267,15 @@ def run_folder_for(args: argparse.Namespace) -> Path:
 
 def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
     """The run-config keys (pyproject's [tool.flwr.app.config]) set by the shared training options."""
-    lr = args.lr if args.lr is not None else default_lr(task, args.model or None, args.optimizer, dp=not args.no_dp)
+    chosen = resolved_training_options(args, task)
     return {
         "task": task,
         "dataset": args.dataset if args.dataset in DATASET_TASKS else str(Path(args.dataset).resolve()),
-        "model": args.model,
+        "model": chosen["model"],
         "num-server-rounds": args.rounds,
         "local-epochs": args.local_epochs,
-        "batch-size": args.batch_size,
-        "lr": lr,
+        "batch-size": chosen["batch_size"],
+        "lr": chosen["lr"],
         "optimizer": args.optimizer,
         "momentum": args.momentum,
         "proximal-mu": args.proximal_mu,
@@ -265,12 +301,12 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "colluding-nodes": args.colluding_nodes,
         "aggregation": args.aggregation,
         "trim-fraction": args.trim_fraction,
-        "server-optimizer": args.server_optimizer,
-        "server-lr": args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR[args.server_optimizer],
+        "server-optimizer": chosen["server_optimizer"],
+        "server-lr": args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR[chosen["server_optimizer"]],
         "server-momentum": args.server_momentum,
         "server-beta2": args.server_beta2,
         "server-tau": args.server_tau,
-        "ema-decay": args.ema_decay,
+        "ema-decay": chosen["ema_decay"],
         "track": args.track or "",
         "image-size": args.image_size or 0,
         "max-text-bytes": args.max_text_bytes,
@@ -278,7 +314,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "max-records-per-group": args.max_records_per_group,
         "group-column": args.group_column or "",
         "group-manifest": args.group_manifest or "",
-        "audio-features": args.audio_features,
+        "audio-features": chosen["audio_features"],
     }
 
 
