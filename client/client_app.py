@@ -102,7 +102,8 @@ def _train(msg: Message, context: Context, plan: TrainingPlan, node) -> Message:
             # noise is on: it would be one node's statistic outside client-level DP.
             metrics["update-norm"] = float(np.linalg.norm(delta))
         secagg.store_encoded_update(context, delta, config, node_randomness(node, plan, server_round, "secagg-encoding"),
-                                    spool_dir=node.state_dir / "secagg-spool")
+                                    spool_dir=node.state_dir / "secagg-spool",
+                                    num_examples=outcome.metrics["num-examples"])
         if simulated:
             secagg.plan_dropout(context, float(config.get("dropout-rate", 0.0)),
                                 (plan.seed, server_round, node.partition_id))

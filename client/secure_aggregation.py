@@ -50,14 +50,16 @@ def flatten_delta(local: dict[str, torch.Tensor], global_state: dict[str, torch.
 
 
 def store_encoded_update(context: Context, delta: np.ndarray, config, randomness: SecretRandom,
-                         spool_dir: Path) -> Path:
+                         spool_dir: Path, num_examples: float = 0.0) -> Path:
     """Encode the delta with the round's parameters (from the train config) and spool it locally.
 
     randomness: the node's secret source of the client-level noise and stochastic rounding.
+    num_examples: the training records the node reports (`num-examples`), its weight in the
+    secure mean when the round's `weight-cap` is on (`privacy.secagg.encoding`, step 1b).
     Writes `<spool_dir>/<run>-<node>.npy` (mode 0600, atomically); returns its path.
     """
     params = encoding_from_config(config)
-    encoded = encode(delta, params, randomness)
+    encoded = encode(delta, params, randomness, num_examples)
     spool_dir.mkdir(parents=True, exist_ok=True)
     path = spool_dir / f"{context.run_id}-{context.node_id}.npy"
     fd, tmp = tempfile.mkstemp(dir=spool_dir, suffix=".tmp")  # created 0600

@@ -5,9 +5,12 @@ within `round-timeout` seconds, sort them into trained / declined / failed, then
 - plain: average the returned weights, weighted by number of examples (FedAvg, McMahan et
   al. 2017, with Flower's `aggregate_arrayrecords`), or a robust rule (`aggregation`:
   median, trimmed mean, Krum; `server.robust_aggregation`);
-- secure (`secagg`): the nodes kept their encoded updates; SecAgg+ stages
+- secure (`secagg`): the nodes kept their encoded updates, each weighted by min(1, n/W) for
+  its n records and the round's cap W (`secure_weight_cap`: the most records any node reported
+  before; equal weights in the first round and under client-level noise); SecAgg+ stages
   (`server.secure_aggregation`) give the sum over the survivors, and the global model moves
-  by its equal-weight mean; the client-level accountant is charged for the release.
+  by the sum over the survivors' weights, the record-weighted mean when W >= every n; the
+  client-level accountant is charged for the release.
 The aggregate then goes through the server optimiser (`server.server_optimizer`: fedavg keeps
 it as it is; FedAvgM, FedAdam, FedYogi step along the pseudo-gradient aggregate - global), and,
 when `ema_decay` > 0, into an exponential moving average of the global model, which is what
@@ -32,7 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -246,11 +249,23 @@ def colluding_nodes(settings: FederationSettings, threshold: int) -> int:
     return threshold - 1 if settings.colluding_nodes < 0 else min(settings.colluding_nodes, threshold - 1)
 
 
-def secagg_train_config(settings: FederationSettings, arrays: ArrayRecord, num_sampled: int) -> dict:
+def secure_weight_cap(settings: FederationSettings, ledger: CoordinatorLedger) -> float:
+    """W of the next secure round: the most training records any node has reported in this run
+    (its public `num-examples`), so each node's weight min(1, n/W) is proportional to its n
+    (FedAvg's record-weighted mean). 0 (equal weights) before any node has reported, and under
+    client-level noise, whose calibration gives every node the same share of the sum."""
+    if settings.client_noise_multiplier > 0:
+        return 0.0
+    return float(max((rec.num_examples for rec in ledger.nodes.values()), default=0))
+
+
+def secagg_train_config(settings: FederationSettings, arrays: ArrayRecord, num_sampled: int,
+                        weight_cap: float = 0.0) -> dict:
     """What each node needs at training time to encode its update for SecAgg+.
 
     The client-level noise is split over min_clients = t - colluding nodes: the fewest
-    honest survivors a sum can have (see the module docstring).
+    honest survivors a sum can have (see the module docstring). weight_cap: W of the
+    record-count weights (`secure_weight_cap`; 0 = equal weights).
     """
     dimension = sum(int(np.prod(arrays[k].shape)) for k in summed_keys(arrays))  # floating-point arrays only
     t = round_threshold(settings, num_sampled)
@@ -258,6 +273,8 @@ def secagg_train_config(settings: FederationSettings, arrays: ArrayRecord, num_s
         clip_norm=settings.clip_norm, noise_multiplier=settings.client_noise_multiplier,
         min_clients=t - colluding_nodes(settings, t), max_clients=num_sampled, dimension=dimension,
     )
+    if settings.client_noise_multiplier == 0:
+        params = replace(params, weight_cap=weight_cap)
     return {"secagg": True, "dropout-rate": settings.dropout_rate, **encoding_to_config(params)}
 
 
@@ -314,7 +331,17 @@ def _aggregate_secure(grid, arrays, config, train, settings, ledger, report) -> 
     if error:
         return _secure_round_failed(report, error)
     report.secure["survivors"] = [train.names.get(n, str(n)) for n in outcome.survivors]
-    mean = outcome.total / len(outcome.survivors)  # equal weights: client-level DP bounds each client's share
+    # Each survivor encoded its update times min(1, n/W) with the n it reported (encoding step
+    # 1b; 1 for all when W = 0 or under client-level noise): dividing by the sum of those
+    # weights gives the record-weighted mean, or the equal-weight one.
+    # A node reporting n < 1 (only a faulty one can: an honest node refuses to encode then) counts
+    # as 1 rather than stopping the round; its input is in the sum either way, bounded by C.
+    weights = {n: params.weight(max(1.0, float(train.trained[n]["metrics"].get("num-examples", 1))))
+               for n in outcome.survivors}
+    if params.weight_cap > 0:
+        report.secure["weight_cap"] = params.weight_cap
+        report.secure["weights"] = {train.names.get(n, str(n)): w for n, w in weights.items()}
+    mean = outcome.total / sum(weights.values())
     return apply_secure_mean(arrays, mean)
 
 
@@ -417,7 +444,7 @@ def run_federation(
         unsafe = ""
         if settings.secagg:
             try:
-                config.update(secagg_train_config(settings, arrays, len(sampled)))
+                config.update(secagg_train_config(settings, arrays, len(sampled), secure_weight_cap(settings, ledger)))
             except SecAggParameterError as err:  # e.g. too few nodes connected for a secure threshold
                 unsafe = str(err)
         config = ConfigRecord(config)

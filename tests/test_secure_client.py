@@ -20,7 +20,7 @@ from scipy import stats
 from client import secure_aggregation as node_side
 from privacy.secagg import EncodingParams, RoundSetup, SecAggAbort, default_scale
 from privacy.secagg.primitives import agree, prg_mask
-from privacy.secagg.protocol import SecAggClient, encoding_to_config
+from privacy.secagg.protocol import SecAggClient, encoding_from_config, encoding_to_config
 from privacy.secagg.ring import unpack_ring
 from privacy.secagg.sharing import combine_shares
 from privacy.secret_randomness import SecretRandom
@@ -345,3 +345,74 @@ def test_a_lying_server_splitting_u3_between_two_halves_is_caught_before_any_sha
     failed = {nid: why for nid, why in grid.received("secagg_unmask").items() if why.has_error()}
     assert sorted(failed) == grid.node_ids
     assert all("consistency check failed" in m.error.reason for m in failed.values())
+
+
+def _weighted_round(tmp_path, counts, noise_multiplier=0.0):
+    """One secure round through the coordinator's own aggregation (`_aggregate_secure`): nodes of
+    `counts` records encode a known delta each with the round's config (`secagg_train_config`,
+    weight cap from the records they reported before: `secure_weight_cap`). Returns (deltas, the
+    mean the server applied, the round report)."""
+    from flwr.app import ArrayRecord, MetricRecord
+
+    from server.federation import (FederationSettings, RoundReport, TrainReplies, _aggregate_secure,
+                                   secagg_train_config, secure_weight_cap)
+    from server.ledger import CoordinatorLedger
+
+    d = 400
+    grid = SecAggGrid(list(range(101, 101 + len(counts))))
+    settings = FederationSettings(rounds=2, run_id="w", secagg=True, num_shares=len(counts), threshold=len(counts) - 1,
+                                  clip_norm=10.0, client_noise_multiplier=noise_multiplier)
+    ledger = CoordinatorLedger()
+    for nid, n in zip(grid.node_ids, counts):  # round 1's replies: what each node reported
+        ledger.record_reply(str(nid), 1, {"num-examples": float(n)}, False, "", "record")
+    global_state = {"w": torch.zeros(d // 2), "b": torch.zeros(d - d // 2)}
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in global_state.items()})
+    config = ConfigRecord({"server-round": 2, "run-id": "w",
+                           **secagg_train_config(settings, arrays, len(counts), secure_weight_cap(settings, ledger))})
+    rng = np.random.default_rng(7)
+    train, deltas = TrainReplies(), {}
+    for nid, n in zip(grid.node_ids, counts):
+        local = {k: v + torch.from_numpy(rng.normal(0, 0.05, v.numel())).float() for k, v in global_state.items()}
+        deltas[nid] = node_side.flatten_delta(local, global_state)
+        node_side.store_encoded_update(grid.contexts[nid], deltas[nid], config, SecretRandom(), spool_dir=tmp_path,
+                                       num_examples=float(n))
+        train.trained[nid] = RecordDict({"metrics": MetricRecord({"num-examples": float(n)})})
+        train.names[nid] = str(nid)
+    report = RoundReport(round=2)
+    new = _aggregate_secure(grid, arrays, config, train, settings, ledger, report)
+    applied = np.concatenate([new[k].numpy().ravel() for k in ("w", "b")]).astype(np.float64)
+    return deltas, applied, report, encoding_from_config(config)
+
+
+def test_without_client_noise_the_secure_mean_is_weighted_by_each_nodes_records(tmp_path):
+    counts = (100, 300, 600)
+    deltas, applied, report, params = _weighted_round(tmp_path, counts)
+    assert params.weight_cap == 600
+    record_weighted = sum(n * deltas[nid] for nid, n in zip(sorted(deltas), counts)) / sum(counts)
+    equal = sum(deltas.values()) / len(deltas)
+    # Within float32 storage and the quantisation bound of the sum (n / scale), divided by the weights' sum.
+    assert np.abs(applied - record_weighted).max() < 1e-6 + len(counts) / params.scale / (sum(counts) / 600)
+    assert np.abs(applied - equal).max() > 0.01  # the equal-weight mean is far off
+    assert report.secure["weights"] == {"101": pytest.approx(1 / 6), "102": pytest.approx(0.5), "103": 1.0}
+
+
+def test_under_client_level_noise_every_node_keeps_an_equal_weight(tmp_path):
+    deltas, applied, report, params = _weighted_round(tmp_path, (100, 300, 600), noise_multiplier=1e-6)
+    assert params.weight_cap == 0 and "weights" not in report.secure
+    equal = sum(deltas.values()) / len(deltas)
+    assert np.abs(applied - equal).max() < 1e-3  # noise std 1e-5 per node, plus the grid
+
+
+def test_a_node_weights_its_update_after_clipping_and_refuses_a_weight_without_its_count():
+    params = EncodingParams(clip_norm=1.0, noise_multiplier=0.0, min_clients=1, scale=default_scale(1.0, 4),
+                            max_clients=2, weight_cap=400.0)
+    x = np.array([3.0, 4.0, 0.0, 0.0])  # norm 5: clipped to 1, then weighted by 100/400
+    from privacy.secagg.encoding import decode_sum, encode
+    decoded = decode_sum(encode(x, params, SecretRandom(), num_examples=100), params)
+    assert np.allclose(decoded, x / 5 * 0.25, atol=2 / params.scale)
+    assert np.allclose(decode_sum(encode(x, params, SecretRandom(), num_examples=900), params), x / 5,
+                       atol=2 / params.scale)  # more records than W: weight 1, never above
+    with pytest.raises(ValueError, match="num-examples >= 1"):
+        encode(x, params, SecretRandom())
+    with pytest.raises(ValueError, match="weight-cap must be a finite number >= 0"):
+        encoding_from_config({**encoding_to_config(params), "weight-cap": -1.0})

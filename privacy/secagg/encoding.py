@@ -3,6 +3,13 @@
 Pipeline per client (DESIGN 4.2 and 5), for a flattened delta x of d float values (the
 floating-point tensors of the model only, see `summed_keys`):
 1. clip to L2 norm C:                      x <- x * min(1, C / ||x||_2)
+1b. weight by record count (issue 14; only without client-level noise, see `weight`):
+                                           x <- x * min(1, n / W)
+   for the node's n training records (its public `num-examples`) and the round's weight cap W
+   (the most records any node reported before); the server divides the sum by the survivors'
+   sum of weights, so the mean is FedAvg's record-weighted one (McMahan et al. 2017) whenever
+   W >= every n. The weight is <= 1: the clamp and no-wrap bounds below hold unchanged, and it
+   is post-processing of the node's DP-SGD output with public values (no privacy cost);
 2. add Gaussian noise (distributed DP):    x <- x + N(0, (sigma * C)^2 / n_min) per coordinate,
    so any n_min honest survivors carry total noise std >= sigma * C on the sum (the server
    sets n_min = t - colluding nodes: colluders know, and can subtract, their own noise);
@@ -82,7 +89,9 @@ class EncodingParams:
 
     clip_norm C (L2, model units); noise_multiplier sigma (0 = no client-level DP noise);
     min_clients n_min (noise is split so that any n_min honest clients carry sigma*C); scale: grid
-    points per model unit; max_clients: the most clients whose sum must not wrap.
+    points per model unit; max_clients: the most clients whose sum must not wrap; weight_cap W
+    (records; 0 = equal weights): each update is weighted by `weight(n)`.
+    Raises ValueError for a weight cap that is negative or not finite.
     """
 
     clip_norm: float
@@ -90,6 +99,24 @@ class EncodingParams:
     min_clients: int
     scale: float
     max_clients: int
+    weight_cap: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.weight_cap) and self.weight_cap >= 0):
+            raise ValueError(f"weight-cap must be a finite number >= 0 (0: equal weights), got {self.weight_cap}")
+
+    def weight(self, num_examples: float) -> float:
+        """A node's weight in the secure mean, min(1, n / W), in [0, 1]; 1 (equal weights) when
+        W = 0 or under client-level noise, whose calibration gives every node the same share.
+
+        num_examples: the node's training records n, as it reports them (`num-examples`).
+        Raises ValueError for n < 1 while weights are on (an update weighted 0 would vanish).
+        """
+        if self.weight_cap == 0 or self.noise_multiplier > 0:
+            return 1.0
+        if not num_examples >= 1:
+            raise ValueError(f"a weighted secure mean needs the node's num-examples >= 1, got {num_examples}")
+        return min(1.0, float(num_examples) / self.weight_cap)
 
     @property
     def noise_std(self) -> float:
@@ -166,19 +193,21 @@ def clip_l2(x: np.ndarray, clip_norm: float) -> np.ndarray:
     return x * min(1.0, clip_norm / norm) if norm > 0 else x.copy()
 
 
-def encode(x: np.ndarray, params: EncodingParams, randomness: SecretRandom) -> np.ndarray:
+def encode(x: np.ndarray, params: EncodingParams, randomness: SecretRandom, num_examples: float = 0.0) -> np.ndarray:
     """Steps 1-5 of the module docstring: float (d,) delta -> (d,) uint32 in Z_(2^k), k = params.modulus_bits.
 
     randomness: the node's secret source of the noise (step 2) and the rounding (step 4);
     a server that knows the run's seed and the node's name cannot regenerate either.
-    Raises ValueError for a non-finite delta (it would poison the sum) or a scale whose
-    ring would need more than 32 bits.
+    num_examples: the node's training records n (step 1b; needed when params.weight_cap > 0).
+    Raises ValueError for a non-finite delta (it would poison the sum), a scale whose
+    ring would need more than 32 bits, or a missing n while weights are on.
     """
     k = params.modulus_bits  # raises before any work if the scale does not fit
     x = np.asarray(x, dtype=np.float64).ravel()
     if not np.isfinite(x).all():
         raise ValueError("model delta has NaN/Inf values; refusing to encode it")
     x = clip_l2(x, params.clip_norm)  # a new array: the steps below work in place, never on the caller's delta
+    x *= params.weight(num_examples)  # after clipping: the weight, not the clip, sets the node's share
     if params.noise_multiplier > 0:
         x += randomness.gaussian(x.size, params.noise_std)
     np.clip(x, -params.clamp, params.clamp, out=x)

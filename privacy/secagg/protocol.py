@@ -139,16 +139,20 @@ def _ring_neighbourhoods(participants: tuple[str, ...], num_shares: int, graph_s
 
 
 def encoding_to_config(params: EncodingParams) -> dict:
-    """EncodingParams as run/round config keys (clip-norm, client-noise-multiplier, min-clients, scale, max-clients)."""
+    """EncodingParams as run/round config keys (clip-norm, client-noise-multiplier, min-clients, scale,
+    max-clients, weight-cap)."""
     return {"clip-norm": params.clip_norm, "client-noise-multiplier": params.noise_multiplier,
-            "min-clients": params.min_clients, "scale": params.scale, "max-clients": params.max_clients}
+            "min-clients": params.min_clients, "scale": params.scale, "max-clients": params.max_clients,
+            "weight-cap": params.weight_cap}
 
 
 def encoding_from_config(cfg) -> EncodingParams:
-    """Inverse of `encoding_to_config`; raises KeyError naming a missing key."""
+    """Inverse of `encoding_to_config`; raises KeyError naming a missing key, ValueError for a bad
+    weight cap. A config without `weight-cap` means equal weights (what it meant before the key)."""
     return EncodingParams(
         clip_norm=float(cfg["clip-norm"]), noise_multiplier=float(cfg["client-noise-multiplier"]),
         min_clients=int(cfg["min-clients"]), scale=float(cfg["scale"]), max_clients=int(cfg["max-clients"]),
+        weight_cap=float(cfg["weight-cap"]) if "weight-cap" in cfg else 0.0,
     )
 
 
