@@ -299,7 +299,7 @@ def train_round(
         build_model(plan.task, plan.model or None, data.train.input_shape, data.train.num_classes, plan.activation),
         data.train, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer, momentum=plan.momentum,
         noise_multiplier=sigma, max_grad_norm=plan.max_grad_norm, device=dev, proximal_mu=plan.proximal_mu,
-        groups=units.group_of, max_records_per_group=plan.max_records_per_group,
+        groups=units.group_of, max_records_per_group=plan.max_records_per_group, clipping=plan.clipping,
     ))
     session.load_global(global_state)
     if len(data.val):

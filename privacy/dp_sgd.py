@@ -54,6 +54,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared_models.records import LabeledArrays
+from shared_models.run_config import CLIPPING_MODES
 from privacy.secret_randomness import SecretRandom
 from privacy.user_level import GroupBatch, GroupPoissonSampler, group_means
 
@@ -62,6 +63,8 @@ from privacy.user_level import GroupBatch, GroupPoissonSampler, group_means
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
                         "module outputs", category=UserWarning)
 
+
+AUTOMATIC_CLIPPING_GAMMA = 0.01  # Bu et al. 2023's stability constant (their default)
 
 # batch_size 0 = full batch: every step uses the whole training share (q = 1, one step per
 # epoch: DP gradient descent). It wins for small heads on fixed features (issue 14), where the
@@ -121,12 +124,21 @@ class SecretNoiseDPOptimizer(DPOptimizer):
     User-level DP-SGD: with `group_batch` set to the step's `GroupBatch`, the per-record
     gradients are first averaged per sampled group, so each *group* is clipped to C and
     `expected_batch_size` must be the expected number of groups.
+
+    clipping: "flat" (Opacus's g * min(1, C/||g||)) or "automatic" (Bu et al., NeurIPS 2023,
+    "Automatic Clipping: Differentially Private Deep Learning Made Easier and Stronger":
+    g * C/(||g|| + gamma), gamma = AUTOMATIC_CLIPPING_GAMMA, every gradient normalised, none
+    kept as is). Both bound each unit's contribution by C, so the noise sigma*C and the
+    accounting are the same. Raises ValueError for another name.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: float, randomness: SecretRandom) -> None:
+                 expected_batch_size: float, randomness: SecretRandom, clipping: str = "flat") -> None:
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {list(CLIPPING_MODES)}, got {clipping!r}")
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction="mean")
+        self.clipping = clipping
         self.randomness = randomness
         self.proximal: Proximal | None = None
         self.group_batch: GroupBatch | None = None
@@ -162,7 +174,21 @@ class SecretNoiseDPOptimizer(DPOptimizer):
                 for p in self.params:
                     p.grad_sample = torch.where(finite.view(-1, *[1] * (p.grad_sample.dim() - 1)), p.grad_sample,
                                                 torch.zeros_like(p.grad_sample))
-        super().clip_and_accumulate()
+        if self.clipping == "flat":
+            super().clip_and_accumulate()
+            return
+        # Automatic clipping: Opacus 1.6.0's clip_and_accumulate with C/(||g|| + gamma) as the factor.
+        if len(samples[0]) == 0:
+            factor = torch.zeros((0,), device=samples[0].device)
+        else:
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+            factor = self.max_grad_norm / (norms + AUTOMATIC_CLIPPING_GAMMA)  # ||factor * g|| < C
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factor.to(grad_sample.device).to(p.dtype), grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
         """p.grad <- (sum of clipped per-sample gradients) + secret Gaussian noise, for every parameter."""
@@ -232,7 +258,8 @@ class LocalTrainingSession:
     clipping and noise). groups: (N,) int64 group index of each record (0..G-1) for
     user-level DP-SGD (`privacy.user_level`): Poisson sampling over groups at
     q = 1/ceil(G/batch_size), each group clipped as one unit, at most
-    `max_records_per_group` records of a group per step (0: all). Raises ValueError for an empty training share or a negative mu, and Opacus's UnsupportedModuleError for a model DP-SGD cannot
+    `max_records_per_group` records of a group per step (0: all). clipping: "flat" or
+    "automatic" (`SecretNoiseDPOptimizer`; DP only). Raises ValueError for an empty training share or a negative mu, and Opacus's UnsupportedModuleError for a model DP-SGD cannot
     train (e.g. BatchNorm).
     """
 
@@ -251,6 +278,7 @@ class LocalTrainingSession:
         proximal_mu: float = 0.0,
         groups: np.ndarray | None = None,
         max_records_per_group: int = 0,
+        clipping: str = "flat",
     ) -> None:
         if len(train) == 0:
             raise ValueError("training share is empty")
@@ -273,7 +301,7 @@ class LocalTrainingSession:
             randomness = SecretRandom()  # replaced by each train_epochs call's
             self.optimizer = SecretNoiseDPOptimizer(
                 opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                expected_batch_size=units * self.sample_rate, randomness=randomness,
+                expected_batch_size=units * self.sample_rate, randomness=randomness, clipping=clipping,
             )
             self.accountant = RDPAccountant()
             self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))

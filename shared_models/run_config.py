@@ -19,6 +19,9 @@ from shared_models.datasets.local import AUDIO_FEATURES, MAX_BYTES, TEXT_COLUMNS
 MAX_GRAD_NORM_RANGE = (1e-4, 1e4)
 MAX_EPSILON_PER_RUN = 1e3
 
+# DP-SGD's per-sample clipping rules a run may ask for (`privacy.dp_sgd.SecretNoiseDPOptimizer`).
+CLIPPING_MODES = ("flat", "automatic")
+
 
 class ConfigError(ValueError):
     """A run-config or node-config value is missing or out of range (message names the key)."""
@@ -78,6 +81,9 @@ class TrainingPlan:
     # Issue 14. What an audio clip becomes (`shared_models.datasets.audio.clip_features`): the
     # model's input, so every node takes it from the run, whatever its own format options.
     audio_features: str = "logmel"
+    # Per-sample clipping of DP-SGD, "flat" or "automatic" (privacy.dp_sgd.CLIPPING_MODES): both
+    # bound each unit's contribution by C, so a node's noise and epsilon do not depend on it.
+    clipping: str = "flat"
 
     def data_options(self) -> LocalDataOptions:
         """The run's format options for a local-path dataset (the central test set, simulated nodes)."""
@@ -130,6 +136,7 @@ class TrainingPlan:
             group_column=get("group-column", str) if "group-column" in cfg else "",
             group_manifest=get("group-manifest", str) if "group-manifest" in cfg else "",
             audio_features=get("audio-features", str) if "audio-features" in cfg else "logmel",
+            clipping=get("clipping", str) if "clipping" in cfg else "flat",
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -155,6 +162,7 @@ class TrainingPlan:
             (not plan.group_manifest or plan.group_manifest.strip(), "group-manifest",
              "a file path, or empty for none"),
             (plan.audio_features in AUDIO_FEATURES, "audio-features", "'logmel' or 'scattering'"),
+            (plan.clipping in CLIPPING_MODES, "clipping", "'flat' or 'automatic'"),
             (plan.audio_features == "logmel" or plan.task == "speech", "audio-features",
              f"'logmel' (the default) for a {plan.task} task: audio features are for speech"),
             (plan.audio_features == "logmel" or plan.task != "speech" or plan.model == "linear", "audio-features",

@@ -21,7 +21,7 @@ from shared_models import TASKS, default_lr, model_names
 from shared_models.datasets.local import AUDIO_FEATURES, add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.recipes import recipe_for, recommended_model
-from shared_models.run_config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
+from shared_models.run_config import CLIPPING_MODES, MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
 from simulations.ray_cluster import parse_ray_address
 
 # Without client-level DP, clipping the update serves only to bound SecAgg+'s encoding range:
@@ -83,6 +83,10 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--delta", type=positive_float, default=1e-5, help="DP delta; must be < 1/(records per node)")
     parser.add_argument("--no-dp", action="store_true", help="train without differential privacy (for comparison)")
     parser.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="DP-SGD per-sample clipping norm C")
+    parser.add_argument("--clipping", choices=CLIPPING_MODES, default="flat",
+                        help="DP-SGD per-sample clipping: flat, g*min(1, C/||g||) (Abadi et al. 2016), or automatic, "
+                             "g*C/(||g||+0.01) (Bu et al. 2023: every gradient normalised, less sensitive to C); "
+                             "both bound each record by C, so the noise and epsilon are the same")
     parser.add_argument("--local-epochs", type=positive_int, default=1, help="passes over local data per round")
     parser.add_argument("--batch-size", type=batch_size_arg, default=None,
                         help="(expected, under Poisson sampling) batch size; 0: full batch (sampling rate 1, DP "
@@ -285,6 +289,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "max-epsilon": args.max_epsilon or args.epsilon,
         "delta": args.delta,
         "max-grad-norm": args.max_grad_norm,
+        "clipping": args.clipping,
         "val-fraction": args.val_fraction,
         "seed": args.seed,
         "run-name": out.name,

@@ -128,3 +128,49 @@ def test_a_full_batch_nodes_noise_is_calibrated_at_sampling_rate_one(tmp_path):
     assert (q, steps) == (1.0, 2)
     epsilon = _gaussian_epsilon(sigma, 40 * 2, 1e-5)
     assert 2.85 <= epsilon <= 3.0 + 1e-6  # meets the budget, wasting little (Opacus searches to 0.01)
+
+
+def _by_hand_automatic_step(model: nn.Module, data: LabeledArrays, clip: float, gamma: float) -> torch.Tensor:
+    """w - mean over all records of C g_i / (||g_i|| + gamma) (Bu et al. 2023, eq. 3), lr = 1."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(data)):
+        loss = nn.functional.cross_entropy(model(torch.from_numpy(data.x[i:i + 1])), torch.from_numpy(data.y[i:i + 1]))
+        grads = torch.autograd.grad(loss, params)
+        norm = float(torch.sqrt(sum((g ** 2).sum() for g in grads)))
+        total = [t + clip / (norm + gamma) * g for t, g in zip(total, grads)]
+    return torch.cat([(p - t / len(data)).detach().flatten() for p, t in zip(params, total)])
+
+
+def test_automatic_clipping_normalises_every_gradient_and_bounds_each_record_by_c():
+    data = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 2))
+    # C = 50 is above every gradient's norm: flat clipping keeps them as they are, automatic
+    # clipping scales each up to norm ~C.
+    expected = _by_hand_automatic_step(model, data, clip=50.0, gamma=0.01)
+    flat = _by_hand_full_batch_step(model, data, clip=50.0)
+    session = LocalTrainingSession(model, data, batch_size=FULL_BATCH, lr=1.0, optimizer="sgd", noise_multiplier=0.0,
+                                   max_grad_norm=50.0, device=CPU, clipping="automatic")
+    session.train_epochs(1, SecretRandom())
+    got = torch.cat([p.detach().flatten() for p in session.module.parameters()])
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert (got - flat).abs().max() > 1.0  # not flat clipping
+    # Sensitivity: one record's contribution to the clipped sum has norm < C, however large its gradient.
+    one = LabeledArrays("vision", data.x[:1] * 1e6, data.y[:1], ["a", "b"], ["big"])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 2))
+    w0 = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    session = LocalTrainingSession(model, one, batch_size=FULL_BATCH, lr=1.0, optimizer="sgd", noise_multiplier=0.0,
+                                   max_grad_norm=0.5, device=CPU, clipping="automatic")
+    session.train_epochs(1, SecretRandom())
+    moved = float((w0 - torch.cat([p.detach().flatten() for p in session.module.parameters()])).norm())
+    assert 0.49 < moved < 0.5  # expected batch 1: the step is the record's contribution itself
+
+
+def test_the_clipping_rule_reaches_the_plan_and_a_bad_one_is_refused(tmp_path):
+    cfg = _run_config(tmp_path, "--dataset", "digits", "--clipping", "automatic")
+    assert TrainingPlan.from_run_config(cfg).clipping == "automatic"
+    assert TrainingPlan.from_run_config(_run_config(tmp_path, "--dataset", "digits")).clipping == "flat"
+    with pytest.raises(ConfigError, match="'clipping' must be 'flat' or 'automatic'"):
+        TrainingPlan.from_run_config({**cfg, "clipping": "adaptive"})

@@ -114,7 +114,7 @@ def _session(plan, data: LabeledArrays, noise_multiplier: float | None, groups: 
     return LocalTrainingSession(model, data, batch_size=plan.batch_size, lr=plan.lr, optimizer=plan.optimizer,
                                 momentum=plan.momentum, noise_multiplier=noise_multiplier,
                                 max_grad_norm=plan.max_grad_norm, device=torch.device("cpu"), groups=groups,
-                                max_records_per_group=plan.max_records_per_group)
+                                max_records_per_group=plan.max_records_per_group, clipping=plan.clipping)
 
 
 def train_shadow_federations(plan, pool: LabeledArrays, k: int, seed: int, *, nodes: int, records_each: int,
