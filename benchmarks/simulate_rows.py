@@ -21,14 +21,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def simulate_row(name: str, options: list[str], work: Path) -> tuple[dict, dict | None]:
-    """Run `fedpriv simulate <options> --no-secagg` into `work/<name>` (ledgers in `work/state-<name>`).
+def simulate_row(name: str, options: list[str], work: Path, secagg: bool = False) -> tuple[dict, dict | None]:
+    """Run `fedpriv simulate <options> --no-secagg` (or with SecAgg+, the default, if `secagg`) into
+    `work/<name>` (ledgers in `work/state-<name>`).
 
     Returns the row's start {"row", "command", "seconds" (wall time, s), "returncode"}, with
     "error" (the run's last output) when it wrote no summary.json, and that summary or None.
     """
     out, state = work / name, work / f"state-{name}"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", *options, "--no-secagg",
+    cmd = [sys.executable, "-m", "simulations.cli", "simulate", *options, *([] if secagg else ["--no-secagg"]),
            "--out", str(out), "--state-dir", str(state)]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
