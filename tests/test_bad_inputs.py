@@ -182,7 +182,7 @@ CONFIG_CASES = {
     "epsilon zero": ({"epsilon": 0.0}, "'epsilon' must be in \\(0, 1000\\]"),
     "delta one": ({"delta": 1.0}, "'delta' must be in \\(0, 1\\)"),
     "rounds zero": ({"num-server-rounds": 0}, "'num-server-rounds' must be an integer >= 1"),
-    "batch zero": ({"batch-size": 0}, "'batch-size' must be an integer >= 1"),
+    "batch negative": ({"batch-size": -1}, "'batch-size' must be an integer >= 1, or 0 for full batch"),
     "negative lr": ({"lr": -0.1}, "'lr' must be a finite number > 0"),
     "bad optimizer": ({"optimizer": "rmsprop"}, "'optimizer' must be 'sgd' or 'adam'"),
     "validation too big": ({"val-fraction": 0.6}, "'val-fraction' must be in \\[0, 0.5\\)"),
