@@ -12,8 +12,13 @@ ones zero-padded after normalisation (so padding is the utterance mean).
 Wavelet scattering (`features="scattering"`, issue 14): kymatio's Scattering1D (J=8, Q=12,
 averaged over T=8192 samples = 1.02 s at 8 kHz; orders 1 and 2, 76 + 260 = 336 coefficients),
 log, then within each order each clip's coefficients centred and scaled to norm 1/sqrt(2) by
-their own values (the row has unit norm; the two orders' very different log-magnitudes no longer
-set one scale for both): a fixed, data-independent front-end (Tramer & Boneh, ICLR 2021; Anden & Mallat 2014) that needs only a small trained head.
+their own values (the two orders' very different log-magnitudes no longer set one scale for
+both), then each coefficient standardised with fixed constants, the mean and std of the same
+features over 300 seeded synthetic noise clips (`reference_statistics`: no record involved),
+and the row scaled to unit norm by its own values: a fixed, data-independent front-end
+(Tramer & Boneh, ICLR 2021; Anden & Mallat 2014) that needs only a small trained head. The
+standardisation made gradient descent on the head converge faster
+(`benchmarks/feature_standardisation.py`; features cache key `scattering-v3`).
 Group keys (patient-level DP): FSDD's speaker, or an audio folder's manifest (`--group-manifest`
 or `groups.csv`, `shared_models.datasets.local.read_group_manifest`).
 """
@@ -50,6 +55,7 @@ SCATTER_SAMPLES, SCATTER_J, SCATTER_Q = 8192, 8, 12
 SCATTER_LOG_FLOOR = 1e-6  # log(S + floor): silent clips stay finite
 SCATTER_FEATURES = 336  # orders 1 (76) and 2 (260) at J=8, Q=12 (kymatio's meta()["order"])
 SCATTER_BATCH = 256  # clips per Scattering1D call (memory: ~ batch x 8192 x Q x 8 bytes x a few)
+REFERENCE_CLIPS = 300  # synthetic clips behind the fixed standardisation constants
 
 
 @dataclass(frozen=True)
@@ -155,19 +161,52 @@ def _scattering():
     return ScatteringTorch1D(J=SCATTER_J, shape=SCATTER_SAMPLES, Q=SCATTER_Q, T=SCATTER_SAMPLES)
 
 
+def synthetic_reference_clips(count: int = REFERENCE_CLIPS, seed: int = 0) -> list[np.ndarray]:
+    """`count` seeded synthetic clips, 0.25-1 s at 8 kHz, float32 mono: Gaussian noise coloured by
+    a random spectral slope f^-a (a in [0.3, 1.5]) under a Hann envelope of random level. No
+    recording is involved: the standardisation constants of `scattering_features` come from these."""
+    rng = np.random.default_rng(seed)
+    clips = []
+    for _ in range(count):
+        n = int(rng.integers(2000, 8000))
+        spectrum = np.fft.rfft(rng.normal(size=n)) / (np.arange(n // 2 + 1) + 1.0) ** rng.uniform(0.3, 1.5)
+        clip = np.fft.irfft(spectrum, n)
+        clips.append((clip / (np.abs(clip).max() + 1e-9) * np.hanning(n) * rng.uniform(0.05, 1.0)).astype(np.float32))
+    return clips
+
+
+@functools.lru_cache(maxsize=1)
+def reference_statistics() -> tuple[np.ndarray, np.ndarray]:
+    """((336,), (336,)) float64 mean and std of the per-order-normalised coefficients of the
+    synthetic reference clips (`synthetic_reference_clips`): fixed constants (computed once per
+    process, ~30 s on 2 cores), the same on every node, from no record."""
+    reference = _per_order_log_scattering(synthetic_reference_clips())
+    return reference.mean(axis=0), np.maximum(reference.std(axis=0), 1e-6)
+
+
 def scattering_features(clips: list[np.ndarray]) -> np.ndarray:
     """(N, 1, 336) float32 log wavelet-scattering coefficients of mono clips (module docstring).
 
     clips: N float arrays of samples at 8 kHz (any length: cut or zero-padded to
     SCATTER_SAMPLES). Each row depends on its own clip only: within each scattering order,
-    centred by its own mean and scaled to L2 norm 1/sqrt(2), so the row has unit norm
-    (nothing is estimated from other records). The order-0 coefficient (the clip's mean) is
-    dropped.
+    centred by its own mean and scaled to L2 norm 1/sqrt(2); then each coefficient
+    standardised with fixed constants (`reference_statistics`, from synthetic clips: no
+    record) and the row scaled to unit norm by its own values. The order-0 coefficient (the
+    clip's mean) is dropped.
     """
-    import torch
-
     if not clips:
         return np.zeros((0, 1, SCATTER_FEATURES), dtype=np.float32)
+    z = _per_order_log_scattering(clips)
+    mean, std = reference_statistics()
+    z = (z - mean) / std  # gradient descent on the head converged faster (benchmarks/feature_standardisation.py)
+    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return z.astype(np.float32)[:, None, :]
+
+
+def _per_order_log_scattering(clips: list[np.ndarray]) -> np.ndarray:
+    """(N, 336) float64: log scattering, each order centred and scaled by the clip's own values."""
+    import torch
+
     scattering = _scattering()
     orders = np.asarray(scattering.meta()["order"])[1:]  # (336,) 1 or 2
     out = []
@@ -184,8 +223,8 @@ def scattering_features(clips: list[np.ndarray]) -> np.ndarray:
             part -= part.mean(axis=1, keepdims=True)
             part /= np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12) * np.sqrt(2)
             z[:, orders == order] = part
-        out.append(z.astype(np.float32))
-    return np.concatenate(out)[:, None, :]
+        out.append(z)
+    return np.concatenate(out)
 
 
 def clip_features(clips: list[np.ndarray], cfg: LogMelConfig, features: str) -> np.ndarray:

@@ -129,7 +129,7 @@ def _cached_features(folder: Path, compute, features: str = "logmel") -> dict[st
     for f in files:
         st = f.stat()
         key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    key.update(b"logmel-v1/content-ids" if features == "logmel" else f"{features}-v2/content-ids".encode())
+    key.update(b"logmel-v1/content-ids" if features == "logmel" else f"{features}-v3/content-ids".encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedpriv" / f"fsdd-{key.hexdigest()[:16]}.npz"
     if cache.exists():
         try:
