@@ -21,7 +21,7 @@ from torch import nn
 from .sequence import ACTIVATIONS
 from .speech import SpeechConv, SpeechConvRNN, SpeechLinear
 from .text import TextConv, TextHashedNgrams, TextHashedWordChar, TextRNN
-from .vision import VisionCNN
+from .vision import ScatterCNN, VisionCNN, VisionLinear
 
 TASKS = ("speech", "vision", "text")
 
@@ -29,6 +29,9 @@ TASKS = ("speech", "vision", "text")
 _MODELS: dict[str, dict[str, Callable[[Sequence[int], int, str], nn.Module]]] = {
     "vision": {
         "cnn": lambda shape, k, act: VisionCNN(in_channels=shape[0], num_classes=k, activation=act),
+        # Issue 14: heads over the wavelet scattering maps (`--image-features scattering`).
+        "linear": lambda shape, k, act: VisionLinear(in_shape=shape, num_classes=k),
+        "scatter-cnn": lambda shape, k, act: ScatterCNN(in_channels=shape[0], num_classes=k, activation=act),
     },
     "speech": {
         "conv": lambda shape, k, act: SpeechConv(n_mels=shape[1], num_classes=k, activation=act),

@@ -18,7 +18,7 @@ from server.robust_aggregation import AGGREGATIONS
 from server.server_optimizer import DEFAULT_SERVER_LR, SERVER_OPTIMIZERS
 from server.tracking import TRACKERS, TrackingUnavailable, check_tracker
 from shared_models import TASKS, default_lr, model_names
-from shared_models.datasets.local import AUDIO_FEATURES, add_local_data_options
+from shared_models.datasets.local import AUDIO_FEATURES, IMAGE_FEATURES, add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.run_config import MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
 from simulations.ray_cluster import parse_ray_address
@@ -89,12 +89,17 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default="",
-                        help="model name (vision: cnn; speech: conv, conv-lstm, conv-gru, linear; text: ngram-linear, "
+                        help="model name (vision: cnn, linear, scatter-cnn; speech: conv, conv-lstm, conv-gru, linear; text: ngram-linear, "
                              "ngram-wordchar, conv, lstm, gru)")
     parser.add_argument("--audio-features", choices=AUDIO_FEATURES, default="logmel",
                         help="speech: what each clip becomes, log-mel frames or wavelet scattering coefficients "
                              "(kymatio Scattering1D, 336 per clip: suits --model linear); fixed per clip, nothing "
                              "learnt from the data; every node follows the run")
+    parser.add_argument("--image-features", choices=IMAGE_FEATURES, default="pixels",
+                        help="vision: what each image becomes, its pixels or wavelet scattering maps (kymatio "
+                             "Scattering2D J=2 L=8: 81 maps per channel at a quarter of the size, each image "
+                             "standardised by its own values; for --model linear or scatter-cnn); fixed per image, "
+                             "nothing learnt from the data; every node follows the run")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of each simulated node's records kept for validation (chosen by record content); "
                              "a deployed node keeps the share its owner set with `fedpriv node --val-fraction`")
@@ -279,6 +284,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "group-column": args.group_column or "",
         "group-manifest": args.group_manifest or "",
         "audio-features": args.audio_features,
+        "image-features": args.image_features,
     }
 
 
