@@ -40,6 +40,15 @@ ROWS = {
     "tune-full-eps3": FULL + ["--epsilon", "3"],
     "tune-half-eps3": HALF + ["--epsilon", "3"],
     "tune-full-nomomentum-eps3": LINEAR + ["--batch-size", "2048", "--rounds", "60", "--lr", "8", "--epsilon", "3"],
+    "tune-full-lr32-eps3": FULL + ["--lr", "32", "--epsilon", "3"],
+    "tune-full-lr16-eps3": FULL + ["--lr", "16", "--epsilon", "3"],
+    "tune-full-r100-eps3": FULL + ["--rounds", "100", "--epsilon", "3"],
+    "tune-full-ema95-eps3": FULL + ["--ema-decay", "0.95", "--epsilon", "3"],
+    # The small CNN over the maps at its default lr (0.5), full batch like the linear rows.
+    "tune-scatter-cnn-eps3": PNEUMONIA + ["--image-features", "scattering", "--model", "scatter-cnn",
+                                          "--local-epochs", "1", "--ema-decay", "0.9", "--batch-size", "2048",
+                                          "--rounds", "60", "--server-optimizer", "fedavgm", "--server-momentum",
+                                          "0.9", "--epsilon", "3"],
 }
 
 

@@ -56,7 +56,7 @@ DEFAULT_MODELS = {"vision": "cnn", "speech": "conv", "text": "ngram-linear"}
 
 # Plain-SGD learning rates that worked under DP-SGD here (clipping norm 1, no momentum).
 DEFAULT_SGD_LR = {"cnn": 0.5, "conv": 0.5, "conv-lstm": 0.5, "conv-gru": 0.5, "lstm": 0.5, "gru": 0.5,
-                  "ngram-linear": 8.0, "ngram-wordchar": 8.0, "linear": 8.0}
+                  "ngram-linear": 8.0, "ngram-wordchar": 8.0, "linear": 8.0, "scatter-cnn": 0.5}
 
 
 # Without DP the gradients are neither clipped (to norm 1) nor averaged with noise, so the

@@ -6,9 +6,10 @@ All loaders return float32 (N, C, H, W) in [0, 1]. Group keys (patient-level DP)
 Wavelet scattering (`image_features="scattering"`, issue 14; `scattering_image_features`):
 kymatio's Scattering2D (J=2, L=8: Morlet wavelets at 2 scales x 8 orientations, averaged over
 2^J = 4 pixels; orders 0, 1 and 2, 1 + 16 + 64 = 81 maps of H/4 x W/4 per input channel;
-Bruna & Mallat, PAMI 2013; Oyallon & Mallat, CVPR 2015), log, then each image standardised
-within each scattering order by its own values: a fixed, data-independent front-end that
-needs only a small trained head under DP-SGD (Tramer & Boneh, ICLR 2021).
+Bruna & Mallat, PAMI 2013; Oyallon & Mallat, CVPR 2015), log, then each image's coefficients
+centred and scaled within each scattering order by their own values (the image's features have
+unit norm): a fixed, data-independent front-end that needs only a small trained head under
+DP-SGD (Tramer & Boneh, ICLR 2021). The record id stays the pixels'.
 """
 
 from __future__ import annotations
