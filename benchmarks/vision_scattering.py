@@ -52,6 +52,9 @@ ROWS = {
     # Fewer, less noisy steps at epsilon 1; more steps at epsilon 8 (test split: optimistic).
     "tune-full-r30-eps1": FULL + ["--rounds", "30", "--epsilon", "1"],
     "tune-full-r100-eps8": FULL + ["--rounds", "100", "--epsilon", "8"],
+    "tune-full-lr24-r100-eps8": FULL + ["--rounds", "100", "--lr", "24", "--epsilon", "8"],
+    # The head's ceiling with three times the steps and four times the lr, without DP.
+    "tune-full-lr32-r100-no-dp": FULL + ["--rounds", "100", "--lr", "32", "--no-dp"],
     # The small CNN over the maps at its default lr (0.5), full batch like the linear rows.
     "tune-scatter-cnn-eps3": PNEUMONIA + ["--image-features", "scattering", "--model", "scatter-cnn",
                                           "--local-epochs", "1", "--ema-decay", "0.9", "--batch-size", "2048",
