@@ -82,6 +82,8 @@ class ScatterCNN(nn.Module):
     gradients; De et al. 2022). No input normalisation layer: the maps arrive standardised
     per image and order. PneumoniaMNIST (81 x 7 x 7, 2 classes) at width 8: 5,840 + 16 + 146
     = 6,002 parameters. Input: (B, in_channels, H, W), any H, W >= 1. Output: logits (B, num_classes).
+    Measured once (PneumoniaMNIST, epsilon 3, its default lr 0.5, full batch, 60 rounds): test
+    AUC 0.85, far below `linear` (0.95; benchmarks/results/vision_scattering.json); untuned.
     """
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 8, activation: str = "tanh") -> None:
