@@ -61,6 +61,8 @@ ROWS = {
     # Fewer, less noisy steps at epsilon 1; more steps at epsilon 8 (test split: optimistic).
     "tune-full-r30-eps1": FULL + ["--rounds", "30", "--epsilon", "1"],
     "tune-full-r30-eps3": FULL + ["--rounds", "30", "--epsilon", "3"],
+    "tune-full-r20-eps1": FULL + ["--rounds", "20", "--epsilon", "1"],
+    "tune-full-r40-eps1": FULL + ["--rounds", "40", "--epsilon", "1"],
     "tune-full-r100-eps8": FULL + ["--rounds", "100", "--epsilon", "8"],
     "tune-full-lr24-r100-eps8": FULL + ["--rounds", "100", "--lr", "24", "--epsilon", "8"],
     # The head's ceiling with three times the steps and four times the lr, without DP.
