@@ -138,8 +138,9 @@ def node_identity(context: Context, plan: TrainingPlan) -> NodeIdentity:
         unit = str(node_cfg.get("privacy-unit", "auto"))
     if data_path is None:
         data_options = plan.data_options()
-    # What a clip becomes is the run's model input (its shape), not a format of the site's files.
-    data_options = dataclasses.replace(data_options, audio_features=plan.audio_features)
+    # What a clip or an image becomes is the run's model input (its shape), not a format of the site's files.
+    data_options = dataclasses.replace(data_options, audio_features=plan.audio_features,
+                                       image_features=plan.image_features)
     if not max_eps > 0:
         raise ConfigError(f"'max-epsilon' must be > 0, got {max_eps}")
     if not 0 < delta < 1:

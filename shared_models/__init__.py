@@ -21,7 +21,7 @@ from torch import nn
 from .sequence import ACTIVATIONS
 from .speech import SpeechConv, SpeechConvRNN, SpeechLinear
 from .text import TextConv, TextHashedNgrams, TextHashedWordChar, TextRNN
-from .vision import VisionCNN
+from .vision import ScatterCNN, VisionCNN, VisionLinear
 
 TASKS = ("speech", "vision", "text")
 
@@ -29,6 +29,9 @@ TASKS = ("speech", "vision", "text")
 _MODELS: dict[str, dict[str, Callable[[Sequence[int], int, str], nn.Module]]] = {
     "vision": {
         "cnn": lambda shape, k, act: VisionCNN(in_channels=shape[0], num_classes=k, activation=act),
+        # Issue 14: heads over the wavelet scattering maps (`--image-features scattering`).
+        "linear": lambda shape, k, act: VisionLinear(in_shape=shape, num_classes=k),
+        "scatter-cnn": lambda shape, k, act: ScatterCNN(in_channels=shape[0], num_classes=k, activation=act),
     },
     "speech": {
         "conv": lambda shape, k, act: SpeechConv(n_mels=shape[1], num_classes=k, activation=act),
@@ -56,7 +59,7 @@ DEFAULT_MODELS = {"vision": "cnn", "speech": "conv", "text": "ngram-linear"}
 
 # Plain-SGD learning rates that worked under DP-SGD here (clipping norm 1, no momentum).
 DEFAULT_SGD_LR = {"cnn": 0.5, "conv": 0.5, "conv-lstm": 0.5, "conv-gru": 0.5, "lstm": 0.5, "gru": 0.5,
-                  "ngram-linear": 8.0, "ngram-wordchar": 8.0, "linear": 8.0}
+                  "ngram-linear": 8.0, "ngram-wordchar": 8.0, "linear": 8.0, "scatter-cnn": 0.5}
 
 
 # Without DP the gradients are neither clipped (to norm 1) nor averaged with noise, so the

@@ -49,7 +49,8 @@ def array_content(array: np.ndarray) -> bytes:
 class LabeledArrays:
     """A labelled dataset held as arrays.
 
-    x: examples stacked on axis 0 — vision (N, C, H, W) float32 in [0, 1]; speech
+    x: examples stacked on axis 0 — vision (N, C, H, W) float32 in [0, 1] (or its
+       scattering maps, (N, 81*C, H/4, W/4), with image features "scattering"); speech
        (N, T, n_mels) float32 log-mel frames; text (N, L) int64 byte ids (0 = padding).
     y: (N,) int64 class indices into `classes`.
     record_ids: N ids derived from each record's content (`content_record_ids`), by which

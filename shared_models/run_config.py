@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shared_models.datasets.local import AUDIO_FEATURES, MAX_BYTES, TEXT_COLUMNS, LocalDataOptions
+from shared_models.datasets.local import AUDIO_FEATURES, IMAGE_FEATURES, MAX_BYTES, TEXT_COLUMNS, LocalDataOptions
 
 
 # Ranges a node accepts from the coordinator's run-config. Outside them DP-SGD's arithmetic
@@ -21,6 +21,11 @@ MAX_EPSILON_PER_RUN = 1e3
 
 # DP-SGD's per-sample clipping rules a run may ask for (`privacy.dp_sgd.SecretNoiseDPOptimizer`).
 CLIPPING_MODES = ("flat", "automatic")
+
+
+# Vision models that take scattering maps (`image-features = "scattering"`), and those that take nothing else.
+SCATTERING_IMAGE_MODELS = ("linear", "scatter-cnn")
+SCATTERING_ONLY_MODELS = ("scatter-cnn",)
 
 
 class ConfigError(ValueError):
@@ -84,12 +89,15 @@ class TrainingPlan:
     # Per-sample clipping of DP-SGD, "flat" or "automatic" (privacy.dp_sgd.CLIPPING_MODES): both
     # bound each unit's contribution by C, so a node's noise and epsilon do not depend on it.
     clipping: str = "flat"
+    # What an image becomes (`shared_models.datasets.images.image_features`): likewise the run's.
+    image_features: str = "pixels"
 
     def data_options(self) -> LocalDataOptions:
         """The run's format options for a local-path dataset (the central test set, simulated nodes)."""
         return LocalDataOptions(image_size=self.image_size or None, max_text_bytes=self.max_text_bytes,
                                 csv_delimiter=self.csv_delimiter or None, group_column=self.group_column or None,
-                                group_manifest=self.group_manifest or None, audio_features=self.audio_features)
+                                group_manifest=self.group_manifest or None, audio_features=self.audio_features,
+                                image_features=self.image_features)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> TrainingPlan:
@@ -137,6 +145,7 @@ class TrainingPlan:
             group_manifest=get("group-manifest", str) if "group-manifest" in cfg else "",
             audio_features=get("audio-features", str) if "audio-features" in cfg else "logmel",
             clipping=get("clipping", str) if "clipping" in cfg else "flat",
+            image_features=get("image-features", str) if "image-features" in cfg else "pixels",
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -168,6 +177,14 @@ class TrainingPlan:
             (plan.audio_features == "logmel" or plan.task != "speech" or plan.model == "linear", "audio-features",
              f"'logmel' for the speech model {plan.model or 'conv (the default)'!r}: scattering gives one frame of "
              "coefficients per clip, for model 'linear'"),
+            (plan.image_features in IMAGE_FEATURES, "image-features", "'pixels' or 'scattering'"),
+            (plan.image_features == "pixels" or plan.task == "vision", "image-features",
+             f"'pixels' (the default) for a {plan.task} task: image features are for vision"),
+            (plan.image_features == "pixels" or plan.task != "vision" or plan.model in SCATTERING_IMAGE_MODELS,
+             "image-features", f"'pixels' for the vision model {plan.model or 'cnn (the default)'!r}: scattering "
+             f"gives 81 maps per channel at a quarter of the size, for models {', '.join(SCATTERING_IMAGE_MODELS)}"),
+            (plan.image_features == "scattering" or plan.task != "vision" or plan.model not in SCATTERING_ONLY_MODELS,
+             "image-features", f"'scattering' for the vision model {plan.model!r}: it is built for scattering maps"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -1,4 +1,4 @@
-"""Vision model: the seed's small CNN, made DP-ready.
+"""Vision models: the seed's small CNN, made DP-ready, and small heads over scattering maps.
 
 Seed sketch (Keras): Conv2D(32,3x3)-MaxPool-Conv2D(64)-MaxPool-Flatten-Dense(128)-Dense(classes).
 Changes and why:
@@ -10,6 +10,13 @@ Changes and why:
   activations suit per-sample clipping (Papernot et al. 2021; see `sequence.activation_layer`).
 - AdaptiveAvgPool2d before Flatten so any input size works (8x8 digits, 28x28 MedMNIST,
   64x64 hospital folders) with the same parameter count.
+
+Over the fixed wavelet scattering front-end (`--image-features scattering`: 81 maps per
+channel at a quarter of the size, `shared_models.datasets.images.scattering_image_features`),
+only a small head is trained, so DP-SGD's noise is spread over few parameters (Tramer & Boneh,
+"Differentially private learning needs better features (or much more data)", ICLR 2021):
+`VisionLinear` (a linear classifier over all maps) and `ScatterCNN` (their ScatterNet+CNN,
+shrunk: one 3x3 convolution, GroupNorm, tanh, pooling, a linear layer).
 """
 
 from __future__ import annotations
@@ -48,3 +55,46 @@ class VisionCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class VisionLinear(nn.Module):
+    """A linear classifier over every input value: logits = x.flatten(1) @ W.T + b.
+
+    Made for scattering maps (PneumoniaMNIST: 81 x 7 x 7 = 3,969 features, 2 classes: 7,940
+    parameters); on pixels it is plain logistic regression. Input: (B, C, H, W) with the
+    C x H x W fixed at construction. Output: logits (B, num_classes).
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = in_shape
+        self.linear = nn.Linear(channels * height * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+class ScatterCNN(nn.Module):
+    """3x3 conv -> GroupNorm -> activation -> average pool to 3x3 -> linear, over scattering maps.
+
+    Tramer & Boneh's ScatterNet+CNN (ICLR 2021), shrunk for a few hundred records per node:
+    one convolution mixing the maps locally, GroupNorm instead of BatchNorm (per-sample
+    gradients; De et al. 2022). No input normalisation layer: the maps arrive standardised
+    per image and order. PneumoniaMNIST (81 x 7 x 7, 2 classes) at width 8: 5,840 + 16 + 146
+    = 6,002 parameters. Input: (B, in_channels, H, W), any H, W >= 1. Output: logits (B, num_classes).
+    Measured once (PneumoniaMNIST, epsilon 3, its default lr 0.5, full batch, 60 rounds): test
+    AUC 0.85, far below `linear` (0.95; benchmarks/results/vision_scattering.json); untuned.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 8, activation: str = "tanh") -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, kernel_size=3, padding=1),
+            nn.GroupNorm(2, width),
+            activation_layer(activation),
+            nn.AdaptiveAvgPool2d(3),  # 7x7 -> 3x3 (digits' 2x2 maps -> 3x3 by repetition)
+        )
+        self.classifier = nn.Linear(width * 9, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))

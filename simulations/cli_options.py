@@ -18,7 +18,7 @@ from server.robust_aggregation import AGGREGATIONS
 from server.server_optimizer import DEFAULT_SERVER_LR, SERVER_OPTIMIZERS
 from server.tracking import TRACKERS, TrackingUnavailable, check_tracker
 from shared_models import TASKS, default_lr, model_names
-from shared_models.datasets.local import AUDIO_FEATURES, add_local_data_options
+from shared_models.datasets.local import AUDIO_FEATURES, IMAGE_FEATURES, add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.recipes import recipe_for, recommended_model
 from shared_models.run_config import CLIPPING_MODES, MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
@@ -105,8 +105,8 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default=None,
-                        help="model name (vision: cnn; speech: linear, conv, conv-lstm, conv-gru; text: ngram-linear, "
-                             "ngram-wordchar, conv, lstm, gru). Default: the first named, measured best under DP "
+                        help="model name (vision: cnn, linear, scatter-cnn; speech: linear, conv, conv-lstm, conv-gru; "
+                             "text: ngram-linear, ngram-wordchar, conv, lstm, gru). Default: the first named, measured best under DP "
                              "(speech: conv when --audio-features logmel); every flag left unset then takes that "
                              "model's measured setting (shared_models.recipes), written into the run's config")
     parser.add_argument("--audio-features", choices=AUDIO_FEATURES, default=None,
@@ -114,6 +114,12 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                              "(kymatio Scattering1D, 336 per clip, for --model linear); fixed per clip, nothing "
                              "learnt from the data; every node follows the run. Default: scattering for speech "
                              "linear, logmel otherwise")
+    parser.add_argument("--image-features", choices=IMAGE_FEATURES, default=None,
+                        help="vision: what each image becomes, its pixels or wavelet scattering maps (kymatio "
+                             "Scattering2D J=2 L=8: 81 maps per channel at a quarter of the size, each image "
+                             "standardised by its own values; for --model linear or scatter-cnn); fixed per image, "
+                             "nothing learnt from the data; every node follows the run. Default: scattering for "
+                             "vision linear and scatter-cnn, pixels otherwise")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of each simulated node's records kept for validation (chosen by record content); "
                              "a deployed node keeps the share its owner set with `fedpriv node --val-fraction`")
@@ -192,7 +198,7 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
 def resolved_training_options(args: argparse.Namespace, task: str) -> dict:
     """The model and the settings that follow from it, for the flags the user left unset (None).
 
-    Returns {"model", "audio_features", "batch_size", "server_optimizer", "ema_decay", "lr"}:
+    Returns {"model", "audio_features", "image_features", "batch_size", "server_optimizer", "ema_decay", "lr"}:
     the user's value where set, else the model's measured setting (`shared_models.recipes`).
     """
     model = args.model or recommended_model(task, args.audio_features)
@@ -201,6 +207,7 @@ def resolved_training_options(args: argparse.Namespace, task: str) -> dict:
     return {
         "model": model,
         "audio_features": args.audio_features or recipe.audio_features,
+        "image_features": args.image_features or recipe.image_features,
         "batch_size": recipe.batch_size if args.batch_size is None else args.batch_size,
         "server_optimizer": args.server_optimizer or recipe.server_optimizer,
         "ema_decay": recipe.ema_decay if args.ema_decay is None else args.ema_decay,
@@ -320,6 +327,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "group-column": args.group_column or "",
         "group-manifest": args.group_manifest or "",
         "audio-features": chosen["audio_features"],
+        "image-features": chosen["image_features"],
     }
 
 

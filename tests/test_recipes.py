@@ -61,11 +61,21 @@ def test_every_flag_the_user_sets_wins_over_the_recipe(tmp_path, argv, expected)
     TrainingPlan.from_run_config(cfg)  # a valid plan
 
 
+def test_a_vision_scattering_model_brings_its_input_and_settings(tmp_path):
+    cfg = _run_config(tmp_path, "--dataset", "pneumoniamnist", "--model", "linear")
+    assert (cfg["image-features"], cfg["batch-size"], cfg["server-optimizer"], cfg["ema-decay"], cfg["lr"]) == \
+        ("scattering", 0, "fedavgm", 0.9, 8.0)
+    assert _run_config(tmp_path, "--dataset", "pneumoniamnist", "--model", "scatter-cnn")["image-features"] == "scattering"
+    assert _run_config(tmp_path, "--dataset", "pneumoniamnist", "--model", "linear", "--image-features",
+                       "pixels")["image-features"] == "pixels"
+    assert TrainingPlan.from_run_config(cfg).image_features == "scattering"
+
+
 @pytest.mark.parametrize("dataset, model", [("digits", "cnn"), ("sms_spam", "ngram-linear")])
 def test_the_other_tasks_keep_their_settings(tmp_path, dataset, model):
     cfg = _run_config(tmp_path, "--dataset", dataset)
-    assert (cfg["model"], cfg["batch-size"], cfg["server-optimizer"], cfg["ema-decay"], cfg["audio-features"]) == \
-        (model, 64, "fedavg", 0.0, "logmel")
+    assert (cfg["model"], cfg["batch-size"], cfg["server-optimizer"], cfg["ema-decay"], cfg["audio-features"],
+            cfg["image-features"]) == (model, 64, "fedavg", 0.0, "logmel", "pixels")
 
 
 def test_a_negative_batch_size_is_refused_by_the_cli_and_by_a_node(tmp_path, capsys):

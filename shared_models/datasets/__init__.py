@@ -7,6 +7,7 @@ shares (`shared_models.datasets.partitioning`) with the same ones.
 `load_local(path, task, options)` reads a node's own data from its `data-path`:
 - vision: a MedMNIST-style `.npz` (its `train` split) or a folder with one subfolder of
   images per class (8- or 16-bit, any PIL format; one size, or resized with `--image-size`);
+  pixels, or wavelet scattering maps when the run says `image-features = "scattering"`;
 - speech: a folder with one subfolder of WAV files per class, or FSDD-named WAV files (any
   rate and channel count: resampled and downmixed to the model's 8 kHz mono);
 - text: a `.csv` with `text,label` columns (delimiter sniffed or `--csv-delimiter`), or a
@@ -27,7 +28,7 @@ from pathlib import Path
 from shared_models.records import DataFormatError, LabeledArrays
 
 from .audio import LogMelConfig, load_audio_folder, load_fsdd
-from .images import load_digits_embedded, load_image_folder, load_npz
+from .images import image_features, load_digits_embedded, load_image_folder, load_npz
 from .local import LocalDataOptions, group_sizes, summary_lines
 from .text import encode_bytes, load_sms_spam, load_text_csv, read_tsv
 
@@ -62,8 +63,13 @@ def load_local(path: str | Path, task: str, options: LocalDataOptions | None = N
             splits = load_npz(path)
             if "train" not in splits:
                 raise DataFormatError(f"{path}: .npz has no 'train_images'/'train_labels' (found {sorted(splits)})")
-            return splits["train"]
-        return load_image_folder(path, options.image_size, group_manifest=options.group_manifest)
+            data = splits["train"]
+        else:
+            data = load_image_folder(path, options.image_size, group_manifest=options.group_manifest)
+        try:
+            return image_features(data, options.image_features)
+        except ValueError as err:
+            raise DataFormatError(f"{path}: {err}") from err
     if task == "speech":
         return load_audio_folder(path, group_manifest=options.group_manifest, features=options.audio_features)
     if path.suffix.lower() == ".csv":
@@ -104,6 +110,7 @@ __all__ = [
     "LogMelConfig",
     "encode_bytes",
     "group_sizes",
+    "image_features",
     "load_audio_folder",
     "load_digits_embedded",
     "load_fsdd",

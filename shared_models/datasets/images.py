@@ -2,10 +2,20 @@
 
 All loaders return float32 (N, C, H, W) in [0, 1]. Group keys (patient-level DP): an .npz's
 `{split}_groups` arrays, an image folder's manifest (`--group-manifest` or `groups.csv`).
+
+Wavelet scattering (`image_features="scattering"`, issue 14; `scattering_image_features`):
+kymatio's Scattering2D (J=2, L=8: Morlet wavelets at 2 scales x 8 orientations, averaged over
+2^J = 4 pixels; orders 0, 1 and 2, 1 + 16 + 64 = 81 maps of H/4 x W/4 per input channel;
+Bruna & Mallat, PAMI 2013; Oyallon & Mallat, CVPR 2015), log, then each image's coefficients
+centred and scaled within each scattering order by their own values (the image's features have
+unit norm): a fixed, data-independent front-end that needs only a small trained head under
+DP-SGD (Tramer & Boneh, ICLR 2021). The record id stays the pixels'.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -20,9 +30,16 @@ from sklearn.model_selection import train_test_split
 
 from shared_models.records import DataFormatError, LabeledArrays, array_content, content_record_ids
 
-from .local import DataSummary, manifest_groups, read_group_manifest, visible_entries
+from .local import IMAGE_FEATURES, DataSummary, manifest_groups, read_group_manifest, visible_entries
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
+
+# Scattering2D settings (module docstring): scales J (maps downsampled by 2^J) and orientations L.
+SCATTER_J, SCATTER_L = 2, 8
+SCATTER_ORDER_SIZES = (1, SCATTER_J * SCATTER_L, SCATTER_L ** 2 * SCATTER_J * (SCATTER_J - 1) // 2)  # 1, 16, 64
+SCATTER_CHANNELS = sum(SCATTER_ORDER_SIZES)  # 81 maps per input channel
+SCATTER_LOG_FLOOR = 1e-3  # log(S + floor): a blank region's coefficients stay finite
+SCATTER_BATCH = 512  # images per Scattering2D call (28x28: ~1 s per 1000 images on one core)
 
 
 def _canonical_pixels(image: np.ndarray) -> np.ndarray:
@@ -63,6 +80,71 @@ def _to_nchw(images: np.ndarray, where: str) -> np.ndarray:
     if images.max(initial=0.0) > 1.0:
         images /= 255.0
     return images
+
+
+@functools.lru_cache(maxsize=4)
+def _scattering(height: int, width: int):
+    # The 2-D torch front-end module itself: `kymatio.torch` also imports the 3-D one, which
+    # needs scipy's `sph_harm` (removed in scipy 1.17).
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    return ScatteringTorch2D(J=SCATTER_J, shape=(height, width), L=SCATTER_L)
+
+
+def scattering_image_features(images: np.ndarray) -> np.ndarray:
+    """(N, 81*C, H/4, W/4) float32 log wavelet-scattering maps of images (module docstring).
+
+    images: float (N, C, H, W) pixels (the loaders' [0, 1]); H and W multiples of 4 = 2^J and
+    at least 8 (28x28 MedMNIST -> 7x7 maps; 8x8 digits -> 2x2). Each channel is scattered on its
+    own; its 81 maps keep kymatio's order (order 0: 1 map, order 1: J*L = 16, order 2:
+    L^2*J*(J-1)/2 = 64) and channel c's maps are rows 81c .. 81c+80. Each image's log
+    coefficients (log(S + 1e-3)) are normalised within each of its 3C (channel, order) blocks
+    by that block's own values: centred (mean 0 over its maps x pixels) and scaled to L2 norm
+    1/sqrt(3C), so every image's features have unit norm (the same rule as the speech
+    front-end; the orders' very different log-magnitudes no longer set one scale for all; a
+    constant block becomes zeros). Nothing is estimated from other records: a row depends on
+    its own image only. Raises ValueError for another shape or a size that is not a multiple
+    of 4 or under 8.
+    """
+    import torch
+
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"scattering features need images shaped (N, C, H, W), got {images.shape}")
+    n, channels, height, width = images.shape
+    step = 2 ** SCATTER_J
+    if height % step or width % step or min(height, width) < 2 * step:
+        raise ValueError(f"scattering features (J={SCATTER_J}) need images whose height and width are multiples of "
+                         f"{step} and at least {2 * step} pixels, got {height}x{width} (resize them, e.g. "
+                         "--image-size 28)")
+    out = np.zeros((n, SCATTER_CHANNELS * channels, height // step, width // step), dtype=np.float32)
+    if n == 0:
+        return out
+    scattering = _scattering(height, width)
+    bounds = np.cumsum((0,) + SCATTER_ORDER_SIZES)
+    for start in range(0, n, SCATTER_BATCH):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + SCATTER_BATCH], dtype=np.float32))
+        with torch.no_grad():
+            coefficients = scattering(batch).double().numpy()  # (B, C, 81, H/4, W/4)
+        z = np.log(coefficients + SCATTER_LOG_FLOOR)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            block = z[:, :, lo:hi]  # a view: (B, C, maps of one order, H/4, W/4)
+            block -= block.mean(axis=(2, 3, 4), keepdims=True)
+            norm = np.sqrt((block ** 2).sum(axis=(2, 3, 4), keepdims=True))
+            block /= np.where(norm > 1e-12, norm, 1.0) * np.sqrt(3 * channels)
+        out[start:start + len(batch)] = z.reshape(len(batch), -1, height // step, width // step)
+    return out
+
+
+def image_features(data: LabeledArrays, features: str) -> LabeledArrays:
+    """`data` with x replaced by its `features`: "pixels" (unchanged) or "scattering"
+    (`scattering_image_features`); labels, record ids (the pixels'), groups kept. Raises
+    ValueError for another name or an image size scattering cannot take."""
+    if features == "pixels":
+        return data
+    if features != "scattering":
+        raise ValueError(f"image features must be one of {list(IMAGE_FEATURES)}, got {features!r}")
+    return dataclasses.replace(data, x=scattering_image_features(data.x))
 
 
 def load_npz(path: str | Path, task: str = "vision", classes: list[str] | None = None) -> dict[str, LabeledArrays]:

@@ -36,6 +36,9 @@ TEXT_COLUMNS = ("text", "label")
 # What an audio clip becomes (`shared_models.datasets.audio.clip_features`); the run chooses
 # (run-config `audio-features`). Here, not in audio.py, since audio.py imports this module.
 AUDIO_FEATURES = ("logmel", "scattering")
+# What an image becomes (`shared_models.datasets.images.image_features`): its pixels, or
+# wavelet scattering maps (run-config `image-features`).
+IMAGE_FEATURES = ("pixels", "scattering")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class LocalDataOptions:
     audio_features: what an audio clip becomes, "logmel" or "scattering"
        (`shared_models.datasets.audio.clip_features`); a model choice of the run, so a deployed
        node takes it from the run-config, not from its own options.
+    image_features: what an image becomes, "pixels" or "scattering"
+       (`shared_models.datasets.images.image_features`); like audio_features, the run's choice.
     """
 
     image_size: int | None = None
@@ -64,6 +69,7 @@ class LocalDataOptions:
     group_column: str | None = None
     group_manifest: str | None = None
     audio_features: str = "logmel"
+    image_features: str = "pixels"
 
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size < 1:
@@ -79,6 +85,8 @@ class LocalDataOptions:
             raise ValueError("group manifest must be a file path, got an empty one")
         if self.audio_features not in AUDIO_FEATURES:
             raise ValueError(f"audio features must be 'logmel' or 'scattering', got {self.audio_features!r}")
+        if self.image_features not in IMAGE_FEATURES:
+            raise ValueError(f"image features must be 'pixels' or 'scattering', got {self.image_features!r}")
 
 
 @dataclass
