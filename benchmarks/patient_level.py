@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from simulate_rows import run_rows, simulate_row
+from simulate_rows import node_figures, run_rows, simulate_row
 
 
 PN = ["--dataset", "pneumoniamnist", "--synthetic-patients", "--clients", "5", "--partition", "dirichlet",
@@ -60,8 +60,8 @@ def run_row(name: str, work: Path) -> dict:
     row.update({
         "test_accuracy": summary["final"]["test_accuracy"], "test_auc": summary["final"].get("test_auc"),
         "majority_class_rate": summary["majority_class_rate"], "privacy_unit": summary.get("privacy_unit"),
-        "nodes": {n: {k: c.get(k) for k in ("privacy_unit", "epsilon", "num_groups", "num_examples", "sample_rate",
-                                             "noise_multiplier")} for n, c in summary["clients"].items()},
+        "nodes": node_figures(summary, ("privacy_unit", "epsilon", "num_groups", "num_examples", "sample_rate",
+                                        "noise_multiplier")),
     })
     if name == "pn-record":
         eps, delta = group_privacy(8.0, 1e-5, MAX_RECORDS_PER_PATIENT)

@@ -41,6 +41,14 @@ def simulate_row(name: str, options: list[str], work: Path, secagg: bool = False
     return row, json.loads((out / "summary.json").read_text())
 
 
+NODE_FIELDS = ("epsilon", "num_examples", "sample_rate", "noise_multiplier", "steps")
+
+
+def node_figures(summary: dict, fields: tuple[str, ...] = NODE_FIELDS) -> dict:
+    """{node: {field: value}} from summary.json's `clients` (None where a node has no such field)."""
+    return {n: {k: c.get(k) for k in fields} for n, c in summary["clients"].items()}
+
+
 def run_rows(benchmark: str, description: str, rows: list[str], run_row: Callable[[str, Path], dict],
              argv: list[str] | None, fields: dict, printed: Callable[[dict], dict] = lambda row: row) -> int:
     """The command line of a row-per-run benchmark: `--rows`, `--merge`, `--work-dir`, `--out`.

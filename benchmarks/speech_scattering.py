@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from simulate_rows import run_rows, simulate_row
+from simulate_rows import node_figures, run_rows, simulate_row
 
 
 FSDD = ["--dataset", "fsdd", "--clients", "6", "--partition", "natural", "--val-fraction", "0"]
@@ -71,8 +71,7 @@ def run_row(name: str, work: Path) -> dict:
         "test_accuracy": summary["final"]["test_accuracy"],
         "test_balanced_accuracy": summary["final"].get("test_balanced_accuracy"),
         "majority_class_rate": summary["majority_class_rate"],
-        "nodes": {n: {k: c.get(k) for k in ("epsilon", "num_examples", "sample_rate", "noise_multiplier", "steps")}
-                  for n, c in summary["clients"].items()},
+        "nodes": node_figures(summary),
     })
     return row
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from simulate_rows import run_rows, simulate_row
+from simulate_rows import node_figures, run_rows, simulate_row
 
 PNEUMONIA = ["--dataset", "pneumoniamnist", "--clients", "5", "--partition", "dirichlet", "--alpha", "0.5",
              "--val-fraction", "0", "--seed", "0", "--delta", "1e-5"]
@@ -90,8 +90,7 @@ def run_row(name: str, work: Path) -> dict:
         "rounds_completed": summary["rounds_completed"],
         "max_node_epsilon": max((c["epsilon"] for c in summary["clients"].values() if c["epsilon"] is not None),
                                 default=None),  # None without DP
-        "nodes": {n: {k: c.get(k) for k in ("epsilon", "num_examples", "sample_rate", "noise_multiplier", "steps")}
-                  for n, c in summary["clients"].items()},
+        "nodes": node_figures(summary),
     })
     return row
 
