@@ -14,7 +14,11 @@ early once `--budget-s` seconds are spent but never below 3) and the step's peak
   mode sees the same batch), noise multiplier 1, clipping norm 1;
 - ghost: Opacus `grad_sample_mode="ghost"` (ghost clipping, Li et al. 2022 / Bu et al. 2023:
   per-sample gradient norms without materialising per-sample gradients, two backward
-  passes); where Opacus refuses a model the error is recorded instead.
+  passes); where Opacus refuses a model the error is recorded instead;
+- closed-form (linear heads on fixed features only: speech linear, text ngram-linear and
+  ngram-wordchar): the clipped per-sample gradient sum from `privacy.dp_sgd.
+  clipped_linear_head_sums` (rank-one gradients, nothing materialised: what a node runs for
+  these heads), then Opacus's `DPOptimizer` noise (torch's generator, as in hooks) and step.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` minus the memory allocated before
 the first step; on CPU (tracemalloc does not see torch's allocator) the growth of the
@@ -56,7 +60,8 @@ MODELS = [
     ("text", "lstm", (200,), 2),
     ("text", "gru", (200,), 2),
 ]
-MODES = ("plain", "hooks", "ghost")
+MODES = ("plain", "hooks", "ghost", "closed-form")
+CLOSED_FORM_MODELS = ("linear", "ngram-linear", "ngram-wordchar")  # `privacy.dp_sgd.linear_head` models
 
 
 def _peak_rss_mib() -> float:
@@ -92,7 +97,14 @@ def measure(task: str, name: str, mode: str, batch: int, steps: int, warmup: int
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     criterion = nn.CrossEntropyLoss()
-    if mode != "plain":
+    if mode == "closed-form":
+        from opacus.optimizers import DPOptimizer
+
+        from privacy.dp_sgd import clipped_linear_head_sums, linear_head
+
+        head = linear_head(model)
+        dp = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
+    elif mode != "plain":
         from opacus import PrivacyEngine
 
         loader = DataLoader(TensorDataset(x, y), batch_size=batch)
@@ -106,7 +118,21 @@ def measure(task: str, name: str, mode: str, batch: int, steps: int, warmup: int
             model, optimizer, _ = made
     xb, yb = x.to(dev), y.to(dev)
 
+    def closed_form_step() -> None:
+        with torch.no_grad():
+            features = model.features(xb).flatten(1)
+            weight, bias = clipped_linear_head_sums(features, head(features), yb, 1.0)
+        for p, total in ((head.weight, weight), (head.bias, bias)):
+            p.summed_grad = total
+        dp.add_noise()
+        for p in (head.weight, head.bias):
+            p.grad /= batch
+            p.summed_grad = None
+        optimizer.step()
+
     def step() -> None:
+        if mode == "closed-form":
+            return closed_form_step()
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(xb), yb)
         loss.backward()
@@ -167,6 +193,8 @@ def main() -> None:
         if args.models and name not in args.models:
             continue
         for mode in MODES:
+            if mode == "closed-form" and name not in CLOSED_FORM_MODELS:
+                continue
             cmd = [sys.executable, __file__, "--one", task, name, mode, "--batch", str(args.batch), "--steps",
                    str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads),
                    "--budget-s", str(args.budget_s)]

@@ -7,7 +7,10 @@ twice", Opacus #608) and reused round after round: each round's global weights a
 
 - Per-sample gradients: Opacus's `GradSampleModule` in "hooks" mode (ghost and functorch
   modes crash on empty Poisson batches of models with an Embedding; DESIGN 9), after
-  `ModuleValidator.validate(strict=True)` as `PrivacyEngine.make_private` does.
+  `ModuleValidator.validate(strict=True)` as `PrivacyEngine.make_private` does. For a linear
+  head on fixed features (`linear_head`), whose per-sample gradients are rank one, the clipped
+  sum is computed in closed form instead (`clipped_linear_head_sums`: same clipping, same
+  noise, no (B, classes, features) tensor), unless `per_sample_gradients="hooks"`.
 - Clipping and noise: Opacus's `DPOptimizer` (flat per-sample clipping to
   `max_grad_norm`, mean over the *expected* batch size N*q), whose Gaussian noise of std
   `noise_multiplier * max_grad_norm` is drawn from the node's `SecretRandom` (a ChaCha20
@@ -70,6 +73,51 @@ AUTOMATIC_CLIPPING_GAMMA = 0.01  # Bu et al. 2023's stability constant (their de
 # epoch: DP gradient descent). It wins for small heads on fixed features (issue 14), where the
 # noise on the mean gradient, sigma*C/(N q), is what limits accuracy.
 FULL_BATCH = 0
+
+
+PER_SAMPLE_GRADIENTS = ("auto", "hooks")  # "auto": closed form for a linear head, else Opacus's hooks
+
+
+def linear_head(model: nn.Module) -> nn.Linear | None:
+    """`model.linear` when it is all `model` trains and `model.features` is the fixed front-end
+    it reads (forward(x) = linear(features(x)): `SpeechLinear`, `VisionLinear`, the hashed text
+    models); None otherwise."""
+    head = getattr(model, "linear", None)
+    if not isinstance(head, nn.Linear) or head.bias is None or not callable(getattr(model, "features", None)):
+        return None
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return head if trainable == {id(head.weight), id(head.bias)} else None
+
+
+@torch.no_grad()
+def clipped_linear_head_sums(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                             max_grad_norm: float, clipping: str = "flat") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over the batch of the clipped per-sample cross-entropy gradients of a linear head.
+
+    features (B, d) (the head's input), logits (B, K) = features @ W.T + b, labels (B,) int64.
+    Record i's loss gradient is e_i f_i^T for W and e_i for b, with e_i = softmax(logits_i) -
+    onehot(y_i): rank one, so its norm is ||e_i|| sqrt(||f_i||^2 + 1) without forming it, and
+    the clipped sum is (c * E)^T F and sum_i c_i e_i, c_i the clip factor: Opacus 1.6.0's flat
+    min(1, C/(norm + 1e-6)) or automatic C/(norm + AUTOMATIC_CLIPPING_GAMMA) (Bu et al. 2023),
+    exactly what `SecretNoiseDPOptimizer.clip_and_accumulate` computes from the materialised
+    per-sample gradients (Goodfellow 2015, "Efficient per-example gradient computations", for
+    the norm identity). A record whose e or f is not finite contributes 0, like there.
+    Returns (weight sum (K, d), bias sum (K,)). Raises ValueError for another clipping name.
+    """
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"clipping must be one of {list(CLIPPING_MODES)}, got {clipping!r}")
+    errors = torch.softmax(logits.float(), dim=1)
+    errors[torch.arange(len(labels)), labels] -= 1.0
+    finite = torch.isfinite(errors).all(dim=1) & torch.isfinite(features).all(dim=1)
+    errors = torch.where(finite[:, None], errors, torch.zeros_like(errors))
+    features = torch.where(finite[:, None], features, torch.zeros_like(features))
+    norms = errors.norm(dim=1) * (features.pow(2).sum(dim=1) + 1.0).sqrt()
+    if clipping == "flat":
+        factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    else:
+        factor = max_grad_norm / (norms + AUTOMATIC_CLIPPING_GAMMA)
+    scaled = errors * (factor * finite)[:, None]
+    return scaled.T @ features, scaled.sum(dim=0)
 
 
 def steps_per_epoch(num_records: int, batch_size: int) -> int:
@@ -190,6 +238,23 @@ class SecretNoiseDPOptimizer(DPOptimizer):
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
 
+    def step_from_clipped_sums(self, sums: dict[nn.Parameter, torch.Tensor]) -> None:
+        """One DP step from clipped per-sample gradient sums computed elsewhere
+        (`clipped_linear_head_sums`): `pre_step`'s noise, scaling by the expected batch size and
+        FedProx gradient, then the wrapped optimizer's step. The caller counts the step in its
+        accountant (Opacus's step hook needs per-sample gradients). sums: {param: tensor of
+        its shape}, one per optimized parameter; raises KeyError for a missing one."""
+        for p in self.params:
+            p.summed_grad = sums[p].to(p.dtype).view_as(p)
+        self.add_noise()
+        for p in self.params:
+            p.grad /= self.expected_batch_size
+        if self.proximal is not None:
+            self.proximal.add_gradient()
+        self.original_optimizer.step()
+        for p in self.params:
+            p.summed_grad = None
+
     def add_noise(self) -> None:
         """p.grad <- (sum of clipped per-sample gradients) + secret Gaussian noise, for every parameter."""
         std = self.noise_multiplier * self.max_grad_norm
@@ -259,7 +324,9 @@ class LocalTrainingSession:
     user-level DP-SGD (`privacy.user_level`): Poisson sampling over groups at
     q = 1/ceil(G/batch_size), each group clipped as one unit, at most
     `max_records_per_group` records of a group per step (0: all). clipping: "flat" or
-    "automatic" (`SecretNoiseDPOptimizer`; DP only). Raises ValueError for an empty training share or a negative mu, and Opacus's UnsupportedModuleError for a model DP-SGD cannot
+    "automatic" (`SecretNoiseDPOptimizer`; DP only). per_sample_gradients: "auto" (record-level
+    DP of a `linear_head` model: closed-form clipped sums, `clipped_linear_head_sums`; else
+    Opacus's hooks) or "hooks" (always Opacus's GradSampleModule). Raises ValueError for an empty training share or a negative mu, and Opacus's UnsupportedModuleError for a model DP-SGD cannot
     train (e.g. BatchNorm).
     """
 
@@ -279,7 +346,11 @@ class LocalTrainingSession:
         groups: np.ndarray | None = None,
         max_records_per_group: int = 0,
         clipping: str = "flat",
+        per_sample_gradients: str = "auto",
     ) -> None:
+        if per_sample_gradients not in PER_SAMPLE_GRADIENTS:
+            raise ValueError(f"per_sample_gradients must be one of {list(PER_SAMPLE_GRADIENTS)}, "
+                             f"got {per_sample_gradients!r}")
         if len(train) == 0:
             raise ValueError("training share is empty")
         self.device = device
@@ -294,17 +365,26 @@ class LocalTrainingSession:
         self.x, self.y = _tensors(train).tensors
         model = model.to(device).train()
         opt = make_optimizer(optimizer, model.parameters(), lr, momentum)
+        # Closed-form clipped sums for a linear head at record level (a group's mean gradient is
+        # not rank one); Opacus's hooks otherwise.
+        self.head = (linear_head(model) if self.dp and not user_level and per_sample_gradients == "auto"
+                     else None)
         if self.dp:
             ModuleValidator.validate(model, strict=True)
-            self.model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-            self.model.forbid_grad_accumulation()  # each step's batch is one Poisson sample
+            if self.head is None:
+                self.model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+                self.model.forbid_grad_accumulation()  # each step's batch is one Poisson sample
+            else:
+                self.model = model
             randomness = SecretRandom()  # replaced by each train_epochs call's
             self.optimizer = SecretNoiseDPOptimizer(
                 opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 expected_batch_size=units * self.sample_rate, randomness=randomness, clipping=clipping,
             )
+            self.clipping, self.noise_multiplier = clipping, noise_multiplier
             self.accountant = RDPAccountant()
-            self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+            if self.head is None:  # the closed-form path counts its steps in `_closed_form_step`
+                self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
             self.sampler = (GroupPoissonSampler(groups, self.sample_rate, self.steps_per_epoch, randomness,
                                                 max_records_per_group) if user_level else
                             PoissonBatchSampler(len(train), self.sample_rate, self.steps_per_epoch, randomness))
@@ -319,7 +399,7 @@ class LocalTrainingSession:
     @property
     def module(self) -> nn.Module:
         """The plain model (unwrapped from Opacus's GradSampleModule)."""
-        return self.model._module if self.dp else self.model
+        return self.model._module if isinstance(self.model, GradSampleModule) else self.model
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
         """Load the global weights in place; fresh optimizer state each round."""
@@ -359,6 +439,10 @@ class LocalTrainingSession:
                 index = torch.as_tensor(index, dtype=torch.long)
                 x, y = self.x[index].to(self.device), self.y[index].to(self.device)
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.head is not None:
+                    losses.extend(self._closed_form_step(x, y))
+                    steps += 1
+                    continue
                 if len(y) == 0:
                     # Empty Poisson batch: still a DP step (noise only), so the accountant
                     # and the privacy analysis stay aligned.
@@ -373,6 +457,19 @@ class LocalTrainingSession:
                 steps += 1
         state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         return RoundResult(state=state, steps=steps, train_loss=float(np.mean(losses)) if losses else float("nan"))
+
+
+    def _closed_form_step(self, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+        """One DP step of a linear head from `clipped_linear_head_sums` (an empty Poisson batch:
+        zero sums, noise only, still a step); counted in the accountant. Returns the batch's
+        mean loss, or nothing for an empty batch."""
+        with torch.no_grad():
+            features = self.module.features(x).flatten(1)
+            logits = self.head(features)
+            weight, bias = clipped_linear_head_sums(features, logits, y, self.optimizer.max_grad_norm, self.clipping)
+        self.optimizer.step_from_clipped_sums({self.head.weight: weight, self.head.bias: bias})
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return [float(nn.functional.cross_entropy(logits, y))] if len(y) else []
 
 
 @torch.no_grad()

@@ -65,5 +65,9 @@ class SpeechLinear(nn.Module):
         super().__init__()
         self.linear = nn.Linear(n_features, num_classes)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F): the time-average of the frames (no trainable parameters)."""
+        return x.mean(dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.mean(dim=1))
+        return self.linear(self.features(x))

@@ -70,8 +70,12 @@ class VisionLinear(nn.Module):
         channels, height, width = in_shape
         self.linear = nn.Linear(channels * height * width, num_classes)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C*H*W): the input flattened (no trainable parameters)."""
+        return x.flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
+        return self.linear(self.features(x))
 
 
 class ScatterCNN(nn.Module):

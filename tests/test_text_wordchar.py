@@ -126,7 +126,7 @@ def test_opacus_valid_and_one_dp_sgd_step_with_bounded_per_sample_gradients():
     torch.manual_seed(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     session = LocalTrainingSession(model, train, batch_size=16, lr=0.5, optimizer="sgd", noise_multiplier=1.0,
-                                   max_grad_norm=1.0, device=torch.device("cpu"))
+                                   max_grad_norm=1.0, device=torch.device("cpu"), per_sample_gradients="hooks")
     # Opacus's per-sample gradients (before clipping) of weight and bias are (p - onehot) f^T and
     # p - onehot: with unit-norm features both have the same norm, at most sqrt(2).
     x, y = torch.from_numpy(train.x[:16]), torch.from_numpy(train.y[:16])
