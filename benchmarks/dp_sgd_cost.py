@@ -1,6 +1,6 @@
 """Benchmark: cost of one DP-SGD training step per model, plain torch vs Opacus, in one run.
 
-For every model of `shared_models` (vision cnn; speech conv, conv-lstm, conv-gru, linear; text
+For every model of `shared_models` (vision cnn, linear on 81x7x7 scattering maps; speech conv, conv-lstm, conv-gru, linear; text
 ngram-linear, ngram-wordchar, conv, lstm, gru) on random inputs of the named datasets' shapes
 (vision 1x28x28 as PneumoniaMNIST, speech 64x40 log-mel as FSDD or 1x336 scattering
 coefficients for `linear`, text 200 byte ids as SMS Spam),
@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 # (task, model name, one example's shape, classes): the shapes of the named datasets.
 MODELS = [
     ("vision", "cnn", (1, 28, 28), 2),
+    ("vision", "linear", (81, 7, 7), 2),  # on PneumoniaMNIST's scattering maps (--image-features scattering)
     ("speech", "conv", (64, 40), 10),
     ("speech", "conv-lstm", (64, 40), 10),
     ("speech", "conv-gru", (64, 40), 10),

@@ -54,7 +54,7 @@ _MODELS: dict[str, dict[str, Callable[[Sequence[int], int, str], nn.Module]]] = 
 # where the byte-level Conv1d still predicted the majority class (0.866), at ~1/100 the cost.
 # What a run-config's `model = ""` builds: fixed, as run folders written before the CLIs
 # recorded the resolved name rely on it. What a CLI trains by default is
-# `shared_models.recipes.RECOMMENDED_MODELS` (issue 14: speech moved to `linear` on scattering).
+# `shared_models.recipes.RECOMMENDED_MODELS` (issue 14: speech and vision moved to `linear` on scattering).
 DEFAULT_MODELS = {"vision": "cnn", "speech": "conv", "text": "ngram-linear"}
 
 # Plain-SGD learning rates that worked under DP-SGD here (clipping norm 1, no momentum).

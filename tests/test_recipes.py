@@ -4,7 +4,8 @@ What is checked, on the real code paths:
 - `fedpriv simulate` on speech trains `linear` on scattering features with full batch, lr 8,
   FedAvgM and an EMA 0.9 unless told otherwise; every flag the user sets wins; the resolved
   values are written into the run-config (a run folder says what it trained) and parse;
-- the other tasks keep their settings (cnn / ngram-linear, batch 64, FedAvg, no EMA);
+- vision trains `linear` on scattering maps with the same settings (the cnn on pixels when
+  pixels are asked for), text `ngram-linear` with full batch, FedAvgM and an EMA 0.9;
 - batch size 0 (full batch) uses every record in every step, one step per epoch, with or
   without DP, and the node's noise is calibrated at sampling rate 1: its epsilon, computed
   independently (the Gaussian mechanism's RDP alpha/(2 sigma^2) per step, Mironov 2017,
@@ -71,11 +72,23 @@ def test_a_vision_scattering_model_brings_its_input_and_settings(tmp_path):
     assert TrainingPlan.from_run_config(cfg).image_features == "scattering"
 
 
-@pytest.mark.parametrize("dataset, model", [("digits", "cnn"), ("sms_spam", "ngram-linear")])
-def test_the_other_tasks_keep_their_settings(tmp_path, dataset, model):
-    cfg = _run_config(tmp_path, "--dataset", dataset)
-    assert (cfg["model"], cfg["batch-size"], cfg["server-optimizer"], cfg["ema-decay"], cfg["audio-features"],
-            cfg["image-features"]) == (model, 64, "fedavg", 0.0, "logmel", "pixels")
+def test_vision_defaults_to_the_scattering_linear_recipe_and_pixels_bring_the_cnn(tmp_path):
+    cfg = _run_config(tmp_path, "--dataset", "digits")
+    assert (cfg["model"], cfg["image-features"], cfg["batch-size"], cfg["lr"], cfg["server-optimizer"],
+            cfg["ema-decay"]) == ("linear", "scattering", 0, 8.0, "fedavgm", 0.9)
+    pixels = _run_config(tmp_path, "--dataset", "digits", "--image-features", "pixels")
+    assert (pixels["model"], pixels["image-features"], pixels["batch-size"], pixels["lr"], pixels["server-optimizer"],
+            pixels["ema-decay"]) == ("cnn", "pixels", 64, 0.5, "fedavg", 0.0)
+    assert _run_config(tmp_path, "--dataset", "digits", "--model", "cnn")["image-features"] == "pixels"
+
+
+def test_text_defaults_to_full_batch_with_fedavgm_and_an_ema(tmp_path):
+    cfg = _run_config(tmp_path, "--dataset", "sms_spam")
+    assert (cfg["model"], cfg["batch-size"], cfg["lr"], cfg["server-optimizer"], cfg["ema-decay"]) == \
+        ("ngram-linear", 0, 8.0, "fedavgm", 0.9)
+    conv = _run_config(tmp_path, "--dataset", "sms_spam", "--model", "conv")
+    assert (conv["batch-size"], conv["server-optimizer"], conv["ema-decay"]) == (64, "fedavg", 0.0)
+    TrainingPlan.from_run_config(cfg)
 
 
 def test_a_negative_batch_size_is_refused_by_the_cli_and_by_a_node(tmp_path, capsys):

@@ -333,7 +333,9 @@ def test_flags_reach_the_run_config_pyproject_defaults_and_the_summary(tmp_path)
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     defaults = pyproject["tool"]["flwr"]["app"]["config"]
     assert set(training_run_config(args, "vision", tmp_path / "run")) <= set(defaults)
-    plain = training_run_config(parser.parse_args(["simulate"]), "vision", tmp_path / "run")
+    # A model without its own recipe (shared_models.recipes) takes the flags' plain defaults: the
+    # run-config's, which `model = ""` (the cnn) also stands for.
+    plain = training_run_config(parser.parse_args(["simulate", "--model", "cnn"]), "vision", tmp_path / "run")
     for key in ("server-optimizer", "server-lr", "server-momentum", "server-beta2", "server-tau", "ema-decay"):
         assert defaults[key] == plain[key], key  # the flag's default is the run-config's
     # Adaptive optimisers default to a small eta: at 1.0 they wreck the model (digits: chance accuracy).
