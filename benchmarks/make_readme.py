@@ -93,6 +93,33 @@ def dp_cost_table(result: dict) -> list[str]:
     return lines
 
 
+def linear_head_step_table(result: dict) -> list[str]:
+    """Issue 14: a node's DP step of the default linear heads vs the plain step, interleaved (`linear_head_step.py`)."""
+    lines = [
+        "## DP step of the default linear heads (`linear_head_step.py`)",
+        "",
+        f"Command: `{result['command']}`: the product's `LocalTrainingSession`, full batch (one step per call), the",
+        "modes taking turns step by step in one process (a shared machine's load falls on all alike), median of",
+        f"{result['reps']} steps, {result['threads']} torch thread, 1-min load average before/after "
+        f"{_fmt(result['load_average_1m_before_and_after'][0], 1)}/{_fmt(result['load_average_1m_before_and_after'][1], 1)}. "
+        "closed-form: what a node runs for these heads (clipped sums in closed form, secret ChaCha20 noise, the",
+        "Poisson draw, Opacus's accountant); hooks: the same with Opacus's per-sample gradient hooks. Issue 14's",
+        "target: the DP step <= 1.5x the plain step.",
+        "",
+        "| head | params | batch | plain (ms) | closed-form (ms) | x plain | hooks (ms) | x plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    cells: dict[tuple, dict] = {}
+    for r in result["rows"]:
+        cells.setdefault((r["task"], r["model"], r["batch"]), {})[r["mode"]] = r
+    for (task, model, batch), modes in cells.items():
+        plain, closed, hooks = modes["plain"], modes["closed-form"], modes["hooks"]
+        lines.append(f"| {task} {model} | {closed['params']:,} | {batch} | {_fmt(plain['step_ms_median'], 2)} | "
+                     f"{_fmt(closed['step_ms_median'], 2)} | {_fmt(closed['time_ratio_vs_plain'])} | "
+                     f"{_fmt(hooks['step_ms_median'], 2)} | {_fmt(hooks['time_ratio_vs_plain'])} |")
+    return lines
+
+
 def scale_table(result: dict) -> list[str]:
     lines = [
         "## Simulation scale (`simulation_scale.py`)",
@@ -460,6 +487,7 @@ def main() -> None:
         "- `python benchmarks/secagg_round.py`: one SecAgg+ round vs plain FedAvg vs Flower's SecAgg+;",
         "- `python benchmarks/dp_sgd_cost.py [--device cuda]`: step time and peak memory per model, plain vs Opacus",
         "  hooks vs ghost clipping vs the closed-form step of the linear heads;",
+        "- `python benchmarks/linear_head_step.py`: a node's DP step of the default linear heads vs the plain step;",
         "- `python benchmarks/secret_noise_cost.py`: a DP-SGD step with the node's secret noise vs torch's generator;",
         "- `python benchmarks/simulation_scale.py`: wall time per round and peak memory for 10, 100, 1,000 nodes;",
         "- `python benchmarks/utility_table.py [--quick]`: accuracy/AUC of centralized, federated, DP and",
@@ -484,6 +512,8 @@ def main() -> None:
     results = HERE / "results"
     for path in sorted(results.glob("dp_sgd_cost*.json")):
         parts += [""] + dp_cost_table(json.loads(path.read_text()))
+    if (results / "linear_head_step.json").exists():
+        parts += [""] + linear_head_step_table(json.loads((results / "linear_head_step.json").read_text()))
     if (results / "secret_noise_cost.json").exists():
         parts += [""] + secret_noise_table(json.loads((results / "secret_noise_cost.json").read_text()))
     if (results / "simulation_scale.json").exists():

@@ -108,15 +108,19 @@ def clipped_linear_head_sums(features: torch.Tensor, logits: torch.Tensor, label
         raise ValueError(f"clipping must be one of {list(CLIPPING_MODES)}, got {clipping!r}")
     errors = torch.softmax(logits.float(), dim=1)
     errors[torch.arange(len(labels)), labels] -= 1.0
-    finite = torch.isfinite(errors).all(dim=1) & torch.isfinite(features).all(dim=1)
-    errors = torch.where(finite[:, None], errors, torch.zeros_like(errors))
-    features = torch.where(finite[:, None], features, torch.zeros_like(features))
-    norms = errors.norm(dim=1) * (features.pow(2).sum(dim=1) + 1.0).sqrt()
+    norms = torch.linalg.vector_norm(errors, dim=1) * (torch.linalg.vector_norm(features, dim=1) ** 2 + 1.0).sqrt()
+    # A NaN or infinite entry in e or f makes the norm non-finite (an overflowing one too, where
+    # Opacus's factor C/inf would give 0 as well): such records are zeroed, e = 0 adds nothing.
+    finite = torch.isfinite(norms)
+    if not bool(finite.all()):
+        errors = torch.where(finite[:, None], errors, torch.zeros_like(errors))
+        features = torch.where(finite[:, None], features, torch.zeros_like(features))
+        norms = torch.where(finite, norms, torch.zeros_like(norms))
     if clipping == "flat":
         factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     else:
         factor = max_grad_norm / (norms + AUTOMATIC_CLIPPING_GAMMA)
-    scaled = errors * (factor * finite)[:, None]
+    scaled = errors * factor[:, None]
     return scaled.T @ features, scaled.sum(dim=0)
 
 
