@@ -324,7 +324,8 @@ def test_a_deployed_run_resumes_after_the_coordinator_crashes_mid_round_and_coun
         c = summary["clients"][node]
         # Charged: rounds 1 and 2 before the crash, rounds 2 and 3 again after it; none lost.
         assert len(fed.charged_rounds(node)) - before[node] == 4
-        steps = -(-c["num_examples"] // 64)
+        batch = json.loads((out / "config.json").read_text())["batch-size"]  # the text recipe's: 0, full batch
+        steps = 1 if batch == 0 else -(-c["num_examples"] // batch)
         sigma = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=1 / steps, steps=3 * steps,
                                      accountant="rdp", alphas=RDP_ORDERS)
         assert c["noise_multiplier"] == pytest.approx(sigma, rel=1e-12)
@@ -343,7 +344,9 @@ def test_two_sites_keep_their_budget_and_policy_against_the_coordinators_runs(tw
     fed, sites = two_sites, ("site-x", "site-y")
 
     def run(name, *options, exit_code=0):
-        runner = fed.run(tmp_path / name, *options)
+        # Batch 64 (sampling rate 1/ceil(N/64)): the compositions below (1.88, 2.14) are of
+        # subsampled steps; the text default's full batch composes faster.
+        runner = fed.run(tmp_path / name, "--batch-size", "64", *options)
         stdout, _ = runner.communicate(timeout=1500)
         assert runner.returncode == exit_code, stdout[-3000:]
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

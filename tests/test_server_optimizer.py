@@ -406,7 +406,7 @@ def test_fedadam_with_ema_changes_no_nodes_ledger_end_to_end(tmp_path):
     common = ["--dataset", "digits", "--clients", "2", "--rounds", "2", "--reproducible-noise", "--seed", "3"]
     _simulate(*common, "--server-optimizer", "fedadam", "--server-lr", "0.01", "--ema-decay", "0.5",
               "--out", str(tmp_path / "adam"), "--state-dir", str(tmp_path / "s-adam"), cwd=tmp_path)
-    _simulate(*common, "--server-optimizer", "fedavg", "--out", str(tmp_path / "avg"),
+    _simulate(*common, "--server-optimizer", "fedavg", "--ema-decay", "0", "--out", str(tmp_path / "avg"),
               "--state-dir", str(tmp_path / "s-avg"), cwd=tmp_path)
     adam, avg = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("adam", "avg"))
     assert adam["rounds_aggregated"] == avg["rounds_aggregated"] == 2

@@ -231,7 +231,8 @@ def test_server_killed_mid_round_resumes_to_the_same_model_and_counts_every_char
         expected = accountant.get_epsilon(delta=1e-5, alphas=RDP_ORDERS)
         assert resumed["clients"][name]["epsilon"] == pytest.approx(expected, rel=1e-9)
         assert resumed["clients"][name]["epsilon"] > whole["clients"][name]["epsilon"]
-        steps = -(-resumed["clients"][name]["num_examples"] // 64)
+        batch = json.loads((out / "config.json").read_text())["batch-size"]  # the recipe's (0: full batch)
+        steps = 1 if batch == 0 else -(-resumed["clients"][name]["num_examples"] // batch)
         assert all(e["steps"] == steps and e["sample_rate"] == 1 / steps for e in events)
 
 
