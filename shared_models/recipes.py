@@ -12,9 +12,10 @@ an EMA 0.9 of the global model reached 0.47 / 0.70 / 0.79 (README's command, 3 r
 log-mel frames + `conv` (batch 32) reached 0.13 / 0.19 / 0.51-0.55 (Tramer & Boneh, ICLR 2021:
 few trained parameters on good fixed features). Vision `linear` on Scattering2D maps with the
 same settings: digits (README's main job, 5 nodes, epsilon 8, 10 rounds) 0.894 where `cnn` on
-pixels reached 0.819; PneumoniaMNIST AUC 0.92-0.95 / 0.95 / 0.96 where `cnn` reached 0.82 / 0.93 /
-0.94 (benchmarks/results/vision_scattering.json). Text `ngram-linear` with the same full-batch
-settings: SMS Spam 0.963 at epsilon 3 in 40 rounds where batch 64 and FedAvg reached 0.911
+pixels reached 0.819; PneumoniaMNIST (README's command, 60 rounds, 3 runs each) AUC 0.89 / 0.94 /
+0.96 where `cnn` reached 0.82 / 0.93 / 0.94 (benchmarks/results/vision_scattering.json). Text
+`ngram-linear` with the same full-batch settings: SMS Spam (README's command, 40 rounds, 3 runs
+each) 0.917 / 0.947 / 0.962 where batch 64 and FedAvg reached 0.878 / 0.911 / 0.941
 (benchmarks/results/text_recipe.json).
 """
 
