@@ -421,7 +421,7 @@ def vision_scattering_table(result: dict) -> list[str]:
                      f"{row['seconds'] / 60:.1f} | {row.get('load_after', '-')} |")
     cells = default_rows_summary(result, ("test_auc", "test_accuracy", "test_balanced_accuracy"))
     if cells:
-        lines += ["", "README's command with today's vision defaults (`default-*` rows: scattering + linear and its recipe, "
+        lines += ["", "README's PneumoniaMNIST command (`default-*` rows: `--model linear`, scattering and its recipe, "
                       "60 rounds, validation share 0.1, SecAgg+ on, seeds 0-2), mean ± sample standard deviation: "
                       + "; ".join(cells) + "."]
     return lines
