@@ -411,19 +411,23 @@ def vision_scattering_table(result: dict) -> list[str]:
         "and accuracy 0.63 / 0.78 / 0.83 at epsilon 1 / 3 / 8. Issue 14's targets: AUC 0.94 / 0.96 / 0.97 (and",
         "accuracy 0.87 at epsilon 8).",
         "",
-        "| row | test acc | AUC | balanced acc | max node epsilon | minutes | load |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        eps = row.get("max_node_epsilon")
-        lines.append(f"| {row['row']} | {_fmt(row.get('test_accuracy'), 3)} | {_fmt(row.get('test_auc'), 3)} | "
-                     f"{_fmt(row.get('test_balanced_accuracy'), 3)} | {'-' if eps is None else _fmt(eps)} | "
-                     f"{row['seconds'] / 60:.1f} | {row.get('load_after', '-')} |")
+    ] + classification_rows(result)
     cells = default_rows_summary(result, ("test_auc", "test_accuracy", "test_balanced_accuracy"))
     if cells:
         lines += ["", "README's PneumoniaMNIST command (`default-*` rows: `--model linear`, scattering and its recipe, "
                       "60 rounds, validation share 0.1, SecAgg+ on, seeds 0-2), mean ± sample standard deviation: "
                       + "; ".join(cells) + "."]
+    return lines
+
+
+def classification_rows(result: dict) -> list[str]:
+    """The header and one line per row of a `simulate_rows.classification_figures` benchmark."""
+    lines = ["| row | test acc | AUC | balanced acc | max node epsilon | minutes | load |", "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        eps = row.get("max_node_epsilon")
+        lines.append(f"| {row['row']} | {_fmt(row.get('test_accuracy'), 3)} | {_fmt(row.get('test_auc'), 3)} | "
+                     f"{_fmt(row.get('test_balanced_accuracy'), 3)} | {'-' if eps is None else _fmt(eps)} | "
+                     f"{row['seconds'] / 60:.1f} | {row.get('load_after', '-')} |")
     return lines
 
 
@@ -438,14 +442,7 @@ def text_recipe_table(result: dict) -> list[str]:
         "DP gradient descent, one local epoch a round, lr 8, FedAvgM 0.9, EMA 0.9 (settings picked on the test",
         "split at epsilon 3: optimistic). Issue 14's targets: 0.95 / 0.97 / 0.98 at epsilon 1 / 3 / 8.",
         "",
-        "| row | test acc | AUC | balanced acc | max node epsilon | minutes | load |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        eps = row.get("max_node_epsilon")
-        lines.append(f"| {row['row']} | {_fmt(row.get('test_accuracy'), 3)} | {_fmt(row.get('test_auc'), 3)} | "
-                     f"{_fmt(row.get('test_balanced_accuracy'), 3)} | {'-' if eps is None else _fmt(eps)} | "
-                     f"{row['seconds'] / 60:.1f} | {row.get('load_after', '-')} |")
+    ] + classification_rows(result)
     cells = default_rows_summary(result, ("test_accuracy", "test_auc", "test_balanced_accuracy"))
     if cells:
         lines += ["", "README's command with today's text defaults (`default-*` rows: ngram-linear and its recipe, 40 "

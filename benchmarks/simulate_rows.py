@@ -49,6 +49,27 @@ def node_figures(summary: dict, fields: tuple[str, ...] = NODE_FIELDS) -> dict:
     return {n: {k: c.get(k) for k in fields} for n, c in summary["clients"].items()}
 
 
+def classification_figures(row: dict, summary: dict | None) -> dict:
+    """`row` (from `simulate_row`, with the load after it) plus the run's test accuracy, AUC,
+    balanced accuracy, majority-class rate, rounds, largest node epsilon (None without DP) and
+    `node_figures`; the row alone when the run wrote no summary."""
+    row["load_after"] = round(os.getloadavg()[0], 2)
+    if summary is None:
+        return row
+    final = summary["final"]
+    row.update({
+        "test_accuracy": final["test_accuracy"],
+        "test_auc": final.get("test_auc"),
+        "test_balanced_accuracy": final.get("test_balanced_accuracy"),
+        "majority_class_rate": summary["majority_class_rate"],
+        "rounds_completed": summary["rounds_completed"],
+        "max_node_epsilon": max((c["epsilon"] for c in summary["clients"].values() if c["epsilon"] is not None),
+                                default=None),  # None without DP
+        "nodes": node_figures(summary),
+    })
+    return row
+
+
 def run_rows(benchmark: str, description: str, rows: list[str], run_row: Callable[[str, Path], dict],
              argv: list[str] | None, fields: dict, printed: Callable[[dict], dict] = lambda row: row) -> int:
     """The command line of a row-per-run benchmark: `--rows`, `--merge`, `--work-dir`, `--out`.

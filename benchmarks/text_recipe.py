@@ -26,10 +26,9 @@ records, sampling rate, noise multiplier and steps (summary.json).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from simulate_rows import node_figures, run_rows, simulate_row
+from simulate_rows import classification_figures, run_rows, simulate_row
 
 SMS = ["--dataset", "sms_spam", "--clients", "5", "--partition", "dirichlet", "--alpha", "0.5", "--delta", "1e-5"]
 README = SMS + ["--rounds", "15", "--local-epochs", "2"]
@@ -52,21 +51,7 @@ ROWS.update(DEFAULT_ROWS)
 def run_row(name: str, work: Path) -> dict:
     """Run one row's `fedpriv simulate` (SecAgg+ on); its figures from summary.json (or the error)."""
     row, summary = simulate_row(name, ROWS[name], work, secagg=True)
-    row["load_after"] = round(os.getloadavg()[0], 2)
-    if summary is None:
-        return row
-    final = summary["final"]
-    row.update({
-        "test_accuracy": final["test_accuracy"],
-        "test_auc": final.get("test_auc"),
-        "test_balanced_accuracy": final.get("test_balanced_accuracy"),
-        "majority_class_rate": summary["majority_class_rate"],
-        "rounds_completed": summary["rounds_completed"],
-        "max_node_epsilon": max((c["epsilon"] for c in summary["clients"].values() if c["epsilon"] is not None),
-                                default=None),  # None without DP
-        "nodes": node_figures(summary),
-    })
-    return row
+    return classification_figures(row, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

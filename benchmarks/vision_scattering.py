@@ -31,10 +31,9 @@ computed when a process loads the data (~4 s on one core), never cached.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from simulate_rows import node_figures, run_rows, simulate_row
+from simulate_rows import classification_figures, run_rows, simulate_row
 
 PNEUMONIA = ["--dataset", "pneumoniamnist", "--clients", "5", "--partition", "dirichlet", "--alpha", "0.5",
              "--val-fraction", "0", "--seed", "0", "--delta", "1e-5"]
@@ -91,21 +90,7 @@ def run_row(name: str, work: Path) -> dict:
     """Run one row's `fedpriv simulate` (SecAgg+ on for the default rows); its figures from
     summary.json (or the error)."""
     row, summary = simulate_row(name, ROWS[name], work, secagg=name in DEFAULT_ROWS)
-    row["load_after"] = round(os.getloadavg()[0], 2)
-    if summary is None:
-        return row
-    final = summary["final"]
-    row.update({
-        "test_accuracy": final["test_accuracy"],
-        "test_auc": final.get("test_auc"),
-        "test_balanced_accuracy": final.get("test_balanced_accuracy"),
-        "majority_class_rate": summary["majority_class_rate"],
-        "rounds_completed": summary["rounds_completed"],
-        "max_node_epsilon": max((c["epsilon"] for c in summary["clients"].values() if c["epsilon"] is not None),
-                                default=None),  # None without DP
-        "nodes": node_figures(summary),
-    })
-    return row
+    return classification_figures(row, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
