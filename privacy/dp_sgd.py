@@ -385,7 +385,6 @@ class LocalTrainingSession:
                 opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 expected_batch_size=units * self.sample_rate, randomness=randomness, clipping=clipping,
             )
-            self.clipping, self.noise_multiplier = clipping, noise_multiplier
             self.accountant = RDPAccountant()
             if self.head is None:  # the closed-form path counts its steps in `_closed_form_step`
                 self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
@@ -470,9 +469,10 @@ class LocalTrainingSession:
         with torch.no_grad():
             features = self.module.features(x).flatten(1)
             logits = self.head(features)
-            weight, bias = clipped_linear_head_sums(features, logits, y, self.optimizer.max_grad_norm, self.clipping)
+            weight, bias = clipped_linear_head_sums(features, logits, y, self.optimizer.max_grad_norm,
+                                                   self.optimizer.clipping)
         self.optimizer.step_from_clipped_sums({self.head.weight: weight, self.head.bias: bias})
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.accountant.step(noise_multiplier=self.optimizer.noise_multiplier, sample_rate=self.sample_rate)
         return [float(nn.functional.cross_entropy(logits, y))] if len(y) else []
 
 
