@@ -16,8 +16,11 @@ No orphans: every process started with `start_flower` gets SIGTERM when the fedp
 that started it dies, however it dies (Linux `prctl(PR_SET_PDEATHSIG)`), and carries an
 environment marker (`OWNER_VARIABLE`) that everything Flower and Ray start beneath it
 inherits. A small reaper process, started once per fedpriv process, waits for fedpriv to
-end and then stops every process still carrying its marker (SIGTERM, SIGKILL 5 s later):
-a SIGKILL of `fedpriv simulate` leaves no SuperLink, `flwr run`, simulation or Ray process.
+end and then stops every process still carrying its marker, and every descendant of a
+marked process it has seen (SIGTERM, SIGKILL 5 s later): a SIGKILL of `fedpriv
+simulate` leaves no SuperLink, `flwr run`, simulation or Ray process. Why descendants too:
+Ray's agents rename themselves (setproctitle), which can overwrite the environment that
+/proc shows, and once their raylet is gone they are orphans nobody else stops.
 """
 
 from __future__ import annotations
@@ -143,29 +146,62 @@ def start_flower(command: list[str], *, env: dict[str, str] | None = None, new_s
 _REAPER_SOURCE = r"""
 import sys, time, psutil
 parent, created, token, variable = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+known = {}  # pid -> create time of every marked process seen, and of every process beneath one
 def alive():
     try:
         proc = psutil.Process(parent)
         return abs(proc.create_time() - created) < 1 and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-def marked():
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid == psutil.Process().pid:
-            continue
+def remember(procs):
+    for proc in procs:
         try:
-            if proc.environ().get(variable) == token:
-                found.append(proc)
-        except (psutil.Error, OSError):
+            known.setdefault(proc.pid, proc.create_time())
+        except psutil.Error:
             pass
-    return found
-while alive():
+def descendants(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+def marked(proc):
+    try:
+        return proc.environ().get(variable) == token
+    except (psutil.Error, OSError):
+        return False
+def targets():
+    found = {}
+    for proc in psutil.process_iter():
+        if proc.pid != psutil.Process().pid and marked(proc):
+            found[proc.pid] = proc
+    for pid, born in known.items():  # a renamed process (setproctitle) may no longer show its environ
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == born:
+                found.setdefault(pid, proc)
+        except psutil.Error:
+            pass
+    for pid in list(found):
+        for child in descendants(pid):
+            found.setdefault(child.pid, child)
+    remember(found.values())
+    live = []
+    for proc in found.values():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                live.append(proc)
+        except psutil.Error:
+            pass
+    return live
+while alive():  # remember the trees of fedpriv's Flower processes while they can still be told apart
+    for child in descendants(parent):
+        if marked(child):
+            remember([child, *descendants(child.pid)])
     time.sleep(0.5)
 quiet = 0
 deadline = time.monotonic() + 60
 while quiet < 2 and time.monotonic() < deadline:
-    procs = marked()
+    procs = targets()
     if not procs:
         quiet += 1
         time.sleep(0.5)

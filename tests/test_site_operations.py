@@ -133,6 +133,44 @@ def _wait_gone(procs: dict[int, float], seconds: float) -> None:
         time.sleep(0.2)
 
 
+_GRANDCHILD = """
+import os, subprocess, sys, time
+env = {k: v for k, v in os.environ.items() if k != sys.argv[1]}
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env)
+open(sys.argv[2], "w").write(str(grandchild.pid))
+time.sleep(600)
+"""
+# fedpriv's stand-in: a Flower process (start_flower) whose child no longer shows the marker, as
+# Ray's agents' /proc environ may not once they rename themselves (setproctitle)
+_OWNER = """
+import sys, time
+from shared_models.flower_processes import start_flower
+start_flower([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+time.sleep(600)
+"""
+
+
+def test_the_reaper_stops_a_flower_processs_descendant_that_no_longer_shows_the_marker(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, _GRANDCHILD, OWNER_VARIABLE, str(pid_file)],
+                             cwd=APP_DIR, start_new_session=True)
+    grandchild = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        grandchild = psutil.Process(int(pid_file.read_text()))
+        assert OWNER_VARIABLE not in grandchild.environ()
+        time.sleep(2)  # the reaper looks at fedpriv's Flower processes every 0.5 s
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        gone, _ = psutil.wait_procs([grandchild], timeout=20)
+        assert gone, "a Flower process's unmarked descendant outlived fedpriv by 20 s"
+    finally:
+        if grandchild is not None and grandchild.is_running():
+            grandchild.kill()
+
+
 @pytest.mark.e2e
 def test_sigkill_of_simulate_leaves_no_flower_or_ray_process_within_30_s(tmp_path):
     out = tmp_path / "run"
