@@ -414,7 +414,7 @@ def vision_scattering_table(result: dict) -> list[str]:
     ] + classification_rows(result)
     cells = default_rows_summary(result, ("test_auc", "test_accuracy", "test_balanced_accuracy"))
     if cells:
-        lines += ["", "README's PneumoniaMNIST command (`default-*` rows: `--model linear`, scattering and its recipe, "
+        lines += ["", "README's command with today's vision defaults (`default-*` rows: scattering + linear and its recipe, "
                       "60 rounds, validation share 0.1, SecAgg+ on, seeds 0-2), mean ± sample standard deviation: "
                       + "; ".join(cells) + "."]
     return lines

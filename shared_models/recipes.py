@@ -11,8 +11,8 @@ speech `linear` on wavelet scattering features, full-batch DP gradient descent, 
 an EMA 0.9 of the global model reached 0.47 / 0.70 / 0.79 (README's command, 3 runs each) where
 log-mel frames + `conv` (batch 32) reached 0.13 / 0.19 / 0.51-0.55 (Tramer & Boneh, ICLR 2021:
 few trained parameters on good fixed features). Vision `linear` on Scattering2D maps with the
-same settings (not the default yet: see RECOMMENDED_MODELS): digits (README's main job, 5 nodes,
-epsilon 8, 10 rounds) 0.894 where `cnn` on pixels reached 0.819; PneumoniaMNIST (README's command, 60 rounds, 3 runs each) AUC 0.89 / 0.94 /
+same settings: digits (README's main job, 5 nodes, epsilon 8, 10 rounds) 0.894 where `cnn` on
+pixels reached 0.819; PneumoniaMNIST (README's command, 60 rounds, 3 runs each) AUC 0.89 / 0.94 /
 0.96 where `cnn` reached 0.82 / 0.93 / 0.94 (benchmarks/results/vision_scattering.json). Text
 `ngram-linear` with the same full-batch settings: SMS Spam (README's command, 40 rounds, 3 runs
 each) 0.917 / 0.947 / 0.962 where batch 64 and FedAvg reached 0.878 / 0.911 / 0.941
@@ -24,12 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # What a CLI trains when --model is unset. Speech on log-mel frames (an explicit
-# --audio-features logmel) gets the convolutional model, vision on pixels the cnn: a linear head
-# on raw frames or pixels is no recommendation. Vision stays on the cnn although `linear` on
-# scattering maps measured better: with it as the default, a SIGKILLed `fedpriv simulate` left
-# Ray's DashboardAgent/RuntimeEnvAgent running past 30 s in 4 of 5 tries (cnn: 0 of 4;
-# tests/test_site_operations.py), not yet understood.
-RECOMMENDED_MODELS = {"vision": "cnn", "speech": "linear", "text": "ngram-linear"}
+# --audio-features logmel) gets the convolutional model, vision on pixels (an explicit
+# --image-features pixels) the cnn: a linear head on raw frames or pixels is no recommendation.
+RECOMMENDED_MODELS = {"vision": "linear", "speech": "linear", "text": "ngram-linear"}
 RECOMMENDED_ON_LOGMEL = "conv"
 RECOMMENDED_ON_PIXELS = "cnn"
 

@@ -105,9 +105,9 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default=None,
-                        help="model name (vision: cnn, linear, scatter-cnn; speech: linear, conv, conv-lstm, conv-gru; "
+                        help="model name (vision: linear, cnn, scatter-cnn; speech: linear, conv, conv-lstm, conv-gru; "
                              "text: ngram-linear, ngram-wordchar, conv, lstm, gru). Default: the first named, measured best under DP "
-                             "(speech: conv when --audio-features logmel); every flag left unset then takes that "
+                             "(speech: conv when --audio-features logmel; vision: cnn when --image-features pixels); every flag left unset then takes that "
                              "model's measured setting (shared_models.recipes), written into the run's config")
     parser.add_argument("--audio-features", choices=AUDIO_FEATURES, default=None,
                         help="speech: what each clip becomes, log-mel frames or wavelet scattering coefficients "

@@ -158,8 +158,9 @@ def test_the_runs_image_features_reach_a_deployed_node_whatever_its_own_options(
     context = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path), "node-name": "site-a"},
                       state=RecordDict(), run_config=cfg)
     assert node_identity(context, plan).data_options.image_features == "scattering"
+    # The CLI's vision default is linear on scattering maps (shared_models.recipes); pixels bring the cnn.
     default = build_parser().parse_args(["simulate", "--dataset", "pneumoniamnist"])
-    assert training_run_config(default, "vision", tmp_path / "run")["image-features"] == "pixels"
+    assert training_run_config(default, "vision", tmp_path / "run")["image-features"] == "scattering"
     pixels = build_parser().parse_args(["simulate", "--dataset", "pneumoniamnist", "--image-features", "pixels"])
     assert training_run_config(pixels, "vision", tmp_path / "run")["model"] == "cnn"
     assert TrainingPlan.from_run_config({k: v for k, v in cfg.items() if k != "image-features"}).image_features == "pixels"

@@ -328,7 +328,9 @@ def test_simulate_options_reach_the_run_config_and_plan(tmp_path):
     args = build_parser().parse_args(["simulate", "--dataset", str(tmp_path), "--task", "vision",
                                       "--image-size", "32", "--max-text-bytes", "300", "--csv-delimiter", "tab"])
     cfg = {**training_run_config(args, "vision", tmp_path / "run"), "partition": "iid", "alpha": 0.5}
-    assert TrainingPlan.from_run_config(cfg).data_options() == LocalDataOptions(32, 300, "\t")
+    # The vision default (linear) reads scattering maps (shared_models.recipes).
+    assert TrainingPlan.from_run_config(cfg).data_options() == LocalDataOptions(32, 300, "\t",
+                                                                                image_features="scattering")
 
 
 def test_fedpriv_simulate_reads_a_local_path_with_the_options_and_prints_its_summary(tmp_path, capsys, monkeypatch):

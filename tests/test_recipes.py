@@ -4,8 +4,8 @@ What is checked, on the real code paths:
 - `fedpriv simulate` on speech trains `linear` on scattering features with full batch, lr 8,
   FedAvgM and an EMA 0.9 unless told otherwise; every flag the user sets wins; the resolved
   values are written into the run-config (a run folder says what it trained) and parse;
-- vision keeps the cnn on pixels (`--model linear` brings scattering and the full-batch recipe),
-  text `ngram-linear` trains with full batch, FedAvgM and an EMA 0.9;
+- vision trains `linear` on scattering maps with the same settings (the cnn on pixels when
+  pixels are asked for), text `ngram-linear` with full batch, FedAvgM and an EMA 0.9;
 - batch size 0 (full batch) uses every record in every step, one step per epoch, with or
   without DP, and the node's noise is calibrated at sampling rate 1: its epsilon, computed
   independently (the Gaussian mechanism's RDP alpha/(2 sigma^2) per step, Mironov 2017,
@@ -72,12 +72,14 @@ def test_a_vision_scattering_model_brings_its_input_and_settings(tmp_path):
     assert TrainingPlan.from_run_config(cfg).image_features == "scattering"
 
 
-def test_vision_keeps_the_cnn_on_pixels_and_linear_brings_scattering(tmp_path):
+def test_vision_defaults_to_the_scattering_linear_recipe_and_pixels_bring_the_cnn(tmp_path):
     cfg = _run_config(tmp_path, "--dataset", "digits")
-    assert (cfg["model"], cfg["image-features"], cfg["batch-size"], cfg["server-optimizer"], cfg["ema-decay"]) == \
-        ("cnn", "pixels", 64, "fedavg", 0.0)
-    linear = _run_config(tmp_path, "--dataset", "digits", "--model", "linear")
-    assert (linear["image-features"], linear["batch-size"], linear["server-optimizer"]) == ("scattering", 0, "fedavgm")
+    assert (cfg["model"], cfg["image-features"], cfg["batch-size"], cfg["lr"], cfg["server-optimizer"],
+            cfg["ema-decay"]) == ("linear", "scattering", 0, 8.0, "fedavgm", 0.9)
+    pixels = _run_config(tmp_path, "--dataset", "digits", "--image-features", "pixels")
+    assert (pixels["model"], pixels["image-features"], pixels["batch-size"], pixels["lr"], pixels["server-optimizer"],
+            pixels["ema-decay"]) == ("cnn", "pixels", 64, 0.5, "fedavg", 0.0)
+    assert _run_config(tmp_path, "--dataset", "digits", "--model", "cnn")["image-features"] == "pixels"
 
 
 def test_text_defaults_to_full_batch_with_fedavgm_and_an_ema(tmp_path):
