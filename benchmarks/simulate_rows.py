@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -25,18 +26,23 @@ def simulate_row(name: str, options: list[str], work: Path, secagg: bool = False
     """Run `fedpriv simulate <options> --no-secagg` (or with SecAgg+, the default, if `secagg`) into
     `work/<name>` (ledgers in `work/state-<name>`).
 
+    Both folders are emptied first: a row's figures come from this run only, and its nodes start
+    with fresh ledgers (an earlier run's would decline rounds, or leave its summary.json behind).
     Returns the row's start {"row", "command", "seconds" (wall time, s), "returncode"}, with
-    "error" (the run's last output) when it wrote no summary.json, and that summary or None.
+    "error" (the run's last output) when it failed or wrote no summary.json, and that summary or None.
     """
     out, state = work / name, work / f"state-{name}"
+    for folder in (out, state):
+        shutil.rmtree(folder, ignore_errors=True)
     cmd = [sys.executable, "-m", "simulations.cli", "simulate", *options, *([] if secagg else ["--no-secagg"]),
            "--out", str(out), "--state-dir", str(state)]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     row = {"row": name, "command": shlex.join(["fedpriv", *cmd[3:]]), "seconds": round(time.time() - start, 1),
            "returncode": proc.returncode}
-    if not (out / "summary.json").exists():
+    if proc.returncode != 0 or not (out / "summary.json").exists():
         row["error"] = proc.stdout[-2000:] + proc.stderr[-2000:]
+    if not (out / "summary.json").exists():
         return row, None
     return row, json.loads((out / "summary.json").read_text())
 
