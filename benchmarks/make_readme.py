@@ -360,13 +360,13 @@ def speech_scattering_table(result: dict) -> list[str]:
     return lines
 
 
-def default_rows_summary(result: dict, metrics: tuple[str, ...]) -> list[str]:
-    """Per epsilon, "epsilon E: m ± sd (n runs)" of each metric over the `default-eps<E>-r<seed>` rows
+def default_rows_summary(result: dict, metrics: tuple[str, ...], prefix: str = "default-") -> list[str]:
+    """Per epsilon, "epsilon E: m ± sd (n runs)" of each metric over the `<prefix>eps<E>-r<seed>` rows
     (mean and sample standard deviation); [] when there are none."""
     defaults: dict[str, list[dict]] = {}
     for row in result["rows"]:
-        if row["row"].startswith("default-eps") and row.get("test_accuracy") is not None:
-            defaults.setdefault(row["row"].split("-")[1][3:], []).append(row)
+        if row["row"].startswith(prefix + "eps") and row.get("test_accuracy") is not None:
+            defaults.setdefault(row["row"].removeprefix(prefix).split("-")[0][3:], []).append(row)
     cells = []
     for eps, rows in sorted(defaults.items(), key=lambda kv: float(kv[0])):
         figures = []
@@ -445,8 +445,39 @@ def text_recipe_table(result: dict) -> list[str]:
     ] + classification_rows(result)
     cells = default_rows_summary(result, ("test_accuracy", "test_auc", "test_balanced_accuracy"))
     if cells:
-        lines += ["", "README's command with today's text defaults (`default-*` rows: ngram-linear and its recipe, 40 "
-                      "rounds, seeds 0-2), mean ± sample standard deviation: " + "; ".join(cells) + "."]
+        lines += ["", "README's command with today's text defaults (`default-*` rows: ngram-sqrt and its recipe, EMA "
+                      "0.5, 40 rounds, seeds 0-2), mean ± sample standard deviation: " + "; ".join(cells) + "."]
+    earlier = default_rows_summary(result, ("test_accuracy", "test_auc", "test_balanced_accuracy"), "ngram-linear-")
+    if earlier:
+        lines += ["", "The same command with the earlier text default (`ngram-linear-eps*` rows: ngram-linear, EMA 0.9): "
+                      + "; ".join(earlier) + "."]
+    ema = default_rows_summary(result, ("test_accuracy", "test_auc"), "ngram-linear-ema05-")
+    if ema:
+        lines += ["", "The earlier features with the new EMA 0.5 (`ngram-linear-ema05-*` rows): " + "; ".join(ema) + "."]
+    return lines
+
+
+def text_features_table(result: dict) -> list[str]:
+    """Issue 14's lead for SMS: which fixed text features and EMA suit the DP head (`text_features.py`)."""
+    lines = [
+        "## SMS Spam features and EMA, pooled (`text_features.py`)",
+        "",
+        f"A pooled stand-in for README's SMS command: the whole training split, {result['steps']} full-batch steps, "
+        "the product's closed-form clipping at C = 1,",
+        f"noise sigma C sqrt({result['nodes']}) on the clipped sum (sigma spends epsilon at delta 1e-5 in those "
+        f"steps at q = 1), momentum {result['momentum']}, lr {result['lr']}.",
+        "Test accuracy of the last iterate and of the EMA, mean ± sample standard deviation over "
+        f"{result['rows'][0]['seeds']} noise draws. It leaves out",
+        "the federated run's split, validation share and first-round weights: rank variants with it; README's table",
+        "has the product's figures.",
+        "",
+        "| features (model) | EMA | epsilon | sigma | last iterate | EMA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        lines.append(f"| {row['features']} ({row['model']}) | {row['ema']} | {row['epsilon']:g} | {row['sigma']:.2f} | "
+                     f"{row['last_accuracy']:.3f} ± {row['last_accuracy_sd']:.3f} | "
+                     f"{row['ema_accuracy']:.3f} ± {row['ema_accuracy_sd']:.3f} |")
     return lines
 
 
@@ -495,6 +526,7 @@ def main() -> None:
         "- `python benchmarks/speech_scattering.py`: FSDD with the scattering front-end and a linear head;",
         "- `python benchmarks/vision_scattering.py`: PneumoniaMNIST with the scattering front-end and a linear head;",
         "- `python benchmarks/text_recipe.py`: SMS Spam with the full-batch recipe of the linear heads;",
+        "- `python benchmarks/text_features.py`: SMS Spam's text features and EMA in a pooled DP stand-in;",
         "- `python benchmarks/sampling_rate_noise.py`: noise per unit of signal by sampling rate at fixed compute;",
         "- `python benchmarks/feature_standardisation.py`: FSDD's scattering features standardised or not (no DP);",
         "- `python benchmarks/make_readme.py`: this file.",
@@ -525,6 +557,8 @@ def main() -> None:
         parts += [""] + vision_scattering_table(json.loads((results / "vision_scattering.json").read_text()))
     if (results / "text_recipe.json").exists():
         parts += [""] + text_recipe_table(json.loads((results / "text_recipe.json").read_text()))
+    if (results / "text_features.json").exists():
+        parts += [""] + text_features_table(json.loads((results / "text_features.json").read_text()))
     if (results / "feature_standardisation.json").exists():
         parts += [""] + feature_standardisation_table(json.loads((results / "feature_standardisation.json").read_text()))
     if (results / "sampling_rate_noise.json").exists():

@@ -41,6 +41,7 @@ _MODELS: dict[str, dict[str, Callable[[Sequence[int], int, str], nn.Module]]] = 
     },
     "text": {
         "conv": lambda shape, k, act: TextConv(num_classes=k, activation=act),
+        "ngram-sqrt": lambda shape, k, act: TextHashedNgrams(num_classes=k, power=0.5),
         "ngram-linear": lambda shape, k, act: TextHashedNgrams(num_classes=k),
         "ngram-wordchar": lambda shape, k, act: TextHashedWordChar(num_classes=k),
         "lstm": lambda shape, k, act: TextRNN(num_classes=k, cell="lstm"),
@@ -59,14 +60,15 @@ DEFAULT_MODELS = {"vision": "cnn", "speech": "conv", "text": "ngram-linear"}
 
 # Plain-SGD learning rates that worked under DP-SGD here (clipping norm 1, no momentum).
 DEFAULT_SGD_LR = {"cnn": 0.5, "conv": 0.5, "conv-lstm": 0.5, "conv-gru": 0.5, "lstm": 0.5, "gru": 0.5,
-                  "ngram-linear": 8.0, "ngram-wordchar": 8.0, "linear": 8.0, "scatter-cnn": 0.5}
+                  "ngram-linear": 8.0, "ngram-sqrt": 8.0, "ngram-wordchar": 8.0, "linear": 8.0, "scatter-cnn": 0.5}
 
 
 # Without DP the gradients are neither clipped (to norm 1) nor averaged with noise, so the
 # DP rates above overshoot: at 0.5 non-private PneumoniaMNIST and FSDD collapsed to the
 # majority class / chance, at 0.05 they reached 0.867 and 0.877 centrally
 # (benchmarks/results/utility_table.json). The linear n-gram head is fine at 8 either way.
-NON_PRIVATE_SGD_LR = {**{name: 0.05 for name in DEFAULT_SGD_LR}, "ngram-linear": 8.0, "ngram-wordchar": 8.0,
+NON_PRIVATE_SGD_LR = {**{name: 0.05 for name in DEFAULT_SGD_LR}, "ngram-linear": 8.0, "ngram-sqrt": 8.0,
+                      "ngram-wordchar": 8.0,
                       "linear": 8.0}
 
 

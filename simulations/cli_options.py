@@ -90,11 +90,11 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--local-epochs", type=positive_int, default=1, help="passes over local data per round")
     parser.add_argument("--batch-size", type=batch_size_arg, default=None,
                         help="(expected, under Poisson sampling) batch size; 0: full batch (sampling rate 1, DP "
-                             "gradient descent). Default: the model's measured setting, 0 for speech linear, 64 "
-                             "for the others")
+                             "gradient descent). Default: the model's measured setting, 0 for the linear heads (linear, "
+                             "ngram-sqrt, ngram-linear), 64 for the others")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv under DP, 0.05 without, "
-                             "8 ngram-linear and ngram-wordchar; 0.002 for adam)")
+                             "8 for the linear heads (linear, ngram-sqrt, ngram-linear, ngram-wordchar); 0.002 for adam)")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--momentum", type=float, default=0.0,
                         help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
@@ -106,7 +106,7 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default=None,
                         help="model name (vision: linear, cnn, scatter-cnn; speech: linear, conv, conv-lstm, conv-gru; "
-                             "text: ngram-linear, ngram-wordchar, conv, lstm, gru). Default: the first named, measured best under DP "
+                             "text: ngram-sqrt, ngram-linear, ngram-wordchar, conv, lstm, gru). Default: the first named, measured best under DP "
                              "(speech: conv when --audio-features logmel; vision: cnn when --image-features pixels); every flag left unset then takes that "
                              "model's measured setting (shared_models.recipes), written into the run's config")
     parser.add_argument("--audio-features", choices=AUDIO_FEATURES, default=None,

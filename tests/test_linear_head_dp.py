@@ -79,6 +79,7 @@ def test_a_bad_clipping_name_is_refused():
 @pytest.mark.parametrize("task, model_name, shape, batch", [
     ("speech", "linear", (3, 12), 8),  # sampling rate 1/5: empty Poisson batches are likely too
     ("text", "ngram-linear", (16,), 10),
+    ("text", "ngram-sqrt", (16,), 10),
 ])
 def test_closed_form_session_trains_like_opacus_hooks_with_the_same_randomness(task, model_name, shape, batch):
     if task == "speech":

@@ -5,6 +5,7 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared_models import DEFAULT_MODELS, build_model, model_names
+from shared_models.text import TextHashedNgrams
 
 CASES = [
     ("vision", (1, 8, 8), lambda n: torch.rand(n, 1, 8, 8)),
@@ -87,6 +88,27 @@ def test_hashed_ngram_features_are_fixed_normalised_and_order_sensitive():
     assert torch.equal(fa, model.features(padded))  # padding adds nothing
     assert not torch.equal(fa, fb)  # same bytes, different bigrams and trigrams
     assert [n for n, p in model.named_parameters()] == ["linear.weight", "linear.bias"]
+
+
+def test_square_rooted_ngram_features_match_counts_worked_by_hand():
+    # "aaaa": byte 1-gram "a" 4 times, 2-gram "aa" 3 times, 3-gram "aaa" twice (three buckets).
+    tokens = torch.tensor([[ord("a") + 1] * 4 + [0, 0]])
+    counts = torch.tensor([4.0, 3.0, 2.0])
+    for name, expected in (("ngram-linear", counts / counts.norm()), ("ngram-sqrt", counts.sqrt() / 3.0)):
+        feats = build_model("text", name, (6,), 2).features(tokens)[0]
+        values = feats[feats != 0].sort(descending=True).values
+        torch.testing.assert_close(values, expected)
+    assert build_model("text", "ngram-sqrt", (6,), 2).features(torch.zeros(1, 6, dtype=torch.long)).abs().sum() == 0
+
+
+def test_square_rooted_ngram_features_depend_on_their_own_record_only():
+    model = build_model("text", "ngram-sqrt", (12,), 2)
+    batch = torch.randint(1, 257, (5, 12))
+    alone = torch.cat([model.features(batch[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(model.features(batch), alone)
+    torch.testing.assert_close(model.features(batch).norm(dim=1), torch.ones(5))
+    with pytest.raises(ValueError, match="power must be in"):
+        TextHashedNgrams(num_classes=2, power=0.0)
 
 
 def test_default_sgd_learning_rate_depends_on_dp():

@@ -5,7 +5,8 @@ What is checked, on the real code paths:
   FedAvgM and an EMA 0.9 unless told otherwise; every flag the user sets wins; the resolved
   values are written into the run-config (a run folder says what it trained) and parse;
 - vision trains `linear` on scattering maps with the same settings (the cnn on pixels when
-  pixels are asked for), text `ngram-linear` with full batch, FedAvgM and an EMA 0.9;
+  pixels are asked for), text `ngram-sqrt` with full batch, FedAvgM and an EMA 0.5 (`ngram-linear`
+  keeps its EMA 0.9);
 - batch size 0 (full batch) uses every record in every step, one step per epoch, with or
   without DP, and the node's noise is calibrated at sampling rate 1: its epsilon, computed
   independently (the Gaussian mechanism's RDP alpha/(2 sigma^2) per step, Mironov 2017,
@@ -85,7 +86,10 @@ def test_vision_defaults_to_the_scattering_linear_recipe_and_pixels_bring_the_cn
 def test_text_defaults_to_full_batch_with_fedavgm_and_an_ema(tmp_path):
     cfg = _run_config(tmp_path, "--dataset", "sms_spam")
     assert (cfg["model"], cfg["batch-size"], cfg["lr"], cfg["server-optimizer"], cfg["ema-decay"]) == \
-        ("ngram-linear", 0, 8.0, "fedavgm", 0.9)
+        ("ngram-sqrt", 0, 8.0, "fedavgm", 0.5)
+    counts = _run_config(tmp_path, "--dataset", "sms_spam", "--model", "ngram-linear")
+    assert (counts["batch-size"], counts["lr"], counts["server-optimizer"], counts["ema-decay"]) == \
+        (0, 8.0, "fedavgm", 0.9)
     conv = _run_config(tmp_path, "--dataset", "sms_spam", "--model", "conv")
     assert (conv["batch-size"], conv["server-optimizer"], conv["ema-decay"]) == (64, "fedavg", 0.0)
     TrainingPlan.from_run_config(cfg)
