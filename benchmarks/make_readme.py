@@ -481,6 +481,28 @@ def text_features_table(result: dict) -> list[str]:
     return lines
 
 
+def speech_dp_statistics_table(result: dict) -> list[str]:
+    """Issue 14's lead for FSDD: DP estimates of the feature statistics, paid from the budget (`speech_dp_statistics.py`)."""
+    lines = [
+        "## FSDD: DP feature statistics, pooled (`speech_dp_statistics.py`)",
+        "",
+        f"A pooled stand-in for README's FSDD command ({result['nodes']} nodes' noise, {result['steps']} full-batch "
+        f"steps, clipping 1, momentum {result['momentum']}, lr {result['lr']}, EMA {result['ema']}). `v3`: today's",
+        "features; `exact-std`: standardised with the training split's own statistics (non-private ceiling); `dp-mean`",
+        "/ `dp-std`: with the nodes' noisy sums (release noise multiplier sigma_s), the training sigma raised so that",
+        f"both together spend epsilon at delta {result['delta']:g} (RDP). EMA test accuracy, mean ± sd over "
+        f"{result['rows'][0]['seeds']} noise draws.",
+        "",
+        "| features | epsilon | training sigma | sigma_s | test acc |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        release = "-" if row["release_sigma"] is None else f"{row['release_sigma']:g}"
+        lines.append(f"| {row['features']} | {row['epsilon']:g} | {row['sigma']:.2f} | {release} | "
+                     f"{row['ema_accuracy']:.3f} ± {row['ema_accuracy_sd']:.3f} |")
+    return lines
+
+
 def feature_standardisation_table(result: dict) -> list[str]:
     """Issue 14's lead: how fast a linear head optimises on standardised scattering features (`feature_standardisation.py`)."""
     lines = [
@@ -529,6 +551,7 @@ def main() -> None:
         "- `python benchmarks/text_features.py`: SMS Spam's text features and EMA in a pooled DP stand-in;",
         "- `python benchmarks/sampling_rate_noise.py`: noise per unit of signal by sampling rate at fixed compute;",
         "- `python benchmarks/feature_standardisation.py`: FSDD's scattering features standardised or not (no DP);",
+        "- `python benchmarks/speech_dp_statistics.py`: FSDD's features standardised with DP statistics, pooled;",
         "- `python benchmarks/make_readme.py`: this file.",
         "",
         "The tables below were measured on a 2-core machine shared with other work (load averages are recorded",
@@ -559,6 +582,8 @@ def main() -> None:
         parts += [""] + text_recipe_table(json.loads((results / "text_recipe.json").read_text()))
     if (results / "text_features.json").exists():
         parts += [""] + text_features_table(json.loads((results / "text_features.json").read_text()))
+    if (results / "speech_dp_statistics.json").exists():
+        parts += [""] + speech_dp_statistics_table(json.loads((results / "speech_dp_statistics.json").read_text()))
     if (results / "feature_standardisation.json").exists():
         parts += [""] + feature_standardisation_table(json.loads((results / "feature_standardisation.json").read_text()))
     if (results / "sampling_rate_noise.json").exists():
