@@ -503,6 +503,27 @@ def speech_dp_statistics_table(result: dict) -> list[str]:
     return lines
 
 
+def vision_pooling_table(result: dict) -> list[str]:
+    """Issue 14's lead for PneumoniaMNIST: spatially pooled scattering features in a pooled DP stand-in (`vision_pooling.py`)."""
+    lines = [
+        "## PneumoniaMNIST: pooled scattering maps, pooled stand-in (`vision_pooling.py`)",
+        "",
+        f"README's PneumoniaMNIST command replayed on the pooled training split (`pooled_dp.py`: {result['nodes']} nodes' "
+        f"noise, {result['steps']} full-batch steps, lr 8, momentum 0.9, EMA 0.9).",
+        "`full`: today's 81 x 7 x 7 maps; `pool{k}`: each map average-pooled to k x k (adaptive: cells may overlap),",
+        "unit norm per image. EMA test AUC (mean ± sd over the noise draws) and accuracy. Not monotone in k: a lead",
+        "to confirm with README's command before it changes the model.",
+        "",
+        "| features | dimension | epsilon | sigma | test AUC | test acc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:g}"
+        lines.append(f"| {row['features']} | {row['dimension']} | {eps} | {row['sigma']:.2f} | "
+                     f"{row['test_auc']:.3f} ± {row['test_auc_sd']:.3f} | {row['test_accuracy']:.3f} |")
+    return lines
+
+
 def feature_standardisation_table(result: dict) -> list[str]:
     """Issue 14's lead: how fast a linear head optimises on standardised scattering features (`feature_standardisation.py`)."""
     lines = [
@@ -552,6 +573,7 @@ def main() -> None:
         "- `python benchmarks/sampling_rate_noise.py`: noise per unit of signal by sampling rate at fixed compute;",
         "- `python benchmarks/feature_standardisation.py`: FSDD's scattering features standardised or not (no DP);",
         "- `python benchmarks/speech_dp_statistics.py`: FSDD's features standardised with DP statistics, pooled;",
+        "- `python benchmarks/vision_pooling.py`: PneumoniaMNIST's scattering maps spatially pooled, pooled stand-in;",
         "- `python benchmarks/make_readme.py`: this file.",
         "",
         "The tables below were measured on a 2-core machine shared with other work (load averages are recorded",
@@ -582,6 +604,8 @@ def main() -> None:
         parts += [""] + text_recipe_table(json.loads((results / "text_recipe.json").read_text()))
     if (results / "text_features.json").exists():
         parts += [""] + text_features_table(json.loads((results / "text_features.json").read_text()))
+    if (results / "vision_pooling.json").exists():
+        parts += [""] + vision_pooling_table(json.loads((results / "vision_pooling.json").read_text()))
     if (results / "speech_dp_statistics.json").exists():
         parts += [""] + speech_dp_statistics_table(json.loads((results / "speech_dp_statistics.json").read_text()))
     if (results / "feature_standardisation.json").exists():

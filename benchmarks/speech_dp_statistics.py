@@ -1,11 +1,9 @@
 """Benchmark (issue 14, a lead for the speech head, not product code): would DP estimates of
 FSDD's feature statistics, spent from the same per-node budget, lift the linear head under DP?
 
-A pooled stand-in for README's FSDD command (6 speaker nodes, 40 rounds): the whole FSDD training
-split in one place, 40 full-batch steps from zero, the product's closed-form clipping at C = 1
-(`privacy.dp_sgd.clipped_linear_head_sums`), noise sigma C sqrt(6) on the clipped sum (6 nodes,
-each adding its own sigma C), heavy-ball momentum 0.9 at lr 8, an EMA 0.9; test accuracy of the
-EMA, mean ± sample standard deviation over 5 noise draws. Feature rows (each then scaled to unit
+A pooled stand-in for README's FSDD command (`pooled_dp.py`: 6 nodes' noise, 40 full-batch steps,
+momentum 0.9, lr 8, an EMA 0.9); test accuracy of the EMA, mean ± sample standard deviation over 5
+noise draws. Feature rows (each then scaled to unit
 norm, by its own values only):
 - `v3`: today's features (fixed standardisation with synthetic-clip statistics: no record used);
 - `exact-std`: each coefficient standardised with the training split's own mean and std: the
@@ -26,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pooled_dp import ROOT, accuracy, noisy_full_batch_descent
 
 EPSILONS, DELTA = (1.0, 3.0, 8.0), 1e-5
 STEPS, NODES, LR, MOMENTUM, EMA, SEEDS = 40, 6, 8.0, 0.9, 0.9, tuple(range(5))
@@ -59,28 +55,6 @@ def composed_sigma(epsilon: float, release_sigma: float | None) -> float | None:
     return high
 
 
-def ema_accuracy(train, labels, test, test_labels, sigma: float, seed: int) -> float:
-    """Test accuracy of the EMA of a linear head after STEPS clipped, noised full-batch steps.
-    train (N, d), test (M, d) float32; labels int64."""
-    import torch
-
-    from privacy.dp_sgd import clipped_linear_head_sums
-
-    generator = torch.Generator().manual_seed(seed)
-    classes = int(labels.max()) + 1
-    weight, bias = torch.zeros(classes, train.shape[1]), torch.zeros(classes)
-    velocity = [torch.zeros_like(weight), torch.zeros_like(bias)]
-    averaged = [weight.clone(), bias.clone()]
-    for _ in range(STEPS):
-        sums = clipped_linear_head_sums(train, train @ weight.T + bias, labels, 1.0, "flat")
-        for i, (param, total) in enumerate(zip((weight, bias), sums)):
-            noise = torch.randn(total.shape, generator=generator) * sigma * NODES ** 0.5
-            velocity[i] = MOMENTUM * velocity[i] + (total + noise) / len(labels)
-            param -= LR * velocity[i]
-            averaged[i] = EMA * averaged[i] + (1 - EMA) * param
-    return float(((test @ averaged[0].T + averaged[1]).argmax(1) == test_labels).float().mean())
-
-
 def main(argv: list[str] | None = None) -> int:
     import statistics
 
@@ -107,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         accs = []
         for seed in SEEDS:
             features, test_features = make(seed)
-            accs.append(ema_accuracy(features, labels, test_features, test_labels, sigma, seed))
+            _, averaged = noisy_full_batch_descent(features, labels, sigma, nodes=NODES, steps=STEPS, lr=LR,
+                                                   momentum=MOMENTUM, ema=EMA, seed=seed)
+            accs.append(accuracy(averaged, test_features, test_labels))
         rows.append({"features": name, "epsilon": eps, "sigma": round(sigma, 3), "release_sigma": release_sigma,
                      "ema_accuracy": round(statistics.mean(accs), 4), "ema_accuracy_sd": round(statistics.stdev(accs), 4),
                      "seeds": len(SEEDS)})

@@ -1,19 +1,14 @@
 """Benchmark (issue 14, the lead that gave `ngram-sqrt`): which fixed text features and which EMA
 suit SMS Spam's linear head under full-batch DP gradient descent?
 
-A pooled stand-in for README's SMS command, fast enough to compare variants over 3 noise draws:
-the whole SMS training split in one place, 40 full-batch steps from zero, per-record clipping at
-C = 1 (the product's closed form, `privacy.dp_sgd.clipped_linear_head_sums`), Gaussian noise of
-std sigma C sqrt(5) on the clipped sum (5 nodes each adding their own sigma C, as the federated
-run's record-weighted mean does), sigma the noise multiplier that spends epsilon at delta 1e-5 in
-40 steps at sampling rate 1 (Opacus's RDP search, what a node's plan calibrates), heavy-ball
-momentum 0.9 (FedAvgM) at lr 8, and an EMA of the weights. Test accuracy of the last iterate and
+A pooled stand-in for README's SMS command (`pooled_dp.py`): 40 full-batch steps, 5 nodes' noise,
+sigma the noise multiplier that spends epsilon at delta 1e-5 in 40 steps at sampling rate 1
+(Opacus's RDP search, what a node's plan calibrates), momentum 0.9 (FedAvgM) at lr 8, an EMA. Test accuracy of the last iterate and
 of the EMA on SMS's test split, mean and sample standard deviation over noise seeds 0-9. Rows:
 - features `counts` (ngram-linear: hashed byte 1-3-gram counts, L2-normalised) or `sqrt`
   (ngram-sqrt: the counts square-rooted, then normalised); EMA 0.9 or 0.5.
-It leaves out what the federated run adds (the nodes' Dirichlet split, the 10% validation
-share, round 1's equal weights): its figures run ~0.01 above README's command; use it to rank
-variants, README's table for the product's figures.
+Its figures run ~0.01 above README's command (it leaves out the nodes' split, the validation
+share and round 1's equal weights).
 
     python benchmarks/text_features.py [--out FILE]
 """
@@ -22,40 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pooled_dp import ROOT, accuracy, noisy_full_batch_descent
 
 EPSILONS = (1.0, 3.0, 8.0)
 STEPS, NODES, LR, MOMENTUM, SEEDS = 40, 5, 8.0, 0.9, tuple(range(10))
-
-
-def noisy_gradient_descent(features, labels, test_features, test_labels, sigma: float, ema: float,
-                           seed: int) -> tuple[float, float]:
-    """(last-iterate, EMA) test accuracy of a linear head after STEPS clipped, noised full-batch steps.
-
-    features (N, d) float32, labels (N,) int64; sigma: noise multiplier (0: clipping only).
-    """
-    import torch
-
-    from privacy.dp_sgd import clipped_linear_head_sums
-
-    generator = torch.Generator().manual_seed(seed)
-    classes = int(labels.max()) + 1
-    weight, bias = torch.zeros(classes, features.shape[1]), torch.zeros(classes)
-    velocity = [torch.zeros_like(weight), torch.zeros_like(bias)]
-    averaged = [weight.clone(), bias.clone()]
-    for _ in range(STEPS):
-        sums = clipped_linear_head_sums(features, features @ weight.T + bias, labels, 1.0, "flat")
-        for i, (param, total) in enumerate(zip((weight, bias), sums)):
-            noise = torch.randn(total.shape, generator=generator) * sigma * NODES ** 0.5
-            velocity[i] = MOMENTUM * velocity[i] + (total + noise) / len(labels)
-            param -= LR * velocity[i]
-            averaged[i] = ema * averaged[i] + (1 - ema) * param
-    accuracy = lambda w, b: float(((test_features @ w.T + b).argmax(1) == test_labels).float().mean())  # noqa: E731
-    return accuracy(weight, bias), accuracy(*averaged)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             test = head.features(torch.as_tensor(splits["test"].x))
         for ema in (0.9, 0.5):
             for eps, sigma in sigmas.items():
-                runs = [noisy_gradient_descent(train, labels, test, test_labels, sigma, ema, seed) for seed in SEEDS]
+                runs = []
+                for seed in SEEDS:
+                    last, averaged = noisy_full_batch_descent(train, labels, sigma, nodes=NODES, steps=STEPS, lr=LR,
+                                                              momentum=MOMENTUM, ema=ema, seed=seed)
+                    runs.append((accuracy(last, test, test_labels), accuracy(averaged, test, test_labels)))
                 rows.append({"features": name, "model": model, "ema": ema, "epsilon": eps, "sigma": round(sigma, 4),
                              "last_accuracy": round(statistics.mean(r[0] for r in runs), 4),
                              "last_accuracy_sd": round(statistics.stdev(r[0] for r in runs), 4),
