@@ -414,9 +414,13 @@ def vision_scattering_table(result: dict) -> list[str]:
     ] + classification_rows(result)
     cells = default_rows_summary(result, ("test_auc", "test_accuracy", "test_balanced_accuracy"))
     if cells:
-        lines += ["", "README's command with today's vision defaults (`default-*` rows: scattering + linear and its recipe, "
+        lines += ["", "README's command with today's vision defaults (`default-*` rows: scattering + linear-pool3 and its recipe, "
                       "60 rounds, validation share 0.1, SecAgg+ on, seeds 0-2), mean ± sample standard deviation: "
                       + "; ".join(cells) + "."]
+    earlier = default_rows_summary(result, ("test_auc", "test_accuracy", "test_balanced_accuracy"), "linear-")
+    if earlier:
+        lines += ["", "The same with the earlier vision default, `linear` on the full 7 x 7 maps (`linear-*` rows): "
+                      + "; ".join(earlier) + "."]
     return lines
 
 

@@ -31,6 +31,7 @@ _MODELS: dict[str, dict[str, Callable[[Sequence[int], int, str], nn.Module]]] = 
         "cnn": lambda shape, k, act: VisionCNN(in_channels=shape[0], num_classes=k, activation=act),
         # Issue 14: heads over the wavelet scattering maps (`--image-features scattering`).
         "linear": lambda shape, k, act: VisionLinear(in_shape=shape, num_classes=k),
+        "linear-pool3": lambda shape, k, act: VisionLinear(in_shape=shape, num_classes=k, pool=3),
         "scatter-cnn": lambda shape, k, act: ScatterCNN(in_channels=shape[0], num_classes=k, activation=act),
     },
     "speech": {
@@ -60,7 +61,8 @@ DEFAULT_MODELS = {"vision": "cnn", "speech": "conv", "text": "ngram-linear"}
 
 # Plain-SGD learning rates that worked under DP-SGD here (clipping norm 1, no momentum).
 DEFAULT_SGD_LR = {"cnn": 0.5, "conv": 0.5, "conv-lstm": 0.5, "conv-gru": 0.5, "lstm": 0.5, "gru": 0.5,
-                  "ngram-linear": 8.0, "ngram-sqrt": 8.0, "ngram-wordchar": 8.0, "linear": 8.0, "scatter-cnn": 0.5}
+                  "ngram-linear": 8.0, "ngram-sqrt": 8.0, "ngram-wordchar": 8.0, "linear": 8.0, "linear-pool3": 8.0,
+                  "scatter-cnn": 0.5}
 
 
 # Without DP the gradients are neither clipped (to norm 1) nor averaged with noise, so the
@@ -69,7 +71,7 @@ DEFAULT_SGD_LR = {"cnn": 0.5, "conv": 0.5, "conv-lstm": 0.5, "conv-gru": 0.5, "l
 # (benchmarks/results/utility_table.json). The linear n-gram head is fine at 8 either way.
 NON_PRIVATE_SGD_LR = {**{name: 0.05 for name in DEFAULT_SGD_LR}, "ngram-linear": 8.0, "ngram-sqrt": 8.0,
                       "ngram-wordchar": 8.0,
-                      "linear": 8.0}
+                      "linear": 8.0, "linear-pool3": 8.0}
 
 
 def default_lr(task: str, name: str | None, optimizer: str, dp: bool = True) -> float:

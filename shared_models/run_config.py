@@ -24,8 +24,8 @@ CLIPPING_MODES = ("flat", "automatic")
 
 
 # Vision models that take scattering maps (`image-features = "scattering"`), and those that take nothing else.
-SCATTERING_IMAGE_MODELS = ("linear", "scatter-cnn")
-SCATTERING_ONLY_MODELS = ("scatter-cnn",)
+SCATTERING_IMAGE_MODELS = ("linear", "linear-pool3", "scatter-cnn")
+SCATTERING_ONLY_MODELS = ("linear-pool3", "scatter-cnn")
 
 
 class ConfigError(ValueError):

@@ -91,10 +91,11 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--batch-size", type=batch_size_arg, default=None,
                         help="(expected, under Poisson sampling) batch size; 0: full batch (sampling rate 1, DP "
                              "gradient descent). Default: the model's measured setting, 0 for the linear heads (linear, "
-                             "ngram-sqrt, ngram-linear), 64 for the others")
+                             "linear-pool3, ngram-sqrt, ngram-linear), 64 for the others")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="learning rate (default: per model for sgd, e.g. 0.5 cnn/conv under DP, 0.05 without, "
-                             "8 for the linear heads (linear, ngram-sqrt, ngram-linear, ngram-wordchar); 0.002 for adam)")
+                             "8 for the linear heads (linear, linear-pool3, ngram-sqrt, ngram-linear, ngram-wordchar); "
+                             "0.002 for adam)")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--momentum", type=float, default=0.0,
                         help="SGD momentum (0 by default: under DP-SGD momentum amplified the clipping bias here)")
@@ -105,7 +106,7 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--activation", choices=("tanh", "relu"), default="tanh",
                         help="hidden activation (tanh suits DP-SGD: Papernot et al. 2021)")
     parser.add_argument("--model", default=None,
-                        help="model name (vision: linear, cnn, scatter-cnn; speech: linear, conv, conv-lstm, conv-gru; "
+                        help="model name (vision: linear-pool3, linear, cnn, scatter-cnn; speech: linear, conv, conv-lstm, conv-gru; "
                              "text: ngram-sqrt, ngram-linear, ngram-wordchar, conv, lstm, gru). Default: the first named, measured best under DP "
                              "(speech: conv when --audio-features logmel; vision: cnn when --image-features pixels); every flag left unset then takes that "
                              "model's measured setting (shared_models.recipes), written into the run's config")
@@ -117,9 +118,9 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
     parser.add_argument("--image-features", choices=IMAGE_FEATURES, default=None,
                         help="vision: what each image becomes, its pixels or wavelet scattering maps (kymatio "
                              "Scattering2D J=2 L=8: 81 maps per channel at a quarter of the size, each image "
-                             "standardised by its own values; for --model linear or scatter-cnn); fixed per image, "
+                             "standardised by its own values; for --model linear-pool3, linear or scatter-cnn); fixed per image, "
                              "nothing learnt from the data; every node follows the run. Default: scattering for "
-                             "vision linear and scatter-cnn, pixels otherwise")
+                             "vision linear-pool3, linear and scatter-cnn, pixels otherwise")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of each simulated node's records kept for validation (chosen by record content); "
                              "a deployed node keeps the share its owner set with `fedpriv node --val-fraction`")

@@ -19,6 +19,7 @@ from shared_models.datasets.images import image_features, scattering_image_featu
 from shared_models.datasets.local import LocalDataOptions
 from shared_models.datasets.named import data_dir, load_dataset
 from shared_models.run_config import ConfigError
+from shared_models.vision import VisionLinear
 
 ORDER_BLOCKS = ((0, 1), (1, 17), (17, 81))  # kymatio's map order: order 0, then 16 first-, 64 second-order maps
 
@@ -139,6 +140,40 @@ def test_the_heads_over_scattering_maps_are_what_they_say_and_train_under_opacus
     assert sum(p.numel() for p in cnn.parameters()) == 6002
     assert cnn(x).shape == (4, 2)
     assert default_lr("vision", "linear", "sgd") == 8.0
+
+
+def test_the_pooled_head_averages_each_map_over_3x3_cells_worked_by_hand():
+    model = build_model("vision", "linear-pool3", (2, 7, 7), 2)
+    assert sum(p.numel() for p in model.parameters()) == 2 * 9 * 2 + 2
+    maps = torch.arange(2 * 49, dtype=torch.float32).reshape(1, 2, 7, 7)
+    # PyTorch's adaptive cells on 7 rows: [0, 3), [2, 5), [4, 7); the mean of map[r0:r1, c0:c1].
+    bounds = [(0, 3), (2, 5), (4, 7)]
+    cells = [float(maps[0, c, r0:r1, c0:c1].mean()) for c in range(2) for r0, r1 in bounds for c0, c1 in bounds]
+    expected = torch.tensor(cells) / torch.tensor(cells).norm()
+    torch.testing.assert_close(model.features(maps)[0], expected)
+    batch = torch.randn(5, 2, 7, 7)
+    torch.testing.assert_close(model.features(batch), torch.cat([model.features(batch[i:i + 1]) for i in range(5)]))
+    # Maps no larger than the cells (digits' 2 x 2) are used as they are, like `linear`.
+    small = build_model("vision", "linear-pool3", (81, 2, 2), 10)
+    x = torch.randn(3, 81, 2, 2)
+    torch.testing.assert_close(small.features(x), x.flatten(1))
+    with pytest.raises(ValueError, match="pool must be >= 1"):
+        VisionLinear((1, 7, 7), 2, pool=0)
+    assert default_lr("vision", "linear-pool3", "sgd") == 8.0
+
+
+def test_the_pooled_head_takes_scattering_maps_only(tmp_path):
+    from shared_models.run_config import TrainingPlan
+    from simulations.cli import build_parser
+    from simulations.cli_options import training_run_config
+
+    args = build_parser().parse_args(["simulate", "--dataset", "pneumoniamnist", "--model", "linear-pool3"])
+    cfg = {**training_run_config(args, "vision", tmp_path / "run"), "partition": "iid", "alpha": 0.5}
+    assert (cfg["image-features"], cfg["batch-size"], cfg["server-optimizer"], cfg["ema-decay"]) == \
+        ("scattering", 0, "fedavgm", 0.9)
+    TrainingPlan.from_run_config(cfg)
+    with pytest.raises(ConfigError, match="'scattering' for the vision model 'linear-pool3'"):
+        TrainingPlan.from_run_config({**cfg, "image-features": "pixels"})
 
 
 def test_the_runs_image_features_reach_a_deployed_node_whatever_its_own_options(tmp_path):

@@ -80,10 +80,15 @@ def test_a_bad_clipping_name_is_refused():
     ("speech", "linear", (3, 12), 8),  # sampling rate 1/5: empty Poisson batches are likely too
     ("text", "ngram-linear", (16,), 10),
     ("text", "ngram-sqrt", (16,), 10),
+    ("vision", "linear-pool3", (2, 7, 7), 10),
 ])
 def test_closed_form_session_trains_like_opacus_hooks_with_the_same_randomness(task, model_name, shape, batch):
     if task == "speech":
         data = _speech()
+    elif task == "vision":
+        x = np.random.default_rng(2).normal(size=(40, 2, 7, 7)).astype(np.float32)
+        data = LabeledArrays("vision", x, (np.arange(40) % 2).astype(np.int64), ["normal", "pneumonia"],
+                             [f"r{i}" for i in range(40)])
     else:
         rng = np.random.default_rng(1)
         x = rng.integers(1, 257, size=(40, 16)).astype(np.int64)
@@ -124,6 +129,7 @@ class _TrainableFrontEnd(nn.Module):
 def test_only_a_linear_head_over_fixed_features_takes_the_closed_form():
     assert linear_head(build_model("speech", "linear", (3, 12), 4)) is not None
     assert linear_head(build_model("vision", "linear", (81, 7, 7), 2)) is not None
+    assert linear_head(build_model("vision", "linear-pool3", (81, 7, 7), 2)) is not None
     assert linear_head(build_model("text", "ngram-wordchar", (16,), 2)) is not None
     assert linear_head(build_model("vision", "cnn", (1, 28, 28), 2)) is None
     assert linear_head(nn.Sequential(nn.Linear(5, 2))) is None

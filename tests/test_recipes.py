@@ -4,9 +4,9 @@ What is checked, on the real code paths:
 - `fedpriv simulate` on speech trains `linear` on scattering features with full batch, lr 8,
   FedAvgM and an EMA 0.9 unless told otherwise; every flag the user sets wins; the resolved
   values are written into the run-config (a run folder says what it trained) and parse;
-- vision trains `linear` on scattering maps with the same settings (the cnn on pixels when
-  pixels are asked for), text `ngram-sqrt` with full batch, FedAvgM and an EMA 0.5 (`ngram-linear`
-  keeps its EMA 0.9);
+- vision trains `linear-pool3` on scattering maps with the same settings (`linear` on the full
+  maps keeps them; the cnn on pixels when pixels are asked for), text `ngram-sqrt` with full
+  batch, FedAvgM and an EMA 0.5 (`ngram-linear` keeps its EMA 0.9);
 - batch size 0 (full batch) uses every record in every step, one step per epoch, with or
   without DP, and the node's noise is calibrated at sampling rate 1: its epsilon, computed
   independently (the Gaussian mechanism's RDP alpha/(2 sigma^2) per step, Mironov 2017,
@@ -76,7 +76,9 @@ def test_a_vision_scattering_model_brings_its_input_and_settings(tmp_path):
 def test_vision_defaults_to_the_scattering_linear_recipe_and_pixels_bring_the_cnn(tmp_path):
     cfg = _run_config(tmp_path, "--dataset", "digits")
     assert (cfg["model"], cfg["image-features"], cfg["batch-size"], cfg["lr"], cfg["server-optimizer"],
-            cfg["ema-decay"]) == ("linear", "scattering", 0, 8.0, "fedavgm", 0.9)
+            cfg["ema-decay"]) == ("linear-pool3", "scattering", 0, 8.0, "fedavgm", 0.9)
+    full_maps = _run_config(tmp_path, "--dataset", "digits", "--model", "linear")
+    assert (full_maps["image-features"], full_maps["batch-size"], full_maps["ema-decay"]) == ("scattering", 0, 0.9)
     pixels = _run_config(tmp_path, "--dataset", "digits", "--image-features", "pixels")
     assert (pixels["model"], pixels["image-features"], pixels["batch-size"], pixels["lr"], pixels["server-optimizer"],
             pixels["ema-decay"]) == ("cnn", "pixels", 64, 0.5, "fedavg", 0.0)
