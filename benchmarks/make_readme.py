@@ -515,8 +515,8 @@ def vision_pooling_table(result: dict) -> list[str]:
         f"README's PneumoniaMNIST command replayed on the pooled training split (`pooled_dp.py`: {result['nodes']} nodes' "
         f"noise, {result['steps']} full-batch steps, lr 8, momentum 0.9, EMA 0.9).",
         "`full`: today's 81 x 7 x 7 maps; `pool{k}`: each map average-pooled to k x k (adaptive: cells may overlap),",
-        "unit norm per image. EMA test AUC (mean ± sd over the noise draws) and accuracy. Not monotone in k: a lead",
-        "to confirm with README's command before it changes the model.",
+        "unit norm per image. EMA test AUC (mean ± sd over the noise draws) and accuracy. Not monotone in k; README's",
+        "command confirmed pool3 by less (vision_scattering.py's default-* rows), and it is now `linear-pool3`.",
         "",
         "| features | dimension | epsilon | sigma | test AUC | test acc |",
         "|---|---|---|---|---|---|",
