@@ -21,6 +21,8 @@ seed 0 unless the row says:
   `--model ngram-linear`: the same settings;
 - `ngram-linear-ema05-eps{3,8}-r{0,1,2}`: the earlier features with the new default's EMA 0.5
   (which of the two changes made the difference);
+- `rounds{60,30}-eps{8,1}-r{0,1,2}`: README's command with 60 rounds at epsilon 8 and 30 at
+  epsilon 1 (the pooled stand-in's picks);
 - settings are picked on the test split at epsilon 3 (optimistic; each row is one draw of the
   DP noise).
 
@@ -59,6 +61,9 @@ ROWS["default-no-dp"] = SMS + ["--rounds", "40", "--no-dp"]
 ROWS.update({f"ngram-linear-ema05-eps{e}-r{r}": SMS + ["--model", "ngram-linear", "--ema-decay", "0.5", "--rounds",
                                                        "40", "--epsilon", e, "--seed", str(r)]
              for e in ("3", "8") for r in range(3)})
+# Rounds per epsilon (the pooled stand-in ranked 60 rounds first at epsilon 8 and 30 at epsilon 1).
+ROWS.update({f"rounds{n}-eps{e}-r{r}": SMS + ["--rounds", n, "--epsilon", e, "--seed", str(r)]
+             for n, e in (("60", "8"), ("30", "1")) for r in range(3)})
 
 
 def run_row(name: str, work: Path) -> dict:

@@ -21,6 +21,9 @@ epsilon), seed 0:
   commands say `--model linear-pool3`: the same settings;
 - `linear-eps{1,3,8}-r{0,1,2}`: the same with the earlier vision default, `linear` on the full
   7 x 7 maps; measured while it was the default, so the recorded commands lack `--model linear`;
+- `labelcounts-eps{1,3,8}-r{0,1,2}`: README's command with `--label-count-share 0.05`: each node
+  releases its label counts once (5% of its RDP budget, DP-SGD's noise calibrated around it) and
+  the released model is logit-adjusted by the summed counts' class prior (`server.logit_adjustment`);
 - `tune-*`: tuning tries, picked on the test split (optimistic); each row is one draw of the
   DP noise (tune-full-eps3 and scatter-linear-eps3 are the same command: their gap is that
   draw's spread).
@@ -91,12 +94,17 @@ ROWS.update(DEFAULT_ROWS)
 LINEAR_ROWS = {f"linear-eps{e}-r{r}": DEFAULT + ["--model", "linear", "--epsilon", e, "--seed", str(r)]
                for e in ("1", "3", "8") for r in range(3)}
 ROWS.update(LINEAR_ROWS)
+# The same command with the label-count release and logit adjustment.
+LABEL_COUNT_ROWS = {f"labelcounts-eps{e}-r{r}": DEFAULT + ["--label-count-share", "0.05", "--epsilon", e,
+                                                            "--seed", str(r)] for e in ("1", "3", "8") for r in range(3)}
+ROWS.update(LABEL_COUNT_ROWS)
+SECAGG_ROWS = {**DEFAULT_ROWS, **LINEAR_ROWS, **LABEL_COUNT_ROWS}
 
 
 def run_row(name: str, work: Path) -> dict:
-    """Run one row's `fedpriv simulate` (SecAgg+ on for the default and linear rows); its figures from
-    summary.json (or the error)."""
-    row, summary = simulate_row(name, ROWS[name], work, secagg=name in DEFAULT_ROWS or name in LINEAR_ROWS)
+    """Run one row's `fedpriv simulate` (SecAgg+ on for the default, linear and labelcounts rows); its
+    figures from summary.json (or the error)."""
+    row, summary = simulate_row(name, ROWS[name], work, secagg=name in SECAGG_ROWS)
     return classification_figures(row, summary)
 
 

@@ -35,9 +35,9 @@ def spend_by_run(state_dir: Path) -> list[dict]:
             "epsilon": None, "last": event.time})
         row["last"] = max(row["last"], event.time)
         if event.declined:
-            row["rounds_declined"] += 1
+            row["rounds_declined"] += event.mechanism == "dp-sgd"
         else:
-            row["rounds_charged"] += 1
+            row["rounds_charged"] += event.mechanism == "dp-sgd"  # a label-count release is no round
             row["epsilon"] = max(row["epsilon"] or 0.0, event.epsilon_after)
     return sorted(rows.values(), key=lambda r: r["last"])
 

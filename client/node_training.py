@@ -38,6 +38,8 @@ from privacy.accountants import PrivacyLedger, calibrate_noise_multiplier
 from privacy.accountants.ledger import group_unit_id
 from privacy.audit.canaries import node_canaries
 from privacy.dp_sgd import LocalTrainingSession, evaluate, poisson_sample_rate, steps_per_epoch
+from privacy.label_counts import (LABEL_COUNTS, calibrate_with_label_counts, noisy_label_counts,
+                                  release_noise_multiplier)
 from privacy.secret_randomness import SecretRandom
 from privacy.user_level import group_index
 from shared_models import build_model
@@ -212,16 +214,51 @@ def _session(key: tuple, factory) -> LocalTrainingSession:
     return session
 
 
-def plan_noise(plan: TrainingPlan, num_train: int, delta: float) -> tuple[float, float, int]:
+def plan_noise(plan: TrainingPlan, num_train: int, delta: float, unit: str = "record") -> tuple[float, float, int]:
     """(noise_multiplier, sample_rate, local_steps per round) for this node and plan.
 
-    num_train: the node's training units (records, or groups under user-level DP). The noise is chosen so that all `plan.rounds` rounds together spend `plan.epsilon` at
-    `delta` (the node's own delta, at which its ledger reports).
+    num_train: the node's training units (records, or groups under user-level DP: `unit`). The
+    noise is chosen so that all `plan.rounds` rounds together, with the node's label-count
+    release when the plan asks one and the unit is "record" (`label_count_share`), spend
+    `plan.epsilon` at `delta` (the node's own delta, at which its ledger reports).
     """
     q = poisson_sample_rate(num_train, plan.batch_size)
     local_steps = plan.local_epochs * steps_per_epoch(num_train, plan.batch_size)
-    sigma = calibrate_noise_multiplier(plan.epsilon, delta, q, plan.rounds * local_steps)
+    share = label_count_share(plan, unit)
+    if share > 0:
+        sigma = calibrate_with_label_counts(plan.epsilon, delta, q, plan.rounds * local_steps, share)
+    else:
+        sigma = calibrate_noise_multiplier(plan.epsilon, delta, q, plan.rounds * local_steps)
     return sigma, q, local_steps
+
+
+def label_count_share(plan: TrainingPlan, unit: str) -> float:
+    """The plan's label-count share where this node releases its counts (DP, record-level), else 0."""
+    return plan.label_count_share if plan.dp and unit == "record" else 0.0
+
+
+def release_label_counts(node: NodeIdentity, plan: TrainingPlan, data: NodeData, sigma: float, run_id: str,
+                         server_round: int, ledger: PrivacyLedger) -> dict[str, object]:
+    """The node's one label-count release of run `run_id` (`privacy.label_counts`), as reply metrics.
+
+    Released in the first round the node trains in the run, after its charge to every training
+    record (write-ahead, like DP-SGD's); {} in later rounds (the ledger's events say it was
+    released) and when the charge is declined. Returns {"label-counts": (K,) noisy counts,
+    "label-count-noise": their std}.
+    """
+    steps = plan.rounds * plan.local_epochs * steps_per_epoch(len(data.train), plan.batch_size)
+    s = release_noise_multiplier(sigma, steps, plan.label_count_share)
+    if any(e.run == run_id and e.mechanism == LABEL_COUNTS and not e.declined for e in ledger.events(node.name)):
+        return {}
+    entry = ledger.charge(data.train.record_ids, node=node.name, delta=node.delta, noise_multiplier=s,
+                          sample_rate=1.0, steps=1, max_epsilon=node.max_epsilon, run=run_id, round=server_round,
+                          mechanism=LABEL_COUNTS)
+    if entry.declined:
+        log.info("%s releases no label counts: %s", node.name, entry.reason)
+        return {}
+    counts = noisy_label_counts(data.train.y, data.train.num_classes, s,
+                                node_randomness(node, plan, server_round, LABEL_COUNTS))
+    return {"label-counts": [float(c) for c in counts], "label-count-noise": s}
 
 
 def node_randomness(node: NodeIdentity, plan: TrainingPlan, server_round: int, purpose: str) -> SecretRandom:
@@ -253,7 +290,8 @@ def train_round(
     the reason when a training unit would pass the node's budget. Metrics released:
     `num-examples`, `round-steps`; under DP the ledger's view (`epsilon`, the largest over
     all the node's units at `delta`, `max-epsilon`, `noise-multiplier`, `sample-rate`,
-    `steps-total`; under user-level DP also `num-groups`); `unit` names what the epsilon is
+    `steps-total`: the ledger's, each label-count release counted as one step; under user-level DP
+    also `num-groups`; `label-counts` and `label-count-noise` in the round a node releases them); `unit` names what the epsilon is
     about (`privacy_unit`); validation metrics of the incoming model only when the owner
     keeps a validation share. Raises ValueError when delta is not below 1/n for the node's n
     training units (DESIGN 4.1) or the node's unit needs group keys its data lacks,
@@ -271,7 +309,7 @@ def train_round(
         if node.delta >= 1.0 / n_units:
             raise ValueError(f"delta={node.delta} must be < 1/n = {1.0 / n_units:.3g} for this node's {n_units} "
                              f"training {'records' if unit == 'record' else 'groups'}")
-        sigma, q, local_steps = plan_noise(plan, n_units, node.delta)
+        sigma, q, local_steps = plan_noise(plan, n_units, node.delta, unit)
         ledger = PrivacyLedger(node.state_dir)
         ledger.adopt_legacy(node.name, data.record_ids, node.delta)
         entry = ledger.charge(
@@ -279,6 +317,8 @@ def train_round(
             steps=local_steps, max_epsilon=node.max_epsilon, run=run_id, round=server_round, groups=units.groups,
             unit=unit,
         )
+        if not entry.declined and label_count_share(plan, unit) > 0:
+            metrics.update(release_label_counts(node, plan, data, sigma, run_id, server_round, ledger))
         held = units.held
         if entry.unit != unit:  # declined: records spent outside their patients; only their own epsilon is proven
             unit, held = entry.unit, data.record_ids

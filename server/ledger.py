@@ -33,6 +33,10 @@ class NodeRecord:
     # user-level DP-SGD (issue 19); None until it reports. num_groups: its training groups.
     privacy_unit: str | None = None
     num_groups: int | None = None
+    # The node's one DP release of its label counts this run (`privacy.label_counts`), as sent:
+    # (K,) noisy counts and their std; None when it sent none.
+    label_counts: list[float] | None = None
+    label_count_noise: float | None = None
 
 
 class CoordinatorLedger:
@@ -68,6 +72,9 @@ class CoordinatorLedger:
             rec.sample_rate = float(metrics["sample-rate"])
             rec.steps = int(metrics["steps-total"])
             rec.epsilon_by_round[str(server_round)] = rec.epsilon
+        if "label-counts" in metrics:
+            rec.label_counts = [float(c) for c in metrics["label-counts"]]
+            rec.label_count_noise = float(metrics.get("label-count-noise", float("nan")))
         rec.num_examples = int(metrics.get("num-examples", rec.num_examples))
         (rec.declined_rounds if declined else rec.rounds_trained).append(server_round)
         if declined:

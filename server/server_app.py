@@ -21,6 +21,7 @@ from privacy.secagg.parameters import DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_
 from server.class_report import class_report, predict_proba
 from server.federation import FederationSettings, evaluate_on_nodes, run_federation
 from server.ledger import CoordinatorLedger
+from server.logit_adjustment import adjusted
 from server.model_export import EXPORT_FILE, export_model
 from server.report import write_run_report
 from server.run_folder import RunFolder
@@ -47,8 +48,9 @@ def main(grid: Grid, context: Context) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def evaluate_global(arrays: ArrayRecord) -> dict[str, float]:
+        # Logit-adjusted once nodes have sent label counts (server.logit_adjustment; else as it is).
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model.to(dev), test, dev, balanced_accuracy=True)
+        return evaluate(adjusted(model, ledger, test.num_classes)[0].to(dev), test, dev, balanced_accuracy=True)
 
     settings = federation_settings(cfg, plan, run_id=f"{plan.run_name}-{context.run_id}")
     arrays, ledger, resume, initial_test = ArrayRecord(model.state_dict()), CoordinatorLedger(), None, None
@@ -98,9 +100,12 @@ def main(grid: Grid, context: Context) -> None:
     )
     summary["final"].update(final_validation)
     model.load_state_dict(final.to_torch_state_dict())
-    summary["final"].update(class_report(test.y, predict_proba(model.to(dev), test, dev), test.classes))
+    released, adjustment = adjusted(model, ledger, test.num_classes)
+    if adjustment is not None:
+        summary["logit_adjustment"] = adjustment
+    summary["final"].update(class_report(test.y, predict_proba(released.to(dev), test, dev), test.classes))
     try:  # a copy that loads with torch alone; the run's results never depend on it
-        export_model(model.cpu(), test.x[:2], folder.path / EXPORT_FILE)
+        export_model(released.cpu(), test.x[:2], folder.path / EXPORT_FILE)
     except Exception as err:
         logging.getLogger("fedpriv.server").warning("%s not written (%s: %s)", EXPORT_FILE, type(err).__name__, err)
     folder.write_json("summary.json", summary)

@@ -43,6 +43,8 @@ class Recipe:
     batch_size: expected records per DP-SGD step; 0 = full batch (sampling rate 1).
     server_optimizer: "fedavg", "fedavgm", "fedadam" or "fedyogi" (`server.server_optimizer`).
     ema_decay: D of the released global model's moving average, in [0, 1); 0 = off.
+    label_count_share: share of each node's budget for its label-count release (logit
+    adjustment, `privacy.label_counts`); 0 = off.
     """
 
     audio_features: str = "logmel"
@@ -50,6 +52,7 @@ class Recipe:
     batch_size: int = 64
     server_optimizer: str = "fedavg"
     ema_decay: float = 0.0
+    label_count_share: float = 0.0
 
 
 _RECIPES = {

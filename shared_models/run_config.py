@@ -18,6 +18,7 @@ from shared_models.datasets.local import AUDIO_FEATURES, IMAGE_FEATURES, MAX_BYT
 # spent than charged), and Opacus's noise search never ends for an epsilon near 1e15.
 MAX_GRAD_NORM_RANGE = (1e-4, 1e4)
 MAX_EPSILON_PER_RUN = 1e3
+MAX_LABEL_COUNT_SHARE = 0.5  # at most half of a node's budget on its label counts: training keeps the rest
 
 # DP-SGD's per-sample clipping rules a run may ask for (`privacy.dp_sgd.SecretNoiseDPOptimizer`).
 CLIPPING_MODES = ("flat", "automatic")
@@ -91,6 +92,10 @@ class TrainingPlan:
     clipping: str = "flat"
     # What an image becomes (`shared_models.datasets.images.image_features`): likewise the run's.
     image_features: str = "pixels"
+    # Logit adjustment (Menon et al., ICLR 2021): the share of each node's budget that its one
+    # DP release of its label counts may take (`privacy.label_counts`); 0 = no release. The node
+    # charges it to its ledger and calibrates DP-SGD around it, so epsilon stays the plan's.
+    label_count_share: float = 0.0
 
     def data_options(self) -> LocalDataOptions:
         """The run's format options for a local-path dataset (the central test set, simulated nodes)."""
@@ -146,6 +151,7 @@ class TrainingPlan:
             audio_features=get("audio-features", str) if "audio-features" in cfg else "logmel",
             clipping=get("clipping", str) if "clipping" in cfg else "flat",
             image_features=get("image-features", str) if "image-features" in cfg else "pixels",
+            label_count_share=get("label-count-share", float) if "label-count-share" in cfg else 0.0,
         )
         checks = [
             (plan.rounds >= 1, "num-server-rounds", "an integer >= 1"),
@@ -177,6 +183,8 @@ class TrainingPlan:
             (plan.audio_features == "logmel" or plan.task != "speech" or plan.model == "linear", "audio-features",
              f"'logmel' for the speech model {plan.model or 'conv (the default)'!r}: scattering gives one frame of "
              "coefficients per clip, for model 'linear'"),
+            (0 <= plan.label_count_share <= MAX_LABEL_COUNT_SHARE, "label-count-share",
+             f"in [0, {MAX_LABEL_COUNT_SHARE:g}] (0: no label-count release)"),
             (plan.image_features in IMAGE_FEATURES, "image-features", "'pixels' or 'scattering'"),
             (plan.image_features == "pixels" or plan.task == "vision", "image-features",
              f"'pixels' (the default) for a {plan.task} task: image features are for vision"),

@@ -155,7 +155,7 @@ def preflight(run_config: dict, clients: int) -> list[str]:
         if plan.delta >= 1.0 / len(units.trained):
             raise ValueError(f"--delta {plan.delta:g} must be < 1/n = {1 / len(units.trained):.3g} for {node.name}'s "
                              f"{len(units.trained)} training {kind}")
-        sigma, q, steps = plan_noise(plan, len(units.trained), plan.delta)
+        sigma, q, steps = plan_noise(plan, len(units.trained), plan.delta, units.unit)
         if ledger.epsilon_if_charged(units.trained, plan.delta, sigma, q, steps) > node.max_epsilon:
             spent = ledger.epsilon(units.trained, plan.delta)
             exhausted.append(f"{node.name} (its records have spent up to {spent:.2f} of {node.max_epsilon:g})")

@@ -21,7 +21,7 @@ from shared_models import TASKS, default_lr, model_names
 from shared_models.datasets.local import AUDIO_FEATURES, IMAGE_FEATURES, add_local_data_options
 from shared_models.datasets.named import DATASET_TASKS, data_dir, dataset_task
 from shared_models.recipes import recipe_for, recommended_model
-from shared_models.run_config import CLIPPING_MODES, MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE
+from shared_models.run_config import CLIPPING_MODES, MAX_EPSILON_PER_RUN, MAX_GRAD_NORM_RANGE, MAX_LABEL_COUNT_SHARE
 from simulations.ray_cluster import parse_ray_address
 
 # Without client-level DP, clipping the update serves only to bound SecAgg+'s encoding range:
@@ -161,6 +161,12 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                            "after each aggregated round (starting from the first), and evaluate and release it "
                            "(final_model.pt); in [0, 1), 0: off. Default: the model's measured setting, 0.9 for "
                            "speech linear, 0 for the others")
+    post.add_argument("--label-count-share", type=float, default=None, metavar="S",
+                      help="logit adjustment (Menon et al. 2021): each node releases its label counts once, with "
+                           "Gaussian noise from S of its budget (a share of its RDP at full batch; DP-SGD's noise "
+                           "is calibrated around it, so epsilon is unchanged), and the released model's logits "
+                           "are shifted by -log(class prior) for balanced error; in [0, 0.5], 0: off. Default: "
+                           "the model's measured setting (0 for all models today)")
     local = parser.add_argument_group("local data formats (when --dataset is a path)")
     add_local_data_options(local)
     parser.add_argument("--track", choices=TRACKERS, default=None,
@@ -199,7 +205,8 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
 def resolved_training_options(args: argparse.Namespace, task: str) -> dict:
     """The model and the settings that follow from it, for the flags the user left unset (None).
 
-    Returns {"model", "audio_features", "image_features", "batch_size", "server_optimizer", "ema_decay", "lr"}:
+    Returns {"model", "audio_features", "image_features", "batch_size", "server_optimizer", "ema_decay", "lr",
+    "label_count_share"}:
     the user's value where set, else the model's measured setting (`shared_models.recipes`).
     """
     model = args.model or recommended_model(task, args.audio_features, args.image_features)
@@ -213,6 +220,8 @@ def resolved_training_options(args: argparse.Namespace, task: str) -> dict:
         "server_optimizer": args.server_optimizer or recipe.server_optimizer,
         "ema_decay": recipe.ema_decay if args.ema_decay is None else args.ema_decay,
         "lr": args.lr if args.lr is not None else default_lr(task, model, args.optimizer, dp=dp),
+        "label_count_share": (recipe.label_count_share if getattr(args, "label_count_share", None) is None
+                              else args.label_count_share),
     }
 
 
@@ -262,6 +271,9 @@ def check_training_args(args: argparse.Namespace, nodes: int, nodes_label: str =
                         ("--ema-decay", resolved_training_options(args, task)["ema_decay"])):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{flag} must be in [0, 1), got {value}")
+    share = resolved_training_options(args, task)["label_count_share"]
+    if not 0.0 <= share <= MAX_LABEL_COUNT_SHARE:
+        raise ValueError(f"--label-count-share must be in [0, {MAX_LABEL_COUNT_SHARE:g}] (0: off), got {share}")
     if args.colluding_nodes < -1:
         raise ValueError(f"--colluding-nodes must be -1 (threshold - 1) or >= 0, got {args.colluding_nodes}")
     if args.client_noise_multiplier > 0 and args.clip_norm is None:
@@ -320,6 +332,7 @@ def training_run_config(args: argparse.Namespace, task: str, out: Path) -> dict:
         "server-beta2": args.server_beta2,
         "server-tau": args.server_tau,
         "ema-decay": chosen["ema_decay"],
+        "label-count-share": chosen["label_count_share"],
         "track": args.track or "",
         "image-size": args.image_size or 0,
         "max-text-bytes": args.max_text_bytes,

@@ -262,3 +262,41 @@ def test_injected_faults_never_stop_the_run_and_every_one_is_in_the_summary(tmp_
         if not row["aggregated"]:
             assert row["secure_aggregation"]["error"] == "3 nodes trained, threshold is 4"
     assert summary["rounds_aggregated"] == 4
+
+
+def test_label_count_release_adjusts_the_released_model_within_each_nodes_budget(tmp_path):
+    import numpy as np
+    import torch
+
+    from privacy.accountants import PrivacyLedger
+    from shared_models import build_model
+    from shared_models.datasets.named import load_dataset
+    from shared_models.run_config import TrainingPlan
+
+    out, state = tmp_path / "run", tmp_path / "state"
+    _simulate("--dataset", "digits", "--clients", "3", "--rounds", "3", "--epsilon", "4", "--val-fraction", "0",
+              "--label-count-share", "0.2", "--out", str(out), "--state-dir", str(state), cwd=tmp_path)
+    summary, ledger = _summary(out), json.loads((out / "ledger.json").read_text())["nodes"]
+    assert all(0 < node["epsilon"] <= 4.0 for node in summary["clients"].values())
+    adjustment = summary["logit_adjustment"]
+    assert adjustment["nodes"] == 3 and adjustment["tau"] == 1.0
+    # The nodes' noisy counts add up to the training split's counts, within the noise they state.
+    plan = TrainingPlan.from_run_config(json.loads((out / "config.json").read_text()))
+    splits = load_dataset("digits", options=plan.data_options())  # the run's scattering maps
+    truth = np.bincount(splits["train"].y, minlength=10)
+    noise = np.sqrt(sum(rec["label_count_noise"] ** 2 for rec in ledger.values()))
+    assert np.abs(np.asarray(adjustment["label_counts"]) - truth).max() < 6 * noise
+    assert sum(adjustment["class_prior"]) == pytest.approx(1.0)
+    # Each node charged one release to its ledger, besides its 3 rounds of DP-SGD.
+    for node in ("node-0", "node-1", "node-2"):
+        kinds = [e.mechanism for e in PrivacyLedger(state).events(node) if not e.declined]
+        assert sorted(kinds) == ["dp-sgd"] * 3 + ["label-counts"]
+    # The exported model is the trained weights' logits minus log(prior).
+    test = splits["test"]
+    model = build_model("vision", summary["model"], test.input_shape, 10)
+    model.load_state_dict(torch.load(out / "final_model.pt", weights_only=True))
+    exported = torch.export.load(str(out / "final_model.pt2")).module()
+    x = torch.from_numpy(np.ascontiguousarray(test.x[:8]))
+    with torch.no_grad():
+        expected = model.eval()(x).numpy() - np.log(adjustment["class_prior"])
+        assert exported(x).numpy() == pytest.approx(expected, abs=1e-4)

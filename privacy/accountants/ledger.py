@@ -82,6 +82,9 @@ class LedgerEntry:
     reason: str = ""
     unit: str = "record"  # the privacy unit epsilon_after is about: "record", or a group unit ("patient", "user")
     groups: int = 0  # groups charged (user-level DP); 0 for record-level charges
+    # What was charged: "dp-sgd" (training steps) or "label-counts" (`privacy.label_counts`: one
+    # Gaussian release, steps 1 at sampling rate 1). Events written before it say nothing: DP-SGD.
+    mechanism: str = "dp-sgd"
 
 
 @dataclass
@@ -190,7 +193,8 @@ class PrivacyLedger:
 
     def charge(self, records: Sequence[str], *, node: str, delta: float, noise_multiplier: float,
                sample_rate: float, steps: int, max_epsilon: float, run: str, round: int,
-               groups: Mapping[str, Sequence[str]] | None = None, unit: str = "record") -> LedgerEntry:
+               groups: Mapping[str, Sequence[str]] | None = None, unit: str = "record",
+               mechanism: str = "dp-sgd") -> LedgerEntry:
         """Charge `steps` DP-SGD steps to every one of `records` if none passes `max_epsilon`.
 
         Record-level (groups None): sample_rate is over records and the budget is checked per
@@ -202,6 +206,8 @@ class PrivacyLedger:
         pass `max_epsilon`, or a group's records carry spend the group does not (the module
         docstring), nothing is charged and a `declined=True` entry is recorded and returned;
         in the latter case its unit is "record" and epsilon_after the records' largest.
+        mechanism: what is charged, kept in the event ("dp-sgd", or "label-counts" for the
+        one Gaussian release of `privacy.label_counts`: steps 1, sample_rate 1).
         Raises PrivacyBudgetError for an invalid charge or delta.
         """
         _check_node(node)
@@ -227,7 +233,7 @@ class PrivacyLedger:
                 reason=mixed or (f"training would reach epsilon={after:.3f} > max-epsilon={max_epsilon:g} "
                                  f"(spent so far {spent:.3f}, delta={delta:g}, per {unit})" if declined else ""),
                 unit=unit if groups is not None and not mixed else "record",
-                groups=len(groups) if groups is not None else 0,
+                groups=len(groups) if groups is not None else 0, mechanism=mechanism,
             )
             if not declined:
                 _charge_cohorts(state, set(units), delta, noise_multiplier, sample_rate, steps)
