@@ -414,13 +414,21 @@ def vision_scattering_table(result: dict) -> list[str]:
     ] + classification_rows(result)
     cells = default_rows_summary(result, ("test_auc", "test_accuracy", "test_balanced_accuracy"))
     if cells:
-        lines += ["", "README's command with today's vision defaults (`default-*` rows: scattering + linear-pool3 and its recipe, "
+        lines += ["", "README's command with the vision default before the label-count release (`default-*` rows: scattering + "
+                      "linear-pool3 and its recipe; to rerun them now add `--label-count-share 0`), "
                       "60 rounds, validation share 0.1, SecAgg+ on, seeds 0-2), mean ± sample standard deviation: "
                       + "; ".join(cells) + "."]
     earlier = default_rows_summary(result, ("test_auc", "test_accuracy", "test_balanced_accuracy"), "linear-")
     if earlier:
         lines += ["", "The same with the earlier vision default, `linear` on the full 7 x 7 maps (`linear-*` rows): "
                       + "; ".join(earlier) + "."]
+    adjusted = default_rows_summary(result, ("test_auc", "test_accuracy", "test_balanced_accuracy"), "labelcounts-")
+    if adjusted:
+        lines += ["", "README's command with today's vision default (`labelcounts-*` rows, `--label-count-share 0.05` "
+                      "written out: each node's one DP release of its label counts, and the released model "
+                      "logit-adjusted for balanced error; AUC cannot change with the adjustment, its differences are "
+                      "the noise draws): "
+                      + "; ".join(adjusted) + "."]
     return lines
 
 
@@ -458,6 +466,10 @@ def text_recipe_table(result: dict) -> list[str]:
     ema = default_rows_summary(result, ("test_accuracy", "test_auc"), "ngram-linear-ema05-")
     if ema:
         lines += ["", "The earlier features with the new EMA 0.5 (`ngram-linear-ema05-*` rows): " + "; ".join(ema) + "."]
+    rounds = [f"{n} rounds, " + cell for n in ("30", "60")
+              for cell in default_rows_summary(result, ("test_accuracy", "test_auc"), f"rounds{n}-")]
+    if rounds:
+        lines += ["", "README's command with other round counts (`rounds{30,60}-*` rows): " + "; ".join(rounds) + "."]
     return lines
 
 

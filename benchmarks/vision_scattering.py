@@ -18,10 +18,12 @@ epsilon), seed 0:
   other setting the vision default: scattering + `linear-pool3`, each map average-pooled to 3 x 3
   before the linear head, and its recipe), SecAgg+ on, validation share 0.1, seeds 0 / 1 / 2 (the
   seed also draws the partition); measured before it became the default, so the recorded
-  commands say `--model linear-pool3`: the same settings;
+  commands say `--model linear-pool3`: the same settings, without the label-count release that
+  the default has since (add `--label-count-share 0` to rerun them);
 - `linear-eps{1,3,8}-r{0,1,2}`: the same with the earlier vision default, `linear` on the full
   7 x 7 maps; measured while it was the default, so the recorded commands lack `--model linear`;
-- `labelcounts-eps{1,3,8}-r{0,1,2}`: README's command with `--label-count-share 0.05`: each node
+- `labelcounts-eps{1,3,8}-r{0,1,2}`: README's command with `--label-count-share 0.05` (today's
+  vision default; measured before it became one, so the flag is written out): each node
   releases its label counts once (5% of its RDP budget, DP-SGD's noise calibrated around it) and
   the released model is logit-adjusted by the summed counts' class prior (`server.logit_adjustment`);
 - `tune-*`: tuning tries, picked on the test split (optimistic); each row is one draw of the

@@ -9,7 +9,8 @@ adds `clients.<node>.privacy_unit` / `.num_groups` and the top-level `privacy_un
 `max_client_epsilon` is about: "record", a group unit such as "patient", or "mixed"); issue 14
 adds `server_optimizer` (its name and the hyper-parameters it uses), `ema_decay` and
 `released_model` ("ema" when `final` and final_model.pt are the global model's moving
-average, else "global").
+average, else "global"), and `logit_adjustment` (only when nodes sent DP label counts:
+`label_counts`, `class_prior`, `nodes`, `tau`; `server.logit_adjustment`).
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ def write_report(folder: RunFolder, summary: dict) -> None:
         + (f"the moving average (EMA, decay {summary['ema_decay']:g}) of the global model"
            if summary.get("released_model") == "ema" else "the final global model")
         + " (post-processing of the aggregates: no privacy cost)",
+        *([f"- logit adjustment: the released model subtracts log(class prior) from its logits (balanced error); "
+           f"prior {', '.join(f'{p:.3f}' for p in summary['logit_adjustment']['class_prior'])} from "
+           f"{summary['logit_adjustment']['nodes']} nodes' DP label counts, inside each node's epsilon"]
+          if summary.get("logit_adjustment") else []),
         *([f"- client-level DP: epsilon {summary['client_level']['epsilon']:.3g} at delta "
            f"{summary['client_level']['delta']:g} (noise multiplier {summary['client_level']['noise_multiplier']:g}, "
            f"{summary['client_level']['rounds']} released rounds)"] if (summary.get("client_level") or {}).get("enabled")

@@ -76,19 +76,22 @@ def test_a_vision_scattering_model_brings_its_input_and_settings(tmp_path):
 def test_vision_defaults_to_the_scattering_linear_recipe_and_pixels_bring_the_cnn(tmp_path):
     cfg = _run_config(tmp_path, "--dataset", "digits")
     assert (cfg["model"], cfg["image-features"], cfg["batch-size"], cfg["lr"], cfg["server-optimizer"],
-            cfg["ema-decay"]) == ("linear-pool3", "scattering", 0, 8.0, "fedavgm", 0.9)
+            cfg["ema-decay"], cfg["label-count-share"]) == ("linear-pool3", "scattering", 0, 8.0, "fedavgm", 0.9, 0.05)
+    assert TrainingPlan.from_run_config(cfg).label_count_share == 0.05
+    assert _run_config(tmp_path, "--dataset", "digits", "--label-count-share", "0")["label-count-share"] == 0.0
     full_maps = _run_config(tmp_path, "--dataset", "digits", "--model", "linear")
-    assert (full_maps["image-features"], full_maps["batch-size"], full_maps["ema-decay"]) == ("scattering", 0, 0.9)
+    assert (full_maps["image-features"], full_maps["batch-size"], full_maps["ema-decay"],
+            full_maps["label-count-share"]) == ("scattering", 0, 0.9, 0.0)
     pixels = _run_config(tmp_path, "--dataset", "digits", "--image-features", "pixels")
     assert (pixels["model"], pixels["image-features"], pixels["batch-size"], pixels["lr"], pixels["server-optimizer"],
-            pixels["ema-decay"]) == ("cnn", "pixels", 64, 0.5, "fedavg", 0.0)
+            pixels["ema-decay"], pixels["label-count-share"]) == ("cnn", "pixels", 64, 0.5, "fedavg", 0.0, 0.0)
     assert _run_config(tmp_path, "--dataset", "digits", "--model", "cnn")["image-features"] == "pixels"
 
 
 def test_text_defaults_to_full_batch_with_fedavgm_and_an_ema(tmp_path):
     cfg = _run_config(tmp_path, "--dataset", "sms_spam")
-    assert (cfg["model"], cfg["batch-size"], cfg["lr"], cfg["server-optimizer"], cfg["ema-decay"]) == \
-        ("ngram-sqrt", 0, 8.0, "fedavgm", 0.5)
+    assert (cfg["model"], cfg["batch-size"], cfg["lr"], cfg["server-optimizer"], cfg["ema-decay"],
+            cfg["label-count-share"]) == ("ngram-sqrt", 0, 8.0, "fedavgm", 0.5, 0.0)
     counts = _run_config(tmp_path, "--dataset", "sms_spam", "--model", "ngram-linear")
     assert (counts["batch-size"], counts["lr"], counts["server-optimizer"], counts["ema-decay"]) == \
         (0, 8.0, "fedavgm", 0.9)
@@ -104,6 +107,12 @@ def test_a_negative_batch_size_is_refused_by_the_cli_and_by_a_node(tmp_path, cap
     cfg = _run_config(tmp_path, "--dataset", "digits")
     with pytest.raises(ConfigError, match="'batch-size' must be an integer >= 1, or 0 for full batch"):
         TrainingPlan.from_run_config({**cfg, "batch-size": -1})
+
+
+def test_a_label_count_share_past_half_the_budget_is_refused_by_the_cli():
+    args = build_parser().parse_args(["simulate", "--no-secagg", "--label-count-share", "0.6"])
+    with pytest.raises(ValueError, match=r"--label-count-share must be in \[0, 0.5\] \(0: off\), got 0.6"):
+        check_training_args(args, 6)
 
 
 def _data(n: int = 12, dim: int = 5) -> LabeledArrays:
