@@ -72,9 +72,12 @@ class CoordinatorLedger:
             rec.sample_rate = float(metrics["sample-rate"])
             rec.steps = int(metrics["steps-total"])
             rec.epsilon_by_round[str(server_round)] = rec.epsilon
-        if "label-counts" in metrics:
-            rec.label_counts = [float(c) for c in metrics["label-counts"]]
-            rec.label_count_noise = float(metrics.get("label-count-noise", float("nan")))
+        if "label-counts" in metrics:  # kept only when well-formed: one node's bad reply never stops the run
+            try:
+                rec.label_counts = [float(c) for c in metrics["label-counts"]]
+                rec.label_count_noise = float(metrics.get("label-count-noise", float("nan")))
+            except (TypeError, ValueError):
+                rec.label_counts, rec.label_count_noise = None, None
         rec.num_examples = int(metrics.get("num-examples", rec.num_examples))
         (rec.declined_rounds if declined else rec.rounds_trained).append(server_round)
         if declined:

@@ -161,7 +161,8 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                            "after each aggregated round (starting from the first), and evaluate and release it "
                            "(final_model.pt); in [0, 1), 0: off. Default: the model's measured setting, 0.9 for "
                            "speech linear, 0 for the others")
-    post.add_argument("--label-count-share", type=float, default=None, metavar="S",
+    # Not post-processing: a release of its own, inside each node's epsilon.
+    parser.add_argument("--label-count-share", type=float, default=None, metavar="S",
                       help="logit adjustment (Menon et al. 2021): each node releases its label counts once, with "
                            "Gaussian noise from S of its budget (a share of its RDP at full batch; DP-SGD's noise "
                            "is calibrated around it, so epsilon is unchanged), and the released model's logits "

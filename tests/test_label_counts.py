@@ -138,6 +138,8 @@ def _ledger_with(counts_by_node):
 def test_the_server_sums_the_nodes_counts_and_leaves_out_a_malformed_reply():
     ledger = _ledger_with({"a": [30.5, 9.5], "b": [-3.0, 20.0], "bad": [1.0, 2.0, 3.0], "nan": [float("nan"), 1.0]})
     ledger.record_reply("silent", 1, {"num-examples": 5.0}, False)
+    ledger.record_reply("scalar", 1, {"num-examples": 5.0, "label-counts": 3.0}, False)  # not a list: ignored
+    assert ledger.nodes["scalar"].label_counts is None
     counts, nodes = summed_label_counts(ledger, 2)
     assert nodes == 2 and counts.tolist() == [27.5, 29.5]
     assert class_prior(np.array([-4.0, 3.0])).tolist() == [0.25, 0.75]  # a negative sum counts as 1 record
