@@ -90,13 +90,16 @@ def _train(msg: Message, context: Context, plan: TrainingPlan, node) -> Message:
     if simulated and float(run_cfg.get("fault-rate", 0.0)) > 0:
         faults.inject(plan.seed, server_round, node.name, float(run_cfg["fault-rate"]),
                       hang_seconds=float(run_cfg.get("round-timeout", 3600.0)) + 5.0)
-    outcome = train_round(node, plan, data, global_state, server_round, str(config["run-id"]))
+    # Under client-level noise no per-node statistic leaves the node (as update-norm below): no label counts.
+    client_level = float(config.get("client-noise-multiplier", 0.0)) > 0.0
+    outcome = train_round(node, plan, data, global_state, server_round, str(config["run-id"]),
+                          label_counts_allowed=not client_level)
     metrics = {**outcome.metrics, "declined": int(outcome.declined)}
     if outcome.state is not None and secure:
         # Keep the encoded update here; only its masked form will leave the node. Its
         # client-level noise and stochastic rounding come from secret entropy.
         delta = secagg.flatten_delta(outcome.state, global_state)
-        if float(config.get("client-noise-multiplier", 0.0)) == 0.0:
+        if not client_level:
             # The norm before clipping helps choose --clip-norm; a function of the DP-SGD output
             # (sample-level DP covers it), not hidden by SecAgg+. Not sent once client-level
             # noise is on: it would be one node's statistic outside client-level DP.

@@ -283,6 +283,7 @@ def train_round(
     global_state: dict[str, torch.Tensor],
     server_round: int,
     run_id: str,
+    label_counts_allowed: bool = True,
 ) -> RoundOutcome:
     """Train one round on the node's data starting from `global_state`.
 
@@ -293,7 +294,8 @@ def train_round(
     `steps-total`: the ledger's, each label-count release counted as one step; under user-level DP
     also `num-groups`; `label-counts` and `label-count-noise` in the round a node releases them); `unit` names what the epsilon is
     about (`privacy_unit`); validation metrics of the incoming model only when the owner
-    keeps a validation share. Raises ValueError when delta is not below 1/n for the node's n
+    keeps a validation share. label_counts_allowed: False where the reply must carry no per-node
+    statistic (client-level noise on: the counts would be one node's release outside it). Raises ValueError when delta is not below 1/n for the node's n
     training units (DESIGN 4.1) or the node's unit needs group keys its data lacks,
     RuntimeError when the steps run differ from the steps charged.
     """
@@ -317,7 +319,7 @@ def train_round(
             steps=local_steps, max_epsilon=node.max_epsilon, run=run_id, round=server_round, groups=units.groups,
             unit=unit,
         )
-        if not entry.declined and label_count_share(plan, unit) > 0:
+        if not entry.declined and label_count_share(plan, unit) > 0 and label_counts_allowed:
             metrics.update(release_label_counts(node, plan, data, sigma, run_id, server_round, ledger))
         held = units.held
         if entry.unit != unit:  # declined: records spent outside their patients; only their own epsilon is proven

@@ -54,10 +54,11 @@ NODE_RELEASES: tuple[Release, ...] = (
             "site keeps a validation share (fedpriv node --val-fraction; simulations: --val-fraction)",
             "not covered: computed without noise on the validation records, which are never trained on; off by "
             "default on deployed nodes"),
-    Release("label-counts, label-count-noise", "train reply, once per run: the first round a node trains, when "
-            "the run asks (--label-count-share > 0) and the unit is the record",
+    Release("label-counts, label-count-noise", "train reply, once per run id: the first round a node trains, when "
+            "the run asks (--label-count-share > 0), the unit is the record and no client-level noise is on",
             "sample-level DP: each class's count of the training records plus Gaussian noise of std "
             "label-count-noise (secret entropy; sensitivity 1), charged to every training record in the ledger "
-            "and inside the run's epsilon (privacy.label_counts); the std is a function of the public plan"),
+            "and inside the run's epsilon (privacy.label_counts; a coordinator that sends another run id gets another "
+            "release, charged again); the std is a function of the public plan"),
     Release("name", "every reply", "not covered: the site's name from its kit"),
 )

@@ -33,18 +33,20 @@ MIN_CLASS_COUNT = 1.0
 
 def summed_label_counts(ledger: CoordinatorLedger, num_classes: int) -> tuple[np.ndarray, int] | None:
     """((num_classes,) float64 sum of the nodes' noisy label counts, nodes summed), or None when
-    no node sent counts. A node whose counts are not `num_classes` finite numbers is left out
-    (logged): one node's bad reply never skews the others'."""
+    no node sent counts. Each node's counts are clipped to [0, its `num-examples`] (post-processing
+    of its release; the record count is public metadata), so no node can move the sum by more than
+    its size; a node whose counts are not `num_classes` finite numbers, or that reported no
+    records, is left out (logged): one node's bad reply never skews the others' or stops the run."""
     total, nodes = np.zeros(num_classes), 0
     for name, rec in sorted(ledger.nodes.items()):
         if rec.label_counts is None:
             continue
         counts = np.asarray(rec.label_counts, dtype=np.float64)
-        if counts.shape != (num_classes,) or not np.isfinite(counts).all():
-            log.warning("label counts of %s left out: expected %d finite numbers, got %r", name, num_classes,
-                        rec.label_counts)
+        if counts.shape != (num_classes,) or not np.isfinite(counts).all() or rec.num_examples <= 0:
+            log.warning("label counts of %s left out: expected %d finite numbers and a record count, got %r",
+                        name, num_classes, rec.label_counts)
             continue
-        total, nodes = total + counts, nodes + 1
+        total, nodes = total + np.clip(counts, 0.0, float(rec.num_examples)), nodes + 1
     return (total, nodes) if nodes else None
 
 

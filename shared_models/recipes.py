@@ -65,7 +65,7 @@ _RECIPES = {
     # README's command (vision_scattering.json, 3 runs each): AUC 0.891 / 0.943 / 0.960, accuracy
     # 0.789 / 0.847 / 0.856 at epsilon 1 / 3 / 8 where `linear` on the full maps reached 0.892 /
     # 0.938 / 0.957 and 0.793 / 0.839 / 0.831. Digits' 2 x 2 maps are used as they are. Then with
-    # each node's DP label counts (5% of its budget) and the released model logit-adjusted for
+    # each node's DP label counts (a 5% share of its RDP at full batch: DP-SGD's noise +2%) and the released model logit-adjusted for
     # balanced error (`labelcounts-*` rows): accuracy and balanced accuracy up by 0.03-0.07, see README.
     ("vision", "linear-pool3"): Recipe(image_features="scattering", batch_size=0, server_optimizer="fedavgm",
                                        ema_decay=0.9, label_count_share=0.05),

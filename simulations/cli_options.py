@@ -163,11 +163,12 @@ def add_training_options(parser: argparse.ArgumentParser, dataset_help: str) -> 
                            "speech linear, 0 for the others")
     # Not post-processing: a release of its own, inside each node's epsilon.
     parser.add_argument("--label-count-share", type=float, default=None, metavar="S",
-                      help="logit adjustment (Menon et al. 2021): each node releases its label counts once, with "
-                           "Gaussian noise from S of its budget (a share of its RDP at full batch; DP-SGD's noise "
-                           "is calibrated around it, so epsilon is unchanged), and the released model's logits "
-                           "are shifted by -log(class prior) for balanced error; in [0, 0.5], 0: off. Default: "
-                           "the model's measured setting (0.05 for vision linear-pool3, the default; 0 for the others)")
+                        help="logit adjustment (Menon et al. 2021): each node releases its label counts once per "
+                             "run with Gaussian noise sized to take share S of its RDP at full batch (DP-SGD's "
+                             "noise is calibrated around it, so the node's epsilon is unchanged; none under "
+                             "client-level noise), and the released model's logits are shifted by -log(class "
+                             "prior) for balanced error; in [0, 0.5], 0: off. Default: the model's measured "
+                             "setting (0.05 for vision linear-pool3, the default; 0 for the others)")
     local = parser.add_argument_group("local data formats (when --dataset is a path)")
     add_local_data_options(local)
     parser.add_argument("--track", choices=TRACKERS, default=None,

@@ -113,6 +113,17 @@ def test_a_node_releases_its_counts_once_per_run_charged_to_every_record_within_
         _opacus_epsilon([(sigma, q, 3 * steps), (s, 1.0, 2)]), rel=1e-9)
 
 
+def test_no_release_under_client_level_noise(tmp_path):
+    plan = TrainingPlan.from_run_config(RUN_CONFIG)
+    node = _node(tmp_path)
+    data = load_node_data(node, plan)
+    torch.manual_seed(0)
+    state = build_model("vision", None, data.train.input_shape, 10).state_dict()
+    outcome = train_round(node, plan, data, state, 1, "run-1", label_counts_allowed=False)
+    assert not outcome.declined and "label-counts" not in outcome.metrics
+    assert [e.mechanism for e in PrivacyLedger(tmp_path).events()] == ["dp-sgd"]
+
+
 def test_no_release_without_a_share_without_dp_or_for_a_patient_unit(tmp_path):
     for i, cfg in enumerate(({**RUN_CONFIG, "label-count-share": 0.0}, {**RUN_CONFIG, "dp": False},
                              {**RUN_CONFIG, "synthetic-patients": True})):
@@ -131,7 +142,7 @@ def test_no_release_without_a_share_without_dp_or_for_a_patient_unit(tmp_path):
 def _ledger_with(counts_by_node):
     ledger = CoordinatorLedger()
     for name, counts in counts_by_node.items():
-        ledger.record_reply(name, 1, {"num-examples": 10.0, "label-counts": counts, "label-count-noise": 2.0}, False)
+        ledger.record_reply(name, 1, {"num-examples": 100.0, "label-counts": counts, "label-count-noise": 2.0}, False)
     return ledger
 
 
@@ -141,7 +152,13 @@ def test_the_server_sums_the_nodes_counts_and_leaves_out_a_malformed_reply():
     ledger.record_reply("scalar", 1, {"num-examples": 5.0, "label-counts": 3.0}, False)  # not a list: ignored
     assert ledger.nodes["scalar"].label_counts is None
     counts, nodes = summed_label_counts(ledger, 2)
-    assert nodes == 2 and counts.tolist() == [27.5, 29.5]
+    assert nodes == 2 and counts.tolist() == [30.5, 29.5]  # b's -3 clipped to 0
+    # Finite but huge counts (their sum would overflow) are clipped to the node's record count.
+    ledger.record_reply("huge", 1, {"num-examples": 100.0, "label-counts": [1e308, 1e308]}, False)
+    counts, nodes = summed_label_counts(ledger, 2)
+    assert nodes == 3 and counts.tolist() == [130.5, 129.5]
+    released, info = adjusted(nn.Linear(2, 2), ledger, 2)
+    assert info["class_prior"] == pytest.approx([130.5 / 260, 129.5 / 260])
     assert class_prior(np.array([-4.0, 3.0])).tolist() == [0.25, 0.75]  # a negative sum counts as 1 record
     assert summed_label_counts(CoordinatorLedger(), 2) is None
     model = nn.Linear(2, 2)
@@ -151,7 +168,8 @@ def test_the_server_sums_the_nodes_counts_and_leaves_out_a_malformed_reply():
 def test_the_adjusted_model_subtracts_the_log_prior_from_its_logits():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    ledger = _ledger_with({"a": [300.0, 100.0]})
+    ledger = CoordinatorLedger()
+    ledger.record_reply("a", 1, {"num-examples": 400.0, "label-counts": [300.0, 100.0], "label-count-noise": 2.0}, False)
     released, info = adjusted(model, ledger, 2)
     assert info == {"label_counts": [300.0, 100.0], "class_prior": [0.75, 0.25], "nodes": 1, "tau": 1.0}
     x = torch.randn(5, 3)
