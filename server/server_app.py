@@ -7,7 +7,6 @@ only), and writes the run folder (`server.run_folder`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -63,8 +62,6 @@ def main(grid: Grid, context: Context) -> None:
         arrays = ArrayRecord(saved["arrays"])
         ledger = CoordinatorLedger.from_dict(saved["ledger"], saved["client_level"])
         resume, initial_test = saved["state"], saved["initial_test"]
-        if "run_id" in saved:  # the same run to the nodes' ledgers: a node that released its label counts does not again
-            settings = dataclasses.replace(settings, run_id=saved["run_id"])
         folder.rewrite_metrics(folder.read_metrics(up_to_round=saved["state"]["round"]))
         cfg["resumed-after-round"] = saved["state"]["round"]
     else:
@@ -82,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
                               report.seconds)
         folder.write_torch("checkpoint.pt", {
             "arrays": arrays.to_torch_state_dict(), "ledger": ledger.to_dict(), "client_level": ledger.client_level,
-            "state": state, "initial_test": initial_test, "run_id": settings.run_id,
+            "state": state, "initial_test": initial_test,
         })
         folder.write_json("ledger.json", {"nodes": ledger.to_dict(), "client_level": ledger.client_level})
 
