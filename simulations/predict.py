@@ -1,10 +1,13 @@
 """`fedpriv predict RUN_DIR --data PATH [--out predictions.csv]`: use a run's final model on local data.
 
 Reads the run folder (config.json: task, model, activation, format options; summary.json:
-the class names, and the privacy the model carries; final_model.pt: the weights), reads
+the class names, the privacy the model carries and, when the run had one, its logit adjustment;
+final_model.pt: the weights), reads
 PATH as a node reads its data (`shared_models.datasets.load_local`: the same formats and
 options), and writes one CSV row per record: its position, content id, the label it was
-filed under, the predicted class and one probability per class. Labels that are class
+filed under, the predicted class and one probability per class: those of the released model,
+so with the run's logit adjustment when summary.json records one (`server.logit_adjustment`:
+logits minus log(class prior), as final_model.pt2 and the run's test figures). Labels that are class
 names of the model give an accuracy line. Prediction is post-processing of the released
 model: it costs no privacy.
 """
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from server.class_report import predict_proba
+from server.logit_adjustment import LogitAdjusted
 from shared_models import build_model
 from shared_models.datasets import load_local
 from shared_models.datasets.named import load_dataset
@@ -76,6 +80,16 @@ def predict(run_dir: str | Path, data_path: str | Path, out: str | Path) -> dict
     except RuntimeError as err:
         raise PredictError(f"{weights}: does not fit the data's input shape {data.input_shape} "
                            f"(was the run trained on other inputs? --image-size / --max-text-bytes) ({err})") from err
+    adjustment = summary.get("logit_adjustment")
+    if adjustment is not None:  # the released model is the adjusted one (the run's figures, final_model.pt2)
+        try:
+            prior = np.asarray(adjustment["class_prior"], dtype=np.float64)
+            if prior.shape != (len(classes),):
+                raise ValueError(f"got {prior.shape[0] if prior.ndim == 1 else prior.shape} values")
+            model = LogitAdjusted(model, prior)
+        except (KeyError, TypeError, ValueError) as err:
+            raise PredictError(f"{run_dir / 'summary.json'}: logit_adjustment.class_prior must be {len(classes)} "
+                               f"probabilities summing to 1 ({err})") from err
     probs = predict_proba(model, data, torch.device("cpu"))
     predicted = probs.argmax(1)
     out.parent.mkdir(parents=True, exist_ok=True)

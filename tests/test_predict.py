@@ -31,6 +31,26 @@ def _run_folder(tmp_path, dp=True):
     return run, model
 
 
+def test_predictions_follow_the_runs_logit_adjustment(tmp_path):
+    run, model = _run_folder(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["logit_adjustment"] = {"label_counts": [10.0, 30.0, 60.0], "class_prior": [0.1, 0.3, 0.6], "nodes": 2,
+                                   "tau": 1.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    folder, pixels = _images(tmp_path)
+    predict(run, folder, tmp_path / "pred.csv")
+    rows = (tmp_path / "pred.csv").read_text().splitlines()[1:]
+    x = torch.from_numpy(np.stack([pixels[k] for k in sorted(pixels)])[:, None])
+    with torch.no_grad():  # by hand: softmax of the logits minus log(prior)
+        expected = torch.softmax(model.eval()(x) - torch.log(torch.tensor([0.1, 0.3, 0.6])), 1).numpy()
+    got = np.array([[float(v) for v in row.split(",")[4:]] for row in rows])
+    assert np.abs(got - expected).max() < 1e-6
+    summary["logit_adjustment"]["class_prior"] = [0.4, 0.6]  # two classes for a three-class model
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(PredictError, match="logit_adjustment.class_prior must be 3 probabilities"):
+        predict(run, folder, tmp_path / "pred.csv")
+
+
 def _images(tmp_path):
     """6x6 greyscale PNGs filed under class folders; returns (folder, {file: pixels in [0, 1]})."""
     rng = np.random.default_rng(0)
