@@ -237,19 +237,19 @@ def label_count_share(plan: TrainingPlan, unit: str) -> float:
     return plan.label_count_share if plan.dp and unit == "record" else 0.0
 
 
-def release_label_counts(node: NodeIdentity, plan: TrainingPlan, data: NodeData, sigma: float, run_id: str,
-                         server_round: int, ledger: PrivacyLedger) -> dict[str, object]:
+def release_label_counts(node: NodeIdentity, plan: TrainingPlan, data: NodeData, sigma: float, run_steps: int,
+                         run_id: str, server_round: int, ledger: PrivacyLedger) -> dict[str, object]:
     """The node's one label-count release of run `run_id` (`privacy.label_counts`), as reply metrics.
 
-    Released in the first round the node trains in the run, after its charge to every training
-    record (write-ahead, like DP-SGD's); {} in later rounds (the ledger's events say it was
-    released) and when the charge is declined. Returns {"label-counts": (K,) noisy counts,
-    "label-count-noise": their std}.
+    sigma, run_steps: DP-SGD's noise multiplier and steps of the whole run, as `plan_noise`
+    calibrated them (the release's noise follows from both). Released in the first round the node
+    trains in the run, after its charge to every training record (write-ahead, like DP-SGD's); {}
+    in later rounds (the ledger's events say it was released) and when the charge is declined.
+    Returns {"label-counts": (K,) noisy counts, "label-count-noise": their std}.
     """
-    steps = plan.rounds * plan.local_epochs * steps_per_epoch(len(data.train), plan.batch_size)
-    s = release_noise_multiplier(sigma, steps, plan.label_count_share)
     if any(e.run == run_id and e.mechanism == LABEL_COUNTS and not e.declined for e in ledger.events(node.name)):
         return {}
+    s = release_noise_multiplier(sigma, run_steps, plan.label_count_share)
     entry = ledger.charge(data.train.record_ids, node=node.name, delta=node.delta, noise_multiplier=s,
                           sample_rate=1.0, steps=1, max_epsilon=node.max_epsilon, run=run_id, round=server_round,
                           mechanism=LABEL_COUNTS)
@@ -320,7 +320,8 @@ def train_round(
             unit=unit,
         )
         if not entry.declined and label_count_share(plan, unit) > 0 and label_counts_allowed:
-            metrics.update(release_label_counts(node, plan, data, sigma, run_id, server_round, ledger))
+            metrics.update(release_label_counts(node, plan, data, sigma, plan.rounds * local_steps, run_id,
+                                                server_round, ledger))
         held = units.held
         if entry.unit != unit:  # declined: records spent outside their patients; only their own epsilon is proven
             unit, held = entry.unit, data.record_ids
