@@ -14,7 +14,12 @@ speaker each (`--partition natural`), per-node epsilon 1 / 3 / 8 at delta 1e-5, 
 - `default-eps{1,3,8}-r{0,1,2}`: README's command with the defaults it now has (the model's
   recipe, `shared_models/recipes.py`: scattering + linear, full batch, lr 8, FedAvgM 0.9, EMA 0.9;
   one local epoch, validation share 0.1, SecAgg+ on), 40 rounds, three runs per epsilon (fresh
-  secret noise each).
+  secret noise each);
+- `rounds20-eps1-r{0,1,2}`, `rounds60-eps8-r{0,1,2}`: the same with 20 rounds at epsilon 1 (fewer,
+  less noisy steps) and 60 at epsilon 8 (more steps); then `rounds10-eps1-*`, `rounds20-eps3-*`
+  and `rounds30-eps3-*`; `rounds20-eps{1,3}-r{3,4,5}`: fresh runs of the picks (the picks among
+  several round counts are optimistic; these are not);
+- `default-no-dp`: README's command without DP (the head's ceiling in README's setting).
 
 Each row records test accuracy, balanced accuracy, seconds, and per node epsilon, sampling
 rate and noise multiplier (summary.json). FSDD's scattering features are cached on disk
@@ -58,6 +63,13 @@ ROWS.update({
 DEFAULT = ["--dataset", "fsdd", "--clients", "6", "--partition", "natural", "--rounds", "40"]
 DEFAULT_ROWS = {f"default-eps{e}-r{r}": DEFAULT + ["--epsilon", e, "--seed", str(r)]
                 for e in ("1", "3", "8") for r in range(3)}
+# Rounds per epsilon: fewer, less noisy steps at epsilon 1; more steps at epsilon 8.
+DEFAULT_ROWS.update({f"rounds{n}-eps{e}-r{r}": DEFAULT + ["--rounds", n, "--epsilon", e, "--seed", str(r)]
+                     for n, e in (("20", "1"), ("60", "8"), ("10", "1"), ("20", "3"), ("30", "3")) for r in range(3)})
+# Fresh runs of the picks (the rows above picked them among several: optimistic).
+DEFAULT_ROWS.update({f"rounds{n}-eps{e}-r{r}": DEFAULT + ["--rounds", n, "--epsilon", e, "--seed", str(r)]
+                     for n, e in (("20", "1"), ("20", "3")) for r in range(3, 6)})
+DEFAULT_ROWS["default-no-dp"] = DEFAULT + ["--no-dp"]
 ROWS.update(DEFAULT_ROWS)
 
 

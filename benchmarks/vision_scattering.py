@@ -26,6 +26,11 @@ epsilon), seed 0:
   vision default; measured before it became one, so the flag is written out): each node
   releases its label counts once (5% of its RDP budget, DP-SGD's noise calibrated around it) and
   the released model is logit-adjusted by the summed counts' class prior (`server.logit_adjustment`);
+- `rounds30-eps{1,3}-r{0,1,2}`: README's command (today's default, label counts included) with
+  30 rounds instead of 60 at epsilon 1 and 3 (fewer, less noisy steps); at epsilon 1 also seeds
+  3-5 (beside `labelcounts-eps1-r{3,4,5}`, the same seeds at 60 rounds), and `rounds20-eps1-*`;
+- `default-no-dp`: README's command with today's default, without DP (no label counts are
+  released without DP: no logit adjustment);
 - `tune-*`: tuning tries, picked on the test split (optimistic); each row is one draw of the
   DP noise (tune-full-eps3 and scatter-linear-eps3 are the same command: their gap is that
   draw's spread).
@@ -99,8 +104,21 @@ ROWS.update(LINEAR_ROWS)
 # The same command with the label-count release and logit adjustment.
 LABEL_COUNT_ROWS = {f"labelcounts-eps{e}-r{r}": DEFAULT + ["--label-count-share", "0.05", "--epsilon", e,
                                                             "--seed", str(r)] for e in ("1", "3", "8") for r in range(3)}
+LABEL_COUNT_ROWS.update({f"labelcounts-eps1-r{r}": DEFAULT + ["--label-count-share", "0.05", "--epsilon", "1",
+                                                              "--seed", str(r)] for r in range(3, 6)})
+# Today's default without DP (no label counts are released without DP, so no logit adjustment).
+LABEL_COUNT_ROWS["default-no-dp"] = DEFAULT + ["--no-dp"]
 ROWS.update(LABEL_COUNT_ROWS)
-SECAGG_ROWS = {**DEFAULT_ROWS, **LINEAR_ROWS, **LABEL_COUNT_ROWS}
+# Today's default (label counts included) with fewer rounds at epsilon 1 and 3: fewer, less noisy
+# steps (tune-full-r30-eps1 picked 30 rounds at epsilon 1 for the full maps).
+ROUNDS_ROWS = {f"rounds30-eps{e}-r{r}": DEFAULT + ["--rounds", "30", "--epsilon", e, "--seed", str(r)]
+               for e in ("1", "3") for r in range(3)}
+ROUNDS_ROWS.update({f"rounds30-eps1-r{r}": DEFAULT + ["--rounds", "30", "--epsilon", "1", "--seed", str(r)]
+                    for r in range(3, 6)})
+ROUNDS_ROWS.update({f"rounds20-eps1-r{r}": DEFAULT + ["--rounds", "20", "--epsilon", "1", "--seed", str(r)]
+                    for r in range(3)})
+ROWS.update(ROUNDS_ROWS)
+SECAGG_ROWS = {**DEFAULT_ROWS, **LINEAR_ROWS, **LABEL_COUNT_ROWS, **ROUNDS_ROWS}
 
 
 def run_row(name: str, work: Path) -> dict:
