@@ -1,8 +1,9 @@
 """Benchmark (issue 14): the cost of a node's DP step for the default linear heads, on the
 product's own path, against the plain step, timed interleaved in one process.
 
-For each default head (vision `linear` on 81x7x7 scattering maps, speech `linear` on 336
-scattering coefficients, text `ngram-linear` on 200 byte ids) and each batch (64, and the full
+For each default head, today's and the earlier ones (vision `linear-pool3` on 81x7x7 scattering
+maps pooled to 3 x 3 and `linear` on the full maps, speech `linear` on 336 scattering
+coefficients, text `ngram-sqrt` and `ngram-linear` on 200 byte ids) and each batch (64, and the full
 batch a default node trains on: `--records`), one `privacy.dp_sgd.LocalTrainingSession` per
 mode on the same random records, full batch (`batch_size=0`: every record, one step per
 `train_epochs(1)`):
@@ -48,8 +49,10 @@ from shared_models.records import LabeledArrays  # noqa: E402
 # (task, model, one record's shape, classes, a default node's records: FSDD 450 per speaker less
 # validation, SMS ~900 per node, PneumoniaMNIST up to ~1,300).
 HEADS = [
+    ("vision", "linear-pool3", (81, 7, 7), 2, 1024),
     ("vision", "linear", (81, 7, 7), 2, 1024),
     ("speech", "linear", (1, 336), 10, 405),
+    ("text", "ngram-sqrt", (200,), 2, 800),
     ("text", "ngram-linear", (200,), 2, 800),
 ]
 MODES = ("plain", "closed-form", "hooks")

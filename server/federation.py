@@ -488,6 +488,9 @@ def run_federation(
             "failed": report.failed,
             "aggregated": report.aggregated,
             "epsilon": {n: r.epsilon for n, r in ledger.nodes.items()},
+            # Each node's DP-SGD plan as it reported it (its own calibration to its budget; issue 14's planner).
+            "dp_plan": {n: {"sample_rate": r.sample_rate, "noise_multiplier": r.noise_multiplier}
+                        for n, r in ledger.nodes.items() if n in report.trained and r.noise_multiplier is not None},
             **({"secure_aggregation": report.secure, "client_epsilon": report.client_epsilon,
                 "update_norms": report.update_norms} if settings.secagg else {}),
         })

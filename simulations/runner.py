@@ -210,7 +210,8 @@ class RoundEvents:
     """What the coordinator is told as rounds land in metrics.jsonl (the ServerApp writes one row per round).
 
     `new_lines(rows)` returns the lines for rows not seen yet: each site's policy refusal
-    once; a site joining (its first reply), leaving (it answered before, and now failed or,
+    once; a site joining (its first reply, with the DP-SGD plan it reported: sampling rate and
+    noise multiplier, its own calibration to its budget), leaving (it answered before, and now failed or,
     when every connected node is sampled, sent nothing) and coming back, by the name it
     reports (reply `node.name`); and, with `plain=True`, one line per round
     ("round k/N: test accuracy A, max node epsilon E (trained ..)"). Rows only hold replies:
@@ -249,9 +250,10 @@ class RoundEvents:
         answered = {n for n in answered if not n.startswith("node-id-")}
         failed = set(row.get("failed") or [])
         lines = []
+        plans = row.get("dp_plan") or {}
         for node in sorted(answered - self.present):
-            lines.append(f"{node} joined (first reply in round {k})" if node not in self.seen
-                         else f"{node} is back (replied in round {k})")
+            lines.append(f"{node} joined (first reply in round {k}){_plan_text(plans.get(node))}"
+                         if node not in self.seen else f"{node} is back (replied in round {k})")
         gone = {n for n in self.present - answered if n in failed or self.every_node_sampled}
         lines += [f"{node} left or failed (no usable reply in round {k})" for node in sorted(gone)]
         self.seen |= answered
@@ -266,6 +268,14 @@ class RoundEvents:
                 f"max node epsilon {'-' if not eps else f'{max(eps):.2f}'} "
                 f"(trained {len(row.get('trained') or [])}, declined {len(row.get('declined') or [])}, "
                 f"refused {len(row.get('refused') or {})}, failed {len(row.get('failed') or [])})")
+
+
+def _plan_text(plan: dict | None) -> str:
+    """": DP-SGD at sampling rate q (full batch), noise multiplier sigma" for a node's reported plan, or ""."""
+    if not plan or plan.get("noise_multiplier") is None or plan.get("sample_rate") is None:
+        return ""
+    q, sigma = float(plan["sample_rate"]), float(plan["noise_multiplier"])
+    return f": DP-SGD at sampling rate {q:.3g}{' (full batch)' if q >= 1.0 else ''}, noise multiplier {sigma:.4g}"
 
 
 def _follow(runner: subprocess.Popen, out_dir: Path, rounds: int, console: Console, starting: str,

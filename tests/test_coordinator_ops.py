@@ -180,8 +180,10 @@ def _row(k: int, trained=(), declined=(), refused=None, failed=(), acc=0.5, eps=
 
 
 ROWS = [
-    _row(1, trained=["site-a", "site-b"], refused={"site-c": "DP is required by the site"}, acc=0.61,
-         eps={"site-a": 1.234, "site-b": 1.5}),
+    {**_row(1, trained=["site-a", "site-b"], refused={"site-c": "DP is required by the site"}, acc=0.61,
+            eps={"site-a": 1.234, "site-b": 1.5}),
+     "dp_plan": {"site-a": {"sample_rate": 1.0, "noise_multiplier": 25.6173},
+                 "site-b": {"sample_rate": 0.25, "noise_multiplier": 1.5}}},
     _row(2, trained=["site-a"], refused={"site-c": "DP is required by the site"}, failed=["site-b"], acc=0.7,
          eps={"site-a": 2.0, "site-b": 1.5}),
     _row(3, trained=["site-a", "site-b"], refused={"site-c": "DP is required by the site"}, acc=0.8125,
@@ -215,8 +217,9 @@ def test_without_a_terminal_each_round_is_one_plain_line_and_sites_are_named_as_
     runner._follow(_FakeFlwrRun(tmp_path / "metrics.jsonl", ROWS), tmp_path, 3, console, "waiting for 3 SuperNode(s)")
     assert buffer.getvalue().splitlines() == [
         "waiting for 3 SuperNode(s) (3 rounds)",
-        "site-a joined (first reply in round 1)",
-        "site-b joined (first reply in round 1)",
+        # Each site's DP-SGD plan as it reported it (its own calibration), shown once as it joins.
+        "site-a joined (first reply in round 1): DP-SGD at sampling rate 1 (full batch), noise multiplier 25.62",
+        "site-b joined (first reply in round 1): DP-SGD at sampling rate 0.25, noise multiplier 1.5",
         "site-c joined (first reply in round 1)",
         "site-c refused: DP is required by the site",  # once, though every round repeats it
         "round 1/3: test accuracy 0.6100, max node epsilon 1.50 (trained 2, declined 0, refused 1, failed 0)",

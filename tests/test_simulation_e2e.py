@@ -274,8 +274,8 @@ def test_label_count_release_adjusts_the_released_model_within_each_nodes_budget
     from shared_models.run_config import TrainingPlan
 
     out, state = tmp_path / "run", tmp_path / "state"
-    _simulate("--dataset", "digits", "--clients", "3", "--rounds", "3", "--epsilon", "4", "--val-fraction", "0",
-              "--label-count-share", "0.2", "--out", str(out), "--state-dir", str(state), cwd=tmp_path)
+    proc = _simulate("--dataset", "digits", "--clients", "3", "--rounds", "3", "--epsilon", "4", "--val-fraction",
+                     "0", "--label-count-share", "0.2", "--out", str(out), "--state-dir", str(state), cwd=tmp_path)
     summary, ledger = _summary(out), json.loads((out / "ledger.json").read_text())["nodes"]
     assert all(0 < node["epsilon"] <= 4.0 for node in summary["clients"].values())
     adjustment = summary["logit_adjustment"]
@@ -291,6 +291,10 @@ def test_label_count_release_adjusts_the_released_model_within_each_nodes_budget
     for node in ("node-0", "node-1", "node-2"):
         kinds = [e.mechanism for e in PrivacyLedger(state).events(node) if not e.declined]
         assert sorted(kinds) == ["dp-sgd"] * 3 + ["label-counts"]
+        # Its DP-SGD plan, as its own ledger charged it, is printed once as it joins (full batch: the recipe's).
+        sigma = [e.noise_multiplier for e in PrivacyLedger(state).events(node) if e.mechanism == "dp-sgd"][0]
+        assert (f"{node} joined (first reply in round 1): DP-SGD at sampling rate 1 (full batch), "
+                f"noise multiplier {sigma:.4g}") in proc.stdout.splitlines()
     # The exported model is the trained weights' logits minus log(prior).
     test = splits["test"]
     model = build_model("vision", summary["model"], test.input_shape, 10)
