@@ -14,8 +14,7 @@ seed 0 unless the row says:
   of `ngram-linear` (byte 1-3-grams); `auto` rows `--clipping automatic`;
 - `default-eps{1,3,8}-r{0,1,2}`: README's SMS command as written (`--rounds 40`, every other
   setting the text default: `ngram-sqrt`, square-rooted byte 1-3-gram counts, and its recipe,
-  EMA 0.5), seeds 0 / 1 / 2 (the seed also draws the partition), and seeds 3 / 4 / 5 at
-  epsilon 3 and 8;
+  EMA 0.5), seeds 0-5 (the seed also draws the partition);
 - `default-no-dp`: the same without DP (seed 0);
 - `ngram-linear-eps{1,3,8}-r{0,1,2}`: the same with the earlier text default, `ngram-linear` and
   its recipe (EMA 0.9); measured while it was the default, so the recorded commands lack

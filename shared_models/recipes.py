@@ -8,7 +8,8 @@ budget whatever the batch size, and the server optimiser and EMA are post-proces
 
 Why these (benchmarks/README.md, FSDD 6 speaker nodes, per-node epsilon 1 / 3 / 8, delta 1e-5):
 speech `linear` on wavelet scattering features, full-batch DP gradient descent, FedAvgM 0.9 and
-an EMA 0.9 of the global model reached 0.47 / 0.70 / 0.79 (README's command, 3 runs each) where
+an EMA 0.9 of the global model reached 0.47 / 0.70 / 0.79 (README's command, 3 runs each; 0.62
+with 20 rounds instead of 40 at epsilon 1, where each step's noise is smaller) where
 log-mel frames + `conv` (batch 32) reached 0.13 / 0.19 / 0.51-0.55 (Tramer & Boneh, ICLR 2021:
 few trained parameters on good fixed features). Vision `linear` on Scattering2D maps with the
 same settings: digits (README's main job, 5 nodes, epsilon 8, 10 rounds) 0.894 where `cnn` on
