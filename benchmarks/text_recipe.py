@@ -12,7 +12,7 @@ seed 0 unless the row says:
   fedavgm` (momentum 0.9), `--ema-decay 0.9`, one local epoch a round, lr 8, the rounds in the
   name; `wordchar` rows train `ngram-wordchar` (hashed word 1-2-grams + char 3-5-grams) instead
   of `ngram-linear` (byte 1-3-grams); `auto` rows `--clipping automatic`;
-- `default-eps{1,3,8}-r{0,1,2}`: README's SMS command as written (`--rounds 40`, every other
+- `default-eps{1,3,8}-r{0..5}`: README's SMS command as written (`--rounds 40`, every other
   setting the text default: `ngram-sqrt`, square-rooted byte 1-3-gram counts, and its recipe,
   EMA 0.5), seeds 0-5 (the seed also draws the partition);
 - `default-no-dp`: the same without DP (seed 0);
