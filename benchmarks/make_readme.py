@@ -612,13 +612,14 @@ def issue14_targets_table(results: Path) -> list[str]:
         if not path.exists():
             continue
         rows = json.loads(path.read_text())["rows"]
-        values = [r[metric] for r in rows if r["row"].startswith(f"{prefix}eps{eps}-r") and r.get(metric) is not None]
-        if not values:
+        by_seed = {int(m.group(1)): r[metric] for r in rows
+                   if (m := re.fullmatch(rf"{prefix}eps{eps}-r(\d+)", r["row"])) and r.get(metric) is not None}
+        if not by_seed:
             continue
+        values = list(by_seed.values())
         mean = statistics.mean(values)
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        later = [r[metric] for r in rows if (m := re.fullmatch(rf"{prefix}eps{eps}-r(\d+)", r["row"]))
-                 and int(m.group(1)) >= 3 and r.get(metric) is not None]
+        later = [value for seed, value in by_seed.items() if seed >= 3]
         no_dp = [r.get(metric) for r in rows if r["row"] == "default-no-dp" and r.get(metric) is not None]
         gap = target - mean
         lines.append(f"| {dataset} | {metric.removeprefix('test_')} | {eps} | {target:.2f} | {mean:.3f} ± {spread:.3f} "
